@@ -1,0 +1,15 @@
+"""pyro-scvi: scVI as Pyro model and guide functions, with scvi-tools' ``SCVI`` API."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import data
+from .model import SCVI
+from .module import SCVIModule
+from .settings import settings
+
+try:
+    __version__ = version("pyro-scvi")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.1.0"
+
+__all__ = ["SCVI", "SCVIModule", "data", "settings", "__version__"]

@@ -1,0 +1,206 @@
+"""From a registered AnnData to minibatches, and the train/validation/test split.
+
+``RegisteredData`` keeps the count matrix as it is in the AnnData (dense or CSR, never densified
+as a whole) and the per-cell covariates as tensors; a minibatch densifies only its own rows.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterator
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .minibatch import Minibatch
+from .registry import REGISTRY_KEYS, get_from_registry
+
+__all__ = ["RegisteredData", "split_indices", "minibatch_from_dict"]
+
+
+def _as_tensor(array, dtype) -> torch.Tensor | None:
+    if array is None:
+        return None
+    return torch.as_tensor(np.ascontiguousarray(np.asarray(array)), dtype=dtype)
+
+
+class RegisteredData:
+    """The registered fields of one AnnData, ready to be cut into :class:`Minibatch` es.
+
+    Parameters
+    ----------
+    adata
+        An AnnData set up with ``SCVI.setup_anndata`` (or transferred from a registry).
+    registry
+        Its registry.
+    """
+
+    def __init__(self, adata, registry: dict) -> None:
+        counts = get_from_registry(adata, registry, REGISTRY_KEYS.X)
+        if sp.issparse(counts) and not sp.isspmatrix_csr(counts) and not isinstance(counts, sp.csr_array):
+            counts = sp.csr_matrix(counts)
+        self.counts = counts
+        self.n_obs, self.n_vars = counts.shape
+        library = np.asarray(counts.sum(axis=1)).reshape(-1, 1)
+        with np.errstate(divide="ignore"):
+            self.log_library = torch.as_tensor(np.log(library), dtype=torch.float32)
+        self.batch_index = _as_tensor(get_from_registry(adata, registry, REGISTRY_KEYS.BATCH), torch.int64)
+        self.labels = _as_tensor(get_from_registry(adata, registry, REGISTRY_KEYS.LABELS), torch.int64)
+        self.size_factor = _as_tensor(get_from_registry(adata, registry, REGISTRY_KEYS.SIZE_FACTOR), torch.float32)
+        self.categorical_covariates = _as_tensor(get_from_registry(adata, registry, REGISTRY_KEYS.CAT_COVS), torch.int64)
+        self.continuous_covariates = _as_tensor(
+            get_from_registry(adata, registry, REGISTRY_KEYS.CONT_COVS), torch.float32
+        )
+
+    def counts_of(self, indices: np.ndarray, sparse: bool = False) -> torch.Tensor:
+        """Counts of the given cells as a dense float32 ``(n, G)`` tensor (or a sparse CSR tensor)."""
+        rows = self.counts[indices]
+        if sp.issparse(rows):
+            if sparse:
+                rows = rows.tocsr()
+                return torch.sparse_csr_tensor(
+                    torch.as_tensor(rows.indptr, dtype=torch.int64),
+                    torch.as_tensor(rows.indices, dtype=torch.int64),
+                    torch.as_tensor(rows.data, dtype=torch.float32),
+                    size=rows.shape,
+                )
+            rows = rows.toarray()
+        return torch.as_tensor(np.asarray(rows, dtype=np.float32))
+
+    def minibatch(self, indices: np.ndarray, device: torch.device | str = "cpu", sparse: bool = False) -> Minibatch:
+        """The minibatch of cells ``indices`` (in that order) on ``device``.
+
+        With ``sparse=True`` the counts travel to the device as a sparse tensor and are densified there.
+        """
+        indices = np.asarray(indices)
+        index = torch.as_tensor(indices, dtype=torch.int64)
+
+        def pick(t):
+            return None if t is None else t[index]
+
+        x = self.counts_of(indices, sparse=sparse).to(device)
+        if sparse:
+            x = x.to_dense()
+        batch = Minibatch(
+            x=x,
+            batch_index=pick(self.batch_index),
+            labels=pick(self.labels),
+            log_library=pick(self.log_library),
+            size_factor=pick(self.size_factor),
+            categorical_covariates=pick(self.categorical_covariates),
+            continuous_covariates=pick(self.continuous_covariates),
+        )
+        return batch.to(device)
+
+    def iterate(
+        self,
+        indices: np.ndarray,
+        batch_size: int,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        device: torch.device | str = "cpu",
+        sparse: bool = False,
+    ) -> Iterator[tuple[np.ndarray, Minibatch]]:
+        """Yield ``(cell indices, minibatch)`` over ``indices``; shuffled with torch's global RNG."""
+        indices = np.asarray(indices)
+        if shuffle:
+            indices = indices[torch.randperm(len(indices)).numpy()]
+        stop = len(indices) - (len(indices) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            chunk = indices[start : start + batch_size]
+            yield chunk, self.minibatch(chunk, device=device, sparse=sparse)
+
+
+def minibatch_from_dict(tensors: dict, device: torch.device | str = "cpu") -> Minibatch:
+    """Build a :class:`Minibatch` from a dict with scvi-tools' keys (``"X"``, ``"batch"``, ...).
+
+    This is what custom dataloaders and datamodules yield.
+    """
+    if REGISTRY_KEYS.X not in tensors:
+        raise ValueError(f"A minibatch dict needs the counts under 'X'; got keys {sorted(tensors)}.")
+    x = torch.as_tensor(tensors[REGISTRY_KEYS.X])
+    if x.layout != torch.strided:
+        x = x.to_dense()
+    x = x.to(device=device, dtype=torch.float32)
+    n = x.shape[0]
+
+    def column(key, dtype):
+        value = tensors.get(key)
+        if value is None:
+            return None
+        value = torch.as_tensor(value).to(device=device, dtype=dtype)
+        return value.reshape(n, -1)
+
+    zeros = torch.zeros((n, 1), dtype=torch.int64, device=device)
+    batch_index = column(REGISTRY_KEYS.BATCH, torch.int64)
+    labels = column(REGISTRY_KEYS.LABELS, torch.int64)
+    return Minibatch(
+        x=x,
+        batch_index=zeros if batch_index is None else batch_index,
+        labels=zeros if labels is None else labels,
+        log_library=x.sum(-1, keepdim=True).log(),
+        size_factor=column(REGISTRY_KEYS.SIZE_FACTOR, torch.float32),
+        categorical_covariates=column(REGISTRY_KEYS.CAT_COVS, torch.int64),
+        continuous_covariates=column(REGISTRY_KEYS.CONT_COVS, torch.float32),
+    )
+
+
+def split_indices(
+    n_obs: int,
+    train_size: float | None = 0.9,
+    validation_size: float | None = None,
+    batch_size: int = 128,
+    shuffle: bool = True,
+    seed: int | None = None,
+    drop_last: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split ``range(n_obs)`` into train, validation and test indices as scvi-tools does.
+
+    ``n_train = ceil(train_size · n_obs)``; ``n_val = n_obs − n_train`` unless ``validation_size``
+    is given (then ``floor(validation_size · n_obs)``). A permutation (seeded by ``seed``) is cut
+    validation first, then train, then test. When the last training minibatch would hold 1 or 2
+    cells (BatchNorm cannot train on one cell), those cells move to the validation set (or to the
+    test set when there is no validation set), with a warning, whatever ``train_size`` is.
+    """
+    if train_size is None or train_size == 0:
+        train_size = 0.9
+    if not 0 < train_size <= 1:
+        raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
+    n_train = math.ceil(train_size * n_obs)
+    if validation_size is None:
+        n_val = n_obs - n_train
+    else:
+        if not 0 <= validation_size < 1:
+            raise ValueError(f"validation_size must be in [0, 1), got {validation_size}.")
+        if train_size + validation_size > 1:
+            raise ValueError(f"train_size + validation_size must be ≤ 1, got {train_size} + {validation_size}.")
+        n_val = math.floor(n_obs * validation_size)
+    if n_train == 0:
+        raise ValueError(f"No cells left for training with n_obs={n_obs} and train_size={train_size}.")
+
+    remainder = n_train % batch_size
+    if remainder in (1, 2) and not drop_last:
+        if n_train == remainder:
+            raise ValueError(
+                f"Only {n_train} training cell(s): BatchNorm cannot train on a minibatch of fewer than 3 cells. "
+                "Use more cells or a larger train_size."
+            )
+        n_train -= remainder
+        where = "validation" if n_val > 0 else "test"
+        if n_val > 0:
+            n_val += remainder
+        warnings.warn(
+            f"{remainder} cell(s) moved from the training set to the {where} set so that no training "
+            f"minibatch holds fewer than 3 cells (batch_size={batch_size}). Pass "
+            "datasplitter_kwargs={'drop_last': True} to drop the small batch instead.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    order = np.random.RandomState(seed).permutation(n_obs) if shuffle else np.arange(n_obs)
+    validation = order[:n_val]
+    train = order[n_val : n_val + n_train]
+    test = order[n_val + n_train :]
+    return train, validation, test

@@ -1,0 +1,5 @@
+"""Guide (variational posterior) functions."""
+
+from .scvi import scvi_guide
+
+__all__ = ["scvi_guide"]

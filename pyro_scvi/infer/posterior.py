@@ -1,0 +1,47 @@
+"""Posterior queries on one minibatch: the variational posterior of z and l, and posterior samples
+of any model site (vectorised over samples with a ``"particles"`` plate)."""
+
+from __future__ import annotations
+
+import torch
+from pyro import plate, poutine
+from pyro.distributions import Independent
+
+from ..data.minibatch import Minibatch
+
+__all__ = ["variational_posterior", "posterior_sites"]
+
+
+def _base(distribution):
+    while isinstance(distribution, Independent):
+        distribution = distribution.base_dist
+    return distribution
+
+
+def variational_posterior(guide, batch: Minibatch, site: str = "z"):
+    """The guide's distribution at ``site`` for the cells of ``batch`` (e.g. ``Normal`` with loc (n, d)).
+
+    The guide is traced once; any guide with a site of that name works (custom guides too).
+    """
+    trace = poutine.trace(guide).get_trace(batch)
+    if site not in trace.nodes:
+        raise KeyError(f"The guide has no sample site {site!r}.")
+    return _base(trace.nodes[site]["fn"])
+
+
+def posterior_sites(model, guide, batch: Minibatch, n_samples: int, sites: list[str], **model_kwargs) -> dict[str, torch.Tensor]:
+    """Draw ``n_samples`` from the guide and run the model on them.
+
+    Returns each requested model site's value with a leading sample axis: ``(S, n, ·)``.
+    ``model_kwargs`` (e.g. ``transform_batch``) go to both the guide and the model.
+    """
+    with plate("particles", n_samples, dim=-2):
+        guide_trace = poutine.trace(guide).get_trace(batch, **model_kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch, **model_kwargs)
+    out = {}
+    for name in sites:
+        if name not in model_trace.nodes:
+            raise KeyError(f"The model has no site {name!r}.")
+        value = model_trace.nodes[name]["value"]
+        out[name] = value if value.dim() >= 3 else value.expand(n_samples, *value.shape[-2:])
+    return out

@@ -1,0 +1,267 @@
+"""Stochastic variational inference for scVI: KL warm-up, validation, early stopping, history.
+
+The loop is ``pyro.infer.SVI`` with :class:`~pyro_scvi.infer.elbo.CellMeanELBO` and Pyro's Adam
+(or AdamW). Per-epoch metrics are accumulated as tensors on the training device and read once
+per epoch, so no step waits for the host. History keys and signs follow scvi-tools: ``elbo_*``
+are *negative* ELBOs (positive numbers, lower is better).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import pyro
+import pyro.optim
+import torch
+from pyro.infer import SVI
+from tqdm.auto import tqdm
+
+from ..data.minibatch import Minibatch
+from .elbo import CellMeanELBO, elbo_terms
+
+__all__ = ["TrainingPlan", "EarlyStopping", "kl_weight_at", "max_epochs_heuristic", "run_training", "append_history"]
+
+
+def max_epochs_heuristic(n_obs: int, epochs_cap: int = 400, decay_at_n_obs: int = 20000) -> int:
+    """scvi-tools' default number of epochs: ``max(1, min(round(20000 / n_obs · 400), 400))``."""
+    n_epochs = max(1, int(min(round((decay_at_n_obs / max(n_obs, 1)) * epochs_cap), epochs_cap)))
+    if n_epochs == 1:
+        warnings.warn("The default number of epochs is 1 for this many cells; pass max_epochs to train longer.", UserWarning, stacklevel=3)
+    return n_epochs
+
+
+def kl_weight_at(epoch: int, step: int, n_epochs_kl_warmup: int | None, n_steps_kl_warmup: int | None,
+                 min_kl_weight: float = 0.0, max_kl_weight: float = 1.0) -> float:
+    """Linear KL warm-up by epoch (takes precedence) or by optimiser step, as in scvi-tools."""
+    if min_kl_weight > max_kl_weight:
+        raise ValueError(f"min_kl_weight ({min_kl_weight}) must not exceed max_kl_weight ({max_kl_weight}).")
+    span = max_kl_weight - min_kl_weight
+    if n_epochs_kl_warmup:
+        return min_kl_weight + span * epoch / n_epochs_kl_warmup if epoch < n_epochs_kl_warmup else max_kl_weight
+    if n_steps_kl_warmup:
+        return min_kl_weight + span * step / n_steps_kl_warmup if step < n_steps_kl_warmup else max_kl_weight
+    return max_kl_weight
+
+
+@dataclass
+class TrainingPlan:
+    """Optimiser and objective settings (scvi-tools' ``plan_kwargs``)."""
+
+    optimizer: str = "Adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    eps: float = 0.01
+    n_steps_kl_warmup: int | None = None
+    n_epochs_kl_warmup: int | None = 400
+    max_kl_weight: float = 1.0
+    min_kl_weight: float = 0.0
+    reduce_lr_on_plateau: bool = False
+    lr_factor: float = 0.6
+    lr_patience: int = 30
+    lr_threshold: float = 0.0
+    lr_min: float = 0.0
+    lr_scheduler_metric: str = "elbo_validation"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("Adam", "AdamW"):
+            raise ValueError(f"optimizer={self.optimizer!r} is not supported; use 'Adam' or 'AdamW'.")
+        if self.min_kl_weight > self.max_kl_weight:
+            raise ValueError(f"min_kl_weight ({self.min_kl_weight}) must not exceed max_kl_weight ({self.max_kl_weight}).")
+
+    def make_optimizer(self):
+        """A Pyro optimiser (per-parameter torch optimisers, optionally behind ReduceLROnPlateau)."""
+        torch_optim = torch.optim.Adam if self.optimizer == "Adam" else torch.optim.AdamW
+        optim_args = {"lr": self.lr, "eps": self.eps, "weight_decay": self.weight_decay}
+        if not self.reduce_lr_on_plateau:
+            return pyro.optim.PyroOptim(torch_optim, optim_args)
+        return pyro.optim.ReduceLROnPlateau({
+            "optimizer": torch_optim, "optim_args": optim_args, "mode": "min", "factor": self.lr_factor,
+            "patience": self.lr_patience, "threshold": self.lr_threshold, "threshold_mode": "abs", "min_lr": self.lr_min,
+        })
+
+    def kl_weight(self, epoch: int, step: int) -> float:
+        return kl_weight_at(epoch, step, self.n_epochs_kl_warmup, self.n_steps_kl_warmup, self.min_kl_weight, self.max_kl_weight)
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` validation checks."""
+
+    monitor: str = "elbo_validation"
+    patience: int = 45
+    min_delta: float = 0.0
+    mode: str = "min"
+    warmup_epochs: int = 0
+    best: float = field(default=math.inf, init=False)
+    wait: int = field(default=0, init=False)
+    reason: str | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"early_stopping_mode must be 'min' or 'max', got {self.mode!r}.")
+        self.best = math.inf if self.mode == "min" else -math.inf
+
+    def should_stop(self, epoch: int, metrics: dict[str, float]) -> bool:
+        if epoch < self.warmup_epochs or self.monitor not in metrics:
+            return False
+        value = metrics[self.monitor]
+        improved = value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        if improved:
+            self.best, self.wait = value, 0
+            return False
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.reason = (
+                f"Monitored metric {self.monitor} did not improve in the last {self.patience} records. "
+                f"Best score: {self.best:.3f}. Signaling Trainer to stop."
+            )
+            return True
+        return False
+
+
+class _EpochMetrics:
+    """Sums of the ELBO terms over an epoch, kept as device tensors until ``compute``."""
+
+    def __init__(self) -> None:
+        self.n_cells = 0
+        self.loss = 0.0
+        self.reconstruction = 0.0
+        self.kl_local = 0.0
+
+    def add(self, loss: torch.Tensor, reconstruction: dict, kl: dict, n_cells: int) -> None:
+        self.n_cells += n_cells
+        self.loss = self.loss + loss.detach() * n_cells
+        self.reconstruction = self.reconstruction + sum((t.sum() for t in reconstruction.values()), 0.0)
+        self.kl_local = self.kl_local + sum((t.sum() for t in kl.values()), 0.0)
+
+    def compute(self, split: str, loss_name: str) -> dict[str, float]:
+        n = max(self.n_cells, 1)
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in (self.loss, self.reconstruction, self.kl_local)])
+        loss, rec, kl = (values / n).tolist()
+        return {
+            loss_name: loss,
+            f"elbo_{split}": rec + kl,
+            f"reconstruction_loss_{split}": rec,
+            f"kl_local_{split}": kl,
+            f"kl_global_{split}": 0.0,
+        }
+
+
+def _validate(module, model, guide, batches: Iterable[Minibatch], kl_weight: float) -> dict[str, float]:
+    module.eval()
+    metrics = _EpochMetrics()
+    with torch.no_grad():
+        for batch in batches:
+            loss, reconstruction, kl = elbo_terms(model, guide, batch, kl_weights={"z": kl_weight})
+            metrics.add(loss, reconstruction, kl, batch.n_cells)
+    module.train()
+    return metrics.compute("validation", "validation_loss")
+
+
+def run_training(
+    module,
+    train_batches: Callable[[], Iterable[Minibatch]],
+    validation_batches: Callable[[], Iterable[Minibatch]] | None,
+    max_epochs: int,
+    plan: TrainingPlan,
+    check_val_every_n_epoch: int | None = None,
+    early_stopping: EarlyStopping | None = None,
+    progress_bar: bool = True,
+) -> tuple[dict[str, list], str | None]:
+    """Train ``module`` (its ``model``/``guide``) with SVI inside the caller's param-store scope.
+
+    ``train_batches()`` / ``validation_batches()`` return fresh iterables over minibatches already
+    on the module's device. Returns ``(records, stop_reason)`` where ``records`` maps each history
+    key to a list of ``(epoch, value)``. The records gathered so far are kept when training is
+    interrupted (Ctrl-C) or fails; the exception is re-raised after they are attached to it
+    as ``exc.partial_history``.
+    """
+    elbo = CellMeanELBO()
+    optim = plan.make_optimizer()
+    svi = SVI(module.model, module.guide, optim, loss=elbo)
+    records: dict[str, list] = {}
+    stop_reason = None
+    step = 0
+    kl_weight = plan.kl_weight(0, 0)
+    validate_every = check_val_every_n_epoch
+
+    def record(epoch: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            records.setdefault(key, []).append((epoch, value))
+
+    module.train()
+    epochs = tqdm(range(max_epochs), desc="Training", unit="epoch", disable=not progress_bar, leave=True)
+    try:
+        for epoch in epochs:
+            metrics = _EpochMetrics()
+            for batch in train_batches():
+                kl_weight = plan.kl_weight(epoch, step)
+                elbo.kl_weights["z"] = kl_weight
+                loss = _svi_step(svi, batch)
+                metrics.add(loss, elbo.last_reconstruction, elbo.last_kl, batch.n_cells)
+                step += 1
+            values = metrics.compute("train", "train_loss")
+            values["kl_weight"] = kl_weight
+            if not math.isfinite(values["train_loss"]):
+                raise FloatingPointError(
+                    f"The training loss became {values['train_loss']} in epoch {epoch}. Likely causes: the "
+                    "registered layer is not raw counts (normalised or log data), or the learning rate is too "
+                    "high (plan_kwargs={'lr': ...})."
+                )
+            if validation_batches is not None and validate_every and (epoch + 1) % validate_every == 0:
+                values.update(_validate(module, svi.model, svi.guide, validation_batches(), kl_weight))
+                if plan.reduce_lr_on_plateau and plan.lr_scheduler_metric in values:
+                    optim.step(values[plan.lr_scheduler_metric])
+            if plan.reduce_lr_on_plateau:
+                values["lr-" + plan.optimizer] = _current_lr(optim, plan.lr)
+            record(epoch, values)
+            epochs.set_postfix(loss=f"{values['train_loss']:.4g}", refresh=False)
+            if early_stopping is not None and early_stopping.should_stop(epoch, values):
+                stop_reason = early_stopping.reason
+                break
+    except BaseException as error:
+        error.partial_history = records
+        raise
+    finally:
+        epochs.close()
+        module.eval()
+    return records, stop_reason
+
+
+def _svi_step(svi: SVI, batch: Minibatch) -> torch.Tensor:
+    """``SVI.step`` without reading the loss back to the host: returns the loss as a tensor."""
+    with pyro.poutine.trace(param_only=True) as param_capture:
+        loss = svi.loss_and_grads(svi.model, svi.guide, batch)
+    params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
+    svi.optim(params)
+    pyro.infer.util.zero_grads(params)
+    return loss
+
+
+def _current_lr(optim, default: float) -> float:
+    for scheduler in getattr(optim, "optim_objs", {}).values():
+        inner = getattr(scheduler, "optimizer", None)
+        if inner is not None:
+            return float(inner.param_groups[0]["lr"])
+    return default
+
+
+def append_history(history: dict[str, pd.DataFrame] | None, records: dict[str, list]) -> dict[str, pd.DataFrame]:
+    """Append per-epoch records to a history of one-column DataFrames indexed by ``epoch``.
+
+    Epochs continue after the last recorded one, so training twice appends rather than overwrites.
+    """
+    history = {} if history is None else dict(history)
+    offset = 0
+    if history:
+        offset = 1 + max(int(frame.index.max()) for frame in history.values() if len(frame))
+    for key, rows in records.items():
+        epochs = np.array([epoch for epoch, _ in rows], dtype=np.int64) + offset
+        frame = pd.DataFrame({key: [value for _, value in rows]}, index=pd.Index(epochs, name="epoch"))
+        history[key] = pd.concat([history[key], frame]) if key in history else frame
+    return history

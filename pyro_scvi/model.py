@@ -1,0 +1,669 @@
+"""``SCVI``: scvi-tools' ``scvi.model.SCVI`` API on top of the Pyro model and guide.
+
+The class orchestrates: it registers AnnData, cuts it into minibatches, runs SVI and the posterior
+queries of :mod:`pyro_scvi.infer`, and turns tensors into NumPy arrays and DataFrames. The
+statistics live in :mod:`pyro_scvi.models` (model), :mod:`pyro_scvi.guides` (guide) and
+:mod:`pyro_scvi.infer` (ELBO, training loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import anndata
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+
+from .data.loader import RegisteredData, minibatch_from_dict, split_indices
+from .data.minibatch import Minibatch
+from .data.registry import (
+    REGISTRY_KEYS,
+    format_registry,
+    library_size_prior,
+    setup_registry,
+    summary_stats,
+    validate_registered,
+)
+from .infer.posterior import posterior_sites, variational_posterior
+from .infer.training import EarlyStopping, TrainingPlan, append_history, max_epochs_heuristic, run_training
+from .io import FORMAT, FORMAT_VERSION, from_safe, history_from_safe, history_to_safe, read_model_file, to_safe, write_model_dir
+from .module import SCVIModule
+from .nn import resolve_activation
+from .settings import settings
+
+__all__ = ["SCVI"]
+
+_MODULE_KWARGS = (
+    "log_variational", "encode_covariates", "deeply_inject_covariates", "use_batch_norm", "use_layer_norm", "var_activation",
+)
+_TRAINER_KWARGS = (
+    "check_val_every_n_epoch", "enable_progress_bar", "early_stopping_monitor", "early_stopping_patience",
+    "early_stopping_min_delta", "early_stopping_mode", "early_stopping_warmup_epochs", "strategy",
+)
+
+
+class SCVI:
+    """single-cell Variational Inference (Lopez et al. 2018) with scvi-tools' ``SCVI`` interface.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    registry
+        A saved registry to build the model without data (used by :meth:`load`).
+    n_hidden, n_latent, n_layers, dropout_rate
+        Width of hidden layers, dimension of z, number of hidden layers, encoder dropout.
+    dispersion
+        ``"gene"`` (θ per gene), ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``.
+    gene_likelihood
+        ``"zinb"``, ``"nb"``, ``"poisson"`` or ``"normal"``.
+    use_observed_lib_size
+        Use log total counts as the library (default) or infer it with a per-batch prior.
+    latent_distribution
+        ``"normal"`` or ``"ln"`` (logistic normal).
+    **kwargs
+        ``log_variational``, ``encode_covariates``, ``deeply_inject_covariates``,
+        ``use_batch_norm``, ``use_layer_norm`` (``"encoder"|"decoder"|"both"|"none"``),
+        ``var_activation`` (``None``/``"exp"`` or ``"softplus"``).
+    """
+
+    _setup_registries: dict[str, dict] = {}
+
+    def __init__(
+        self,
+        adata: anndata.AnnData | None = None,
+        registry: dict | None = None,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: str = "gene",
+        gene_likelihood: str = "zinb",
+        use_observed_lib_size: bool = True,
+        latent_distribution: str = "normal",
+        **kwargs,
+    ) -> None:
+        unknown = sorted(set(kwargs) - set(_MODULE_KWARGS))
+        if unknown:
+            raise TypeError(f"SCVI got unexpected keyword argument(s) {unknown}; accepted extra arguments: {list(_MODULE_KWARGS)}.")
+        if "var_activation" in kwargs:
+            kwargs["var_activation"] = resolve_activation(kwargs["var_activation"])[0]
+        if adata is not None:
+            registry = self._registry_of(adata)
+        elif registry is None:
+            raise ValueError("SCVI needs an AnnData registered with SCVI.setup_anndata (or a saved registry).")
+        self.registry_ = registry
+        self._adata = adata
+        self._data_cache: RegisteredData | None = None
+        self.init_params_ = {
+            "non_kwargs": dict(n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
+                               dispersion=dispersion, gene_likelihood=gene_likelihood,
+                               use_observed_lib_size=use_observed_lib_size, latent_distribution=latent_distribution),
+            "kwargs": {"kwargs": dict(kwargs)},
+        }
+        stats = self.summary_stats
+        size_factor_registered = bool(registry["field_registries"][REGISTRY_KEYS.SIZE_FACTOR]["data_registry"])
+        library_log_means = library_log_vars = None
+        if not use_observed_lib_size and not size_factor_registered:
+            if adata is not None:
+                library_log_means, library_log_vars = library_size_prior(adata, registry)
+            else:  # rebuilt from a file: the saved buffers replace these placeholders
+                library_log_means, library_log_vars = np.zeros((1, stats["n_batch"])), np.ones((1, stats["n_batch"]))
+        cat_state = registry["field_registries"][REGISTRY_KEYS.CAT_COVS]["state_registry"]
+        self.module = SCVIModule(
+            n_input=stats["n_vars"], n_batch=stats["n_batch"], n_labels=stats["n_labels"],
+            n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers,
+            n_continuous_cov=stats.get("n_extra_continuous_covs", 0),
+            n_cats_per_cov=list(cat_state.get("n_cats_per_key", [])) or None,
+            dropout_rate=dropout_rate, dispersion=dispersion, gene_likelihood=gene_likelihood,
+            latent_distribution=latent_distribution, use_size_factor_key=size_factor_registered,
+            use_observed_lib_size=use_observed_lib_size,
+            library_log_means=library_log_means, library_log_vars=library_log_vars, **kwargs,
+        )
+        # Pyro parameters of this model live in their own param-store state (see _pyro_scope)
+        self._param_store_state = {"params": {}, "constraints": {}}
+        self.is_trained_ = False
+        self.history_: dict[str, pd.DataFrame] | None = None
+        self.train_indices_ = self.validation_indices_ = self.test_indices_ = None
+
+    # ------------------------------------------------------------------ registration
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: anndata.AnnData,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        size_factor_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Register the fields of ``adata`` that scVI uses (counts, batch, labels, covariates).
+
+        Writes the category codes into ``adata.obs``/``obsm`` (``_scvi_*`` columns) and records the
+        registry, which every model built on this AnnData stores and saves.
+        """
+        if kwargs and "source_registry" not in kwargs:
+            raise TypeError(f"setup_anndata got unexpected keyword argument(s) {sorted(kwargs)}.")
+        registry = setup_registry(
+            adata, layer=layer, batch_key=batch_key, labels_key=labels_key, size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys, continuous_covariate_keys=continuous_covariate_keys,
+            model_name=cls.__name__, **kwargs,
+        )
+        cls._setup_registries[registry["_scvi_uuid"]] = registry
+
+    @classmethod
+    def _registry_of(cls, adata: anndata.AnnData) -> dict:
+        uuid = adata.uns.get("_scvi_uuid") if isinstance(adata.uns, dict) or hasattr(adata.uns, "get") else None
+        registry = cls._setup_registries.get(uuid)
+        if registry is None:
+            raise ValueError("Please set up your AnnData with SCVI.setup_anndata first.")
+        if registry.get("model_name") != cls.__name__:
+            raise ValueError("Please set up your AnnData with SCVI.setup_anndata first. It appears the AnnData object has been setup with a different model.")
+        validate_registered(adata, registry)
+        return registry
+
+    def view_anndata_setup(self, adata: anndata.AnnData | None = None, hide_state_registries: bool = False) -> None:
+        """Print the registry of ``adata`` (default: the model's AnnData)."""
+        registry = self.registry_ if adata is None else self._registry_for(adata)
+        print(format_registry(registry, hide_state_registries=hide_state_registries))
+
+    @property
+    def summary_stats(self) -> dict:
+        """Counts of the registered fields: ``n_vars``, ``n_cells``, ``n_batch``, ``n_labels``, ..."""
+        return summary_stats(self.registry_)
+
+    @property
+    def registry(self) -> dict:
+        return self.registry_
+
+    @property
+    def adata(self) -> anndata.AnnData | None:
+        """The AnnData the model was built on (or ``None`` when loaded without one)."""
+        return self._adata
+
+    @adata.setter
+    def adata(self, adata: anndata.AnnData) -> None:
+        self._registry_for(adata)
+        self._adata = adata
+        self._data_cache = None
+
+    def _registry_for(self, adata: anndata.AnnData) -> dict:
+        """The model's registry transferred to ``adata`` (same mappings; new categories are an error)."""
+        if adata is self._adata:
+            return self.registry_
+        if adata.is_view:
+            adata._init_as_actual(adata.copy())
+        registry = setup_registry(adata, source_registry=self.registry_, model_name=type(self).__name__)
+        type(self)._setup_registries[registry["_scvi_uuid"]] = registry
+        return registry
+
+    def _data(self, adata: anndata.AnnData | None) -> tuple[anndata.AnnData, RegisteredData]:
+        if adata is None or adata is self._adata:
+            if self._adata is None:
+                raise ValueError("This model has no AnnData (it was loaded without one): pass adata=.")
+            if self._data_cache is None:
+                self._data_cache = RegisteredData(self._adata, self.registry_)
+            return self._adata, self._data_cache
+        return adata, RegisteredData(adata, self._registry_for(adata))
+
+    # ------------------------------------------------------------------ plumbing
+    @contextlib.contextmanager
+    def _pyro_scope(self):
+        """Run Pyro code with this model's private parameter store."""
+        with pyro.get_param_store().scope(self._param_store_state):
+            yield
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the module's parameters."""
+        devices = {p.device for p in self.module.parameters()}
+        if len(devices) > 1:
+            raise RuntimeError(f"The model's parameters are on several devices: {sorted(map(str, devices))}.")
+        return devices.pop()
+
+    def to_device(self, device: str | int | torch.device) -> None:
+        """Move the model to ``device`` (``"cpu"``, a GPU index, ``"cuda:0"`` or a ``torch.device``)."""
+        if isinstance(device, int):
+            device = f"cuda:{device}"
+        self.module.to(torch.device(device))
+
+    def _check_trained(self) -> None:
+        if not self.is_trained_:
+            raise RuntimeError("Trying to query inferred values from an untrained model. Please train the model first.")
+
+    def _minibatches(self, adata, indices, batch_size, dataloader=None) -> Iterable[tuple[np.ndarray | None, Minibatch]]:
+        device = self.device
+        if dataloader is not None:
+            if adata is not None:
+                raise ValueError("Pass either adata or dataloader, not both.")
+            for tensors in dataloader:
+                yield None, tensors if isinstance(tensors, Minibatch) else minibatch_from_dict(tensors, device)
+            return
+        _, data = self._data(adata)
+        indices = np.arange(data.n_obs) if indices is None else np.asarray(indices)
+        if indices.dtype == bool:
+            indices = np.flatnonzero(indices)
+        yield from data.iterate(indices, batch_size or settings.batch_size, device=device)
+
+    def _cell_names(self, adata, indices) -> pd.Index:
+        adata = self._adata if adata is None else adata
+        names = adata.obs_names
+        return names if indices is None else names[np.asarray(indices)]
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        accelerator: str = "auto",
+        devices: int | str | Sequence[int] = "auto",
+        train_size: float | None = 0.9,
+        validation_size: float | None = None,
+        shuffle_set_split: bool = True,
+        load_sparse_tensor: bool = False,
+        batch_size: int = 128,
+        early_stopping: bool = False,
+        datasplitter_kwargs: dict | None = None,
+        plan_kwargs: dict | None = None,
+        datamodule=None,
+        **trainer_kwargs,
+    ) -> None:
+        """Fit the model by stochastic variational inference (Adam, per-cell-mean ELBO, KL warm-up).
+
+        ``plan_kwargs``: ``lr`` (1e-3), ``weight_decay`` (1e-6), ``eps`` (0.01), ``optimizer``
+        (``"Adam"``/``"AdamW"``), ``n_epochs_kl_warmup`` (400), ``n_steps_kl_warmup``,
+        ``min_kl_weight``/``max_kl_weight``, ``reduce_lr_on_plateau`` and its ``lr_*`` settings.
+        ``trainer_kwargs``: ``check_val_every_n_epoch``, ``enable_progress_bar``,
+        ``early_stopping_monitor`` ("elbo_validation"), ``early_stopping_patience`` (45),
+        ``early_stopping_min_delta``, ``early_stopping_mode``, ``early_stopping_warmup_epochs``.
+        ``datamodule``: an object with ``train_dataloader()`` (and optionally ``val_dataloader()``)
+        yielding dicts with scvi-tools' keys (``"X"``, ``"batch"``, ``"labels"``, ...).
+        """
+        unknown = sorted(set(trainer_kwargs) - set(_TRAINER_KWARGS))
+        if unknown:
+            raise TypeError(f"train got unexpected keyword argument(s) {unknown}; accepted: {list(_TRAINER_KWARGS)}.")
+        if trainer_kwargs.get("strategy") not in (None, "auto"):
+            raise ValueError(f"strategy={trainer_kwargs['strategy']!r} is not available: pyro-scvi trains on a single device.")
+        plan = TrainingPlan(**(plan_kwargs or {}))
+        device = _resolve_device(accelerator, devices)
+        self.module.to(device)
+        splitter = dict(datasplitter_kwargs or {})
+        drop_last = bool(splitter.pop("drop_last", False))
+        external = splitter.pop("external_indexing", None)
+        if splitter:
+            raise TypeError(f"Unknown datasplitter_kwargs {sorted(splitter)}; accepted: drop_last, external_indexing.")
+        progress = trainer_kwargs.get("enable_progress_bar", settings.progress_bar)
+        check_val = trainer_kwargs.get("check_val_every_n_epoch")
+        if check_val is None and (early_stopping or plan.reduce_lr_on_plateau):
+            check_val = 1
+
+        if datamodule is not None:
+            train_batches = lambda: (minibatch_from_dict(t, device) for t in datamodule.train_dataloader())  # noqa: E731
+            val_loader = getattr(datamodule, "val_dataloader", None)
+            val_batches = None if val_loader is None else (lambda: (minibatch_from_dict(t, device) for t in val_loader()))  # noqa: E731
+            train_idx = val_idx = test_idx = None
+            n_train_cells = None
+        else:
+            _, data = self._data(None)
+            if external is not None:
+                train_idx, val_idx, test_idx = (np.asarray(i, dtype=np.int64) for i in external)
+            else:
+                train_idx, val_idx, test_idx = split_indices(
+                    data.n_obs, train_size, validation_size, batch_size, shuffle_set_split, settings.seed, drop_last)
+            train_batches = lambda: (b for _, b in data.iterate(train_idx, batch_size, True, drop_last, device, load_sparse_tensor))  # noqa: E731
+            val_batches = None if len(val_idx) == 0 else (lambda: (b for _, b in data.iterate(val_idx, batch_size, device=device, sparse=load_sparse_tensor)))  # noqa: E731
+            n_train_cells = data.n_obs
+        if early_stopping and val_batches is None:
+            raise ValueError("Can't run Early Stopping with validation monitor with no validation set")
+        if max_epochs is None:
+            max_epochs = max_epochs_heuristic(n_train_cells or self.summary_stats["n_cells"])
+        stopper = None
+        if early_stopping:
+            stopper = EarlyStopping(
+                monitor=trainer_kwargs.get("early_stopping_monitor", "elbo_validation"),
+                patience=trainer_kwargs.get("early_stopping_patience", 45),
+                min_delta=trainer_kwargs.get("early_stopping_min_delta", 0.0),
+                mode=trainer_kwargs.get("early_stopping_mode", "min"),
+                warmup_epochs=trainer_kwargs.get("early_stopping_warmup_epochs", 0),
+            )
+        self.train_indices_, self.validation_indices_, self.test_indices_ = train_idx, val_idx, test_idx
+        try:
+            with self._pyro_scope():
+                records, stop_reason = run_training(
+                    self.module, train_batches, val_batches, max_epochs, plan,
+                    check_val_every_n_epoch=check_val, early_stopping=stopper, progress_bar=progress,
+                )
+        except BaseException as error:
+            partial = getattr(error, "partial_history", None)
+            if partial:
+                self.history_ = append_history(self.history_, partial)
+                self.is_trained_ = True
+            raise
+        self.history_ = append_history(self.history_, records)
+        self.is_trained_ = True
+        if stop_reason:
+            print(stop_reason)
+
+    # ------------------------------------------------------------------ queries
+    @torch.no_grad()
+    def get_latent_representation(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        mc_samples: int = 5000,
+        batch_size: int | None = None,
+        return_dist: bool = False,
+        dataloader=None,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Posterior of z for each cell: its mean ``(n, d)`` (default), one sample, or
+        ``(mean, variance)`` with ``return_dist=True``.
+
+        For the logistic-normal latent the mean is the Monte-Carlo mean of ``softmax(z)`` over
+        ``mc_samples`` draws, and ``return_dist`` gives the pre-softmax Gaussian.
+        """
+        self._check_trained()
+        self.module.eval()
+        locs, variances, values = [], [], []
+        with self._pyro_scope():
+            for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
+                qz = variational_posterior(self.module.guide, batch, "z")
+                locs.append(qz.loc.cpu())
+                variances.append(qz.scale.pow(2).cpu())
+                if return_dist:
+                    continue
+                if give_mean and self.module.latent_distribution == "ln":
+                    value = torch.softmax(qz.sample((mc_samples,)), dim=-1).mean(0)
+                elif give_mean:
+                    value = qz.loc
+                else:
+                    value = self.module.latent_transform(qz.sample())
+                values.append(value.cpu())
+        if return_dist:
+            return torch.cat(locs).numpy(), torch.cat(variances).numpy()
+        return torch.cat(values).numpy()
+
+    @torch.no_grad()
+    def get_latent_library_size(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+        dataloader=None,
+    ) -> np.ndarray:
+        """Library size per cell on the count scale, ``(n, 1)``.
+
+        With the observed library (the default model) this is the total count of each cell, for
+        both values of ``give_mean`` (scvi-tools raises for ``give_mean=True`` there). With a latent
+        library, ``give_mean=True`` returns the log-normal posterior mean ``exp(μ + σ²/2)`` and
+        ``give_mean=False`` ``exp`` of one posterior draw.
+        """
+        self._check_trained()
+        self.module.eval()
+        out = []
+        with self._pyro_scope():
+            for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
+                if not self.module.latent_library:
+                    out.append(batch.log_library.exp().cpu())
+                    continue
+                ql = variational_posterior(self.module.guide, batch, "library")
+                log_library = ql.loc + ql.scale.pow(2) / 2 if give_mean else ql.sample()
+                out.append(log_library.exp().cpu())
+        return torch.cat(out).numpy()
+
+    def _batch_codes(self, transform_batch) -> list[int | None]:
+        """Category values of the batch column → codes; ``None`` → the cells' own batches."""
+        if transform_batch is None:
+            return [None]
+        values = transform_batch if isinstance(transform_batch, (list, tuple, np.ndarray, pd.Index)) else [transform_batch]
+        mapping = list(self.registry_["field_registries"][REGISTRY_KEYS.BATCH]["state_registry"]["categorical_mapping"])
+        codes = []
+        for value in values:
+            if value not in mapping:
+                raise ValueError(f'"{value}" not a valid batch category.')
+            codes.append(mapping.index(value))
+        return codes
+
+    def _gene_mask(self, gene_list) -> np.ndarray:
+        var_names = self._var_names()
+        if gene_list is None:
+            return np.ones(len(var_names), dtype=bool)
+        mask = np.asarray(pd.Index(var_names).isin(list(gene_list)))
+        if not mask.any():
+            raise ValueError("None of the genes in gene_list are in the model's var_names.")
+        return mask
+
+    def _var_names(self) -> np.ndarray:
+        return np.asarray(self.registry_["field_registries"][REGISTRY_KEYS.X]["state_registry"]["column_names"])
+
+    @torch.no_grad()
+    def get_normalized_expression(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        transform_batch=None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | str = 1,
+        n_samples: int = 1,
+        n_samples_overall: int | None = None,
+        weights: str | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+        silent: bool = True,
+        dataloader=None,
+    ) -> np.ndarray | pd.DataFrame:
+        """Denoised expression: ``library_size · ρ`` (``ρ`` sums to 1 over genes), or with
+        ``library_size="latent"`` the NB mean ``exp(l)·ρ`` (ignoring zero-inflation).
+
+        ``transform_batch``: batch category (or list, averaged) to decode every cell in.
+        Shapes: ``(n, G')`` (mean over ``n_samples`` when ``return_mean``), ``(S, n, G')`` for
+        ``n_samples > 1`` and ``return_mean=False`` (NumPy), ``(K, G')`` for
+        ``n_samples_overall=K`` (rows resampled uniformly over cells and samples, NumPy).
+        A DataFrame (cells × genes) unless ``return_numpy=True``.
+        """
+        self._check_trained()
+        if weights not in (None, "uniform"):
+            raise ValueError(f"weights={weights!r}: only None or 'uniform' are available in this version.")
+        if library_size != "latent" and not isinstance(library_size, (int, float)):
+            raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}.")
+        if n_samples_overall is not None:
+            if n_samples != 1:
+                raise ValueError("Pass either n_samples or n_samples_overall, not both.")
+            n_cells = len(indices) if indices is not None else (self._data(adata)[1].n_obs if dataloader is None else None)
+            if n_cells is None:
+                raise ValueError("n_samples_overall needs adata/indices, not a dataloader.")
+            n_samples = n_samples_overall // n_cells + 1
+        site = "mean" if library_size == "latent" else "normalized_expression"
+        factor = 1.0 if library_size == "latent" else float(library_size)
+        codes = self._batch_codes(transform_batch)
+        mask = torch.as_tensor(self._gene_mask(gene_list))
+        self.module.eval()
+        chunks = []
+        with self._pyro_scope():
+            for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
+                per_batch = [
+                    posterior_sites(self.module.model, self.module.guide, batch, n_samples, [site], transform_batch=code)[site][..., mask.to(batch.x.device)]
+                    for code in codes
+                ]
+                chunks.append((torch.stack(per_batch).mean(0) * factor).cpu())
+        samples = torch.cat(chunks, dim=1).numpy()  # (S, n, G')
+
+        if n_samples_overall is not None:
+            flat = samples.reshape(-1, samples.shape[-1])
+            rows = np.random.choice(flat.shape[0], n_samples_overall, replace=True)
+            return flat[rows]
+        if n_samples > 1 and not return_mean:
+            if return_numpy is False:
+                warnings.warn("return_numpy must be True when n_samples > 1 and return_mean is False; returning an array.", UserWarning, stacklevel=2)
+            return samples
+        result = samples.mean(0)
+        if return_numpy or dataloader is not None:
+            return result
+        return pd.DataFrame(result, index=self._cell_names(adata, indices), columns=self._var_names()[mask.numpy()])
+
+    # ------------------------------------------------------------------ state
+    @property
+    def is_trained(self) -> bool:
+        return self.is_trained_
+
+    @is_trained.setter
+    def is_trained(self, value: bool) -> None:
+        self.is_trained_ = bool(value)
+
+    @property
+    def history(self) -> dict[str, pd.DataFrame] | None:
+        """Per-epoch training metrics: ``{key: DataFrame}`` indexed by ``epoch`` (None before training).
+
+        Keys: ``train_loss``, ``elbo_train``, ``reconstruction_loss_train``, ``kl_local_train``,
+        ``kl_global_train``, ``kl_weight`` and, when validation ran, the ``*_validation`` keys.
+        ``elbo_*`` values are negative ELBOs per cell (lower is better).
+        """
+        return self.history_
+
+    @property
+    def train_indices(self):
+        return self.train_indices_
+
+    @property
+    def validation_indices(self):
+        return self.validation_indices_
+
+    @property
+    def test_indices(self):
+        return self.test_indices_
+
+    @property
+    def summary_string(self) -> str:
+        p = self.init_params_["non_kwargs"]
+        return (
+            f"{type(self).__name__} model with the following parameters: \n"
+            f"n_hidden: {p['n_hidden']}, n_latent: {p['n_latent']}, n_layers: {p['n_layers']}, "
+            f"dropout_rate: {p['dropout_rate']}, dispersion: {p['dispersion']}, gene_likelihood: "
+            f"{p['gene_likelihood']}, latent_distribution: {p['latent_distribution']}."
+            f"\nTraining status: {'Trained' if self.is_trained_ else 'Not Trained'}"
+            "\nModel's adata is minified?: False"
+        )
+
+    def __repr__(self) -> str:
+        return self.summary_string
+
+    # ------------------------------------------------------------------ files
+    def save(
+        self,
+        dir_path: str | Path,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        save_kwargs: dict | None = None,
+        legacy_mudata_format: bool = False,
+        datamodule=None,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Save the model to ``dir_path/<prefix>model.pt`` (and the AnnData with ``save_anndata``).
+
+        The file holds only tensors and plain data, so :meth:`load` never unpickles code. The
+        directory is replaced atomically; an existing one needs ``overwrite=True``.
+        """
+        if save_anndata and self._adata is None:
+            raise ValueError("save_anndata=True but this model has no AnnData.")
+        payload = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_state_dict": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
+            "var_names": [str(v) for v in self._var_names()],
+            "attr_dict": {
+                "registry_": to_safe(self.registry_),
+                "init_params_": to_safe(self.init_params_),
+                "is_trained_": bool(self.is_trained_),
+                "history_": history_to_safe(self.history_),
+                "train_indices_": to_safe(self.train_indices_),
+                "validation_indices_": to_safe(self.validation_indices_),
+                "test_indices_": to_safe(self.test_indices_),
+            },
+        }
+        write_model_dir(dir_path, payload, prefix=prefix, overwrite=overwrite,
+                        adata=self._adata if save_anndata else None, **anndata_write_kwargs)
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | Path,
+        adata: anndata.AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        backup_url: str | None = None,
+        datamodule=None,
+        allowed_classes_names_list: list[str] | None = None,
+    ) -> "SCVI":
+        """Load a model saved by :meth:`save` (``adata`` defaults to the saved AnnData, if any)."""
+        dir_path = Path(dir_path)
+        model_file = dir_path / f"{prefix or ''}model.pt"
+        if backup_url is not None and not model_file.exists():
+            dir_path.mkdir(parents=True, exist_ok=True)
+            urllib.request.urlretrieve(backup_url, model_file)
+        payload = read_model_file(dir_path, prefix, map_location="cpu")
+        attrs = from_safe(payload["attr_dict"])
+        registry = attrs["registry_"]
+        allowed = set(allowed_classes_names_list or []) | {cls.__name__}
+        if registry.get("model_name") not in allowed:
+            raise ValueError("It appears you are loading a model from a different class.")
+        if adata is None:
+            saved = dir_path / f"{prefix or ''}adata.h5ad"
+            if saved.exists():
+                adata = anndata.read_h5ad(saved)
+            else:
+                warnings.warn("Save path contains no saved anndata and no adata was passed. Model will be loaded without anndata.", UserWarning, stacklevel=2)
+        if adata is not None:
+            saved_names = np.asarray(payload["var_names"], dtype=object)
+            if len(saved_names) != adata.n_vars or not np.array_equal(saved_names, np.asarray(adata.var_names, dtype=object)):
+                warnings.warn("`var_names` for the loaded `model` does not match those used to train the model; results may be wrong.", UserWarning, stacklevel=2)
+            if adata.is_view:
+                adata._init_as_actual(adata.copy())
+            transferred = setup_registry(adata, source_registry=registry, model_name=registry["model_name"])
+            cls._setup_registries[transferred["_scvi_uuid"]] = transferred
+        init = dict(attrs["init_params_"]["non_kwargs"])
+        init.update(attrs["init_params_"].get("kwargs", {}).get("kwargs", {}))
+        model = cls(adata, registry=None if adata is not None else registry, **init)
+        if adata is not None:
+            model.registry_ = transferred
+        model.module.load_state_dict(payload["model_state_dict"], strict=True)
+        model.is_trained_ = attrs.get("is_trained_", False)
+        model.history_ = history_from_safe(attrs.get("history_"))
+        model.train_indices_ = attrs.get("train_indices_")
+        model.validation_indices_ = attrs.get("validation_indices_")
+        model.test_indices_ = attrs.get("test_indices_")
+        model.module.to(_resolve_device(accelerator, device))
+        model.module.eval()
+        return model
+
+
+def _resolve_device(accelerator: str = "auto", devices="auto") -> torch.device:
+    """Pick one torch device from Lightning-style ``accelerator``/``devices`` arguments."""
+    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        raise ValueError(f"accelerator={accelerator!r} is not one of 'auto', 'cpu', 'gpu', 'cuda'.")
+    use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"accelerator={accelerator!r} but CUDA is not available; use accelerator='cpu'.")
+    if isinstance(devices, (list, tuple)):
+        if len(devices) != 1:
+            raise ValueError(f"devices={devices!r}: pyro-scvi trains on a single device; pass one index.")
+        devices = devices[0]
+    if devices in ("auto", 1, None, "1") or devices == -1 and not use_cuda:
+        index = 0
+    elif isinstance(devices, int) and devices > 1:
+        raise ValueError(f"devices={devices}: pyro-scvi trains on a single device.")
+    elif isinstance(devices, str) and devices.startswith("cuda"):
+        return torch.device(devices)
+    else:
+        index = int(devices)
+    return torch.device(f"cuda:{index}") if use_cuda else torch.device("cpu")

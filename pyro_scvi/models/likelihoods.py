@@ -1,0 +1,42 @@
+"""The observation models of scVI, by name.
+
+Each maps the per-gene mean ``μ = exp(l)·ρ`` (…, n, G), the inverse dispersion ``θ`` and the
+zero-inflation logits to a Pyro distribution over counts with batch shape (…, n, G).
+"""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+
+from ..distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+
+__all__ = ["LIKELIHOODS", "expression_likelihood"]
+
+
+def _zinb(mean, theta, logits):
+    return ZeroInflatedNegativeBinomial(mean, theta, logits)
+
+
+def _nb(mean, theta, logits):
+    return NegativeBinomial(mean, theta)
+
+
+def _poisson(mean, theta, logits):
+    return dist.Poisson(mean)
+
+
+def _normal(mean, theta, logits):
+    # scvi-tools' "normal" likelihood: loc = μ, scale = θ = exp(log_dispersion)
+    return dist.Normal(mean, theta.expand_as(mean) if torch.is_tensor(theta) else theta)
+
+
+#: name → constructor ``(mean, inverse_dispersion, zero_inflation_logits) → Distribution``
+LIKELIHOODS = {"zinb": _zinb, "nb": _nb, "poisson": _poisson, "normal": _normal}
+
+
+def expression_likelihood(name: str, mean: torch.Tensor, inverse_dispersion=None, zero_inflation_logits=None):
+    """Build the likelihood ``name`` (one of :data:`LIKELIHOODS`)."""
+    if name not in LIKELIHOODS:
+        raise ValueError(f"gene_likelihood={name!r} is not one of {sorted(LIKELIHOODS)}.")
+    return LIKELIHOODS[name](mean, inverse_dispersion, zero_inflation_logits)
