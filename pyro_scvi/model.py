@@ -30,6 +30,8 @@ from .data.registry import (
     summary_stats,
     validate_registered,
 )
+from .infer.elbo import elbo_terms
+from .infer.importance import marginal_log_likelihood
 from .infer.posterior import posterior_sites, variational_posterior
 from .infer.training import EarlyStopping, TrainingPlan, append_history, max_epochs_heuristic, run_training
 from .io import FORMAT, FORMAT_VERSION, from_safe, history_from_safe, history_to_safe, read_model_file, to_safe, write_model_dir
@@ -509,6 +511,56 @@ class SCVI:
         if return_numpy or dataloader is not None:
             return result
         return pd.DataFrame(result, index=self._cell_names(adata, indices), columns=self._var_names()[mask.numpy()])
+
+    # ------------------------------------------------------------------ evaluation
+    def _elbo_terms_per_cell(self, adata, indices, batch_size, dataloader) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-cell reconstruction loss −log p(x | z, l) and summed KL (weight 1), one draw each."""
+        self.module.eval()
+        reconstruction, kl = [], []
+        with self._pyro_scope(), torch.no_grad():
+            for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
+                _, rec, kls = elbo_terms(self.module.model, self.module.guide, batch)
+                reconstruction.append(sum(rec.values()))
+                kl.append(sum(kls.values(), torch.zeros_like(reconstruction[-1])))
+        return torch.cat(reconstruction), torch.cat(kl)
+
+    def get_elbo(self, adata=None, indices=None, batch_size=None, dataloader=None, return_mean: bool = True) -> torch.Tensor:
+        """The evidence lower bound per cell, ``E_q[log p(x | z, l)] − KL(q(z, l | x) ‖ p(z, l))``.
+
+        Returns the ELBO itself (a negative number, higher is better), as a 0-d tensor averaged over
+        cells, or per cell ``(n,)`` with ``return_mean=False``; on the model's device. (The
+        ``elbo_*`` entries of :attr:`history` are its negation.) One Monte-Carlo draw per cell.
+        """
+        self._check_trained()
+        reconstruction, kl = self._elbo_terms_per_cell(adata, indices, batch_size, dataloader)
+        elbo = -(reconstruction + kl)
+        return elbo.mean() if return_mean else elbo
+
+    def get_reconstruction_error(self, adata=None, indices=None, batch_size=None, dataloader=None,
+                                 return_mean: bool = True) -> dict[str, torch.Tensor]:
+        """``{"reconstruction_loss": −E_q log p(x | z, l)}``: a positive negative log-likelihood
+        (lower is better), averaged over cells or per cell ``(n,)``; one draw per cell."""
+        self._check_trained()
+        reconstruction, _ = self._elbo_terms_per_cell(adata, indices, batch_size, dataloader)
+        return {"reconstruction_loss": reconstruction.mean() if return_mean else reconstruction}
+
+    def get_marginal_ll(self, adata=None, indices=None, n_mc_samples: int = 1000, batch_size=None,
+                        return_mean: bool = True, dataloader=None, n_mc_samples_per_pass: int | None = None):
+        """Importance-sampling estimate of the marginal log-likelihood ``log p(x_n)`` (negative,
+        higher is better) with ``n_mc_samples`` guide draws per cell.
+
+        Returns the mean over cells as a float, or a CPU tensor ``(n,)`` with ``return_mean=False``.
+        Densities of the logistic-normal latent are evaluated on the Gaussian (pre-softmax) variable.
+        """
+        self._check_trained()
+        self.module.eval()
+        values = []
+        with self._pyro_scope(), torch.no_grad():
+            for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
+                values.append(marginal_log_likelihood(self.module.model, self.module.guide, batch, n_mc_samples,
+                                                      n_mc_samples_per_pass).cpu())
+        values = torch.cat(values)
+        return float(values.mean()) if return_mean else values
 
     # ------------------------------------------------------------------ state
     @property

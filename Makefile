@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine:
+#   make demo   set up .venv and train scVI on generated data (writes demo_output/)
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	# the CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test,sparse,plot]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/pyro-scvi demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_cellbench.py
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache
