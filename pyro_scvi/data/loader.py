@@ -55,17 +55,14 @@ class RegisteredData:
         )
 
     def counts_of(self, indices: np.ndarray, sparse: bool = False) -> torch.Tensor:
-        """Counts of the given cells as a dense float32 ``(n, G)`` tensor (or a sparse CSR tensor)."""
+        """Counts of the given cells as a dense float32 ``(n, G)`` tensor (or a sparse COO tensor)."""
         rows = self.counts[indices]
         if sp.issparse(rows):
             if sparse:
-                rows = rows.tocsr()
-                return torch.sparse_csr_tensor(
-                    torch.as_tensor(rows.indptr, dtype=torch.int64),
-                    torch.as_tensor(rows.indices, dtype=torch.int64),
-                    torch.as_tensor(rows.data, dtype=torch.float32),
-                    size=rows.shape,
-                )
+                rows = sp.coo_matrix(rows)
+                coordinates = torch.as_tensor(np.vstack([rows.row, rows.col]), dtype=torch.int64)
+                values = torch.as_tensor(rows.data, dtype=torch.float32)
+                return torch.sparse_coo_tensor(coordinates, values, size=rows.shape, check_invariants=False)
             rows = rows.toarray()
         return torch.as_tensor(np.asarray(rows, dtype=np.float32))
 

@@ -37,8 +37,9 @@ def synthetic_iid(
     ``obs["batch"]`` (``"batch_0"``, …) and ``obs["labels"]`` (``"label_0"``, …) are categorical;
     ``X`` and ``layers["counts"]`` hold the counts (dense, or ``"csr_matrix"``/``"csc_matrix"``).
     The truth is kept: ``var["marker_of"]`` (label of which a gene is a marker, or ``""``),
-    ``varm["log_fold_change"]`` (``(G, n_labels)`` natural-log shift of each label's profile) and
-    ``obs["library_size"]``.
+    ``varm["log_fold_change"]`` (``(G, n_labels)`` natural-log shift of each label's profile),
+    ``varm["true_expression"]`` (``(G, n_labels)``: each label's normalized expression before the
+    batch effects, columns sum to 1) and ``obs["library_size"]``.
     """
     if sparse_format not in (None, "csr_matrix", "csc_matrix"):
         raise ValueError(f"sparse_format must be None, 'csr_matrix' or 'csc_matrix', got {sparse_format!r}.")
@@ -82,4 +83,6 @@ def synthetic_iid(
     adata = anndata.AnnData(X=X, obs=obs, var=var)
     adata.layers["counts"] = X.copy()
     adata.varm["log_fold_change"] = shift
+    truth = np.exp(baseline[:, None] + shift)
+    adata.varm["true_expression"] = truth / truth.sum(0, keepdims=True)
     return adata
