@@ -492,10 +492,8 @@ class SCVI:
         chunks = []
         with self._pyro_scope():
             for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
-                per_batch = [
-                    posterior_sites(self.module.model, self.module.guide, batch, n_samples, [site], transform_batch=code)[site][..., mask.to(batch.x.device)]
-                    for code in codes
-                ]
+                draws = posterior_sites(self.module.model, self.module.guide, batch, n_samples, [site], codes)
+                per_batch = [d[site][..., mask.to(batch.x.device)] for d in draws]
                 chunks.append((torch.stack(per_batch).mean(0) * factor).cpu())
         samples = torch.cat(chunks, dim=1).numpy()  # (S, n, G')
 

@@ -412,7 +412,7 @@ def _register_categorical_covariates(
         values = _obs_column(adata, key)
         mapping = None
         if source_mappings is not None:
-            mapping, unseen = _transfer_mapping(values, source_mappings[key], extend)
+            mapping, _ = _transfer_mapping(values, source_mappings[key], extend)  # unseen → _encode raises
         codes[key], mappings[key] = _encode(values, key, mapping)
     writes.append(("obsm", _CAT_COVS_COLUMN, codes))
     return _field(
@@ -583,7 +583,10 @@ def _row_totals(matrix) -> np.ndarray:
         return np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
     n_rows, n_cols = matrix.shape
     step = max(1, _CHUNK_ELEMENTS // max(1, n_cols))
-    totals = [np.asarray(matrix[start : start + step].sum(axis=1), dtype=np.float64).ravel() for start in range(0, n_rows, step)]
+    totals = [
+        np.asarray(matrix[start : start + step].sum(axis=1), dtype=np.float64).ravel()
+        for start in range(0, n_rows, step)
+    ]
     return np.concatenate(totals) if totals else np.zeros(0)
 
 
@@ -631,7 +634,8 @@ def _location(attr_name: str, attr_key: str | None) -> str:
 def _check_codes_in_range(adata, name: str, field: dict) -> None:
     state = field["state_registry"]
     if "categorical_mapping" in state:
-        columns = {name: (adata.obs[field["data_registry"]["attr_key"]].to_numpy(), len(state["categorical_mapping"]))}
+        codes = adata.obs[field["data_registry"]["attr_key"]].to_numpy()
+        columns = {name: (codes, len(state["categorical_mapping"]))}
     elif "mappings" in state:
         table = adata.obsm[field["data_registry"]["attr_key"]]
         columns = {key: (np.asarray(table[key]), len(mapping)) for key, mapping in state["mappings"].items()}
@@ -662,12 +666,14 @@ def _state_table(name: str, state: dict) -> str | None:
     header = ["Source Location", "Categories", "scvi-tools Encoding"]
     if "categorical_mapping" in state:
         source = _location("obs", state["original_key"])
-        rows = [(source if code == 0 else "", category, code) for code, category in enumerate(state["categorical_mapping"])]
+        mapping = state["categorical_mapping"]
+        rows = [(source if code == 0 else "", category, code) for code, category in enumerate(mapping)]
         return _text_table(f"{name} State Registry", header, rows)
     if "mappings" in state:
         rows = []
         for key, mapping in state["mappings"].items():
-            rows += [(_location("obs", key) if code == 0 else "", category, code) for code, category in enumerate(mapping)]
+            source = _location("obs", key)
+            rows += [(source if code == 0 else "", category, code) for code, category in enumerate(mapping)]
         return _text_table(f"{name} State Registry", header, rows)
     if "columns" in state:
         rows = [(_location("obs", column),) for column in state["columns"]]

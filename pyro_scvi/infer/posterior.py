@@ -29,19 +29,27 @@ def variational_posterior(guide, batch: Minibatch, site: str = "z"):
     return _base(trace.nodes[site]["fn"])
 
 
-def posterior_sites(model, guide, batch: Minibatch, n_samples: int, sites: list[str], **model_kwargs) -> dict[str, torch.Tensor]:
-    """Draw ``n_samples`` from the guide and run the model on them.
+def posterior_sites(model, guide, batch: Minibatch, n_samples: int, sites: list[str],
+                    transform_batches: list[int | None] = (None,)) -> list[dict[str, torch.Tensor]]:
+    """Draw ``n_samples`` from the guide once and run the model on them, decoding every cell in each
+    batch of ``transform_batches`` (``None``: the cells' own batches).
 
-    Returns each requested model site's value with a leading sample axis: ``(S, n, ·)``.
-    ``model_kwargs`` (e.g. ``transform_batch``) go to both the guide and the model.
+    Returns, for each entry of ``transform_batches``, the requested model sites' values with a
+    leading sample axis ``(S, n, ·)``; the same posterior draws are used for every entry.
     """
     with plate("particles", n_samples, dim=-2):
-        guide_trace = poutine.trace(guide).get_trace(batch, **model_kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch, **model_kwargs)
-    out = {}
-    for name in sites:
-        if name not in model_trace.nodes:
-            raise KeyError(f"The model has no site {name!r}.")
-        value = model_trace.nodes[name]["value"]
-        out[name] = value if value.dim() >= 3 else value.expand(n_samples, *value.shape[-2:])
-    return out
+        guide_trace = poutine.trace(guide).get_trace(batch)
+        model_traces = [
+            poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch, transform_batch=code)
+            for code in transform_batches
+        ]
+    results = []
+    for model_trace in model_traces:
+        out = {}
+        for name in sites:
+            if name not in model_trace.nodes:
+                raise KeyError(f"The model has no site {name!r}.")
+            value = model_trace.nodes[name]["value"]
+            out[name] = value if value.dim() >= 3 else value.expand(n_samples, *value.shape[-2:])
+        results.append(out)
+    return results

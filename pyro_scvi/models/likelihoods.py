@@ -14,21 +14,25 @@ from ..distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
 __all__ = ["LIKELIHOODS", "expression_likelihood"]
 
 
+# Argument validation is off: the support check is a full pass over the counts at every step, and
+# setup_anndata already warns when the registered data are not counts.
+
+
 def _zinb(mean, theta, logits):
-    return ZeroInflatedNegativeBinomial(mean, theta, logits)
+    return ZeroInflatedNegativeBinomial(mean, theta, logits, validate_args=False)
 
 
 def _nb(mean, theta, logits):
-    return NegativeBinomial(mean, theta)
+    return NegativeBinomial(mean, theta, validate_args=False)
 
 
 def _poisson(mean, theta, logits):
-    return dist.Poisson(mean)
+    return dist.Poisson(mean, validate_args=False)
 
 
 def _normal(mean, theta, logits):
     # scvi-tools' "normal" likelihood: loc = μ, scale = θ = exp(log_dispersion)
-    return dist.Normal(mean, theta.expand_as(mean) if torch.is_tensor(theta) else theta)
+    return dist.Normal(mean, theta.expand_as(mean) if torch.is_tensor(theta) else theta, validate_args=False)
 
 
 #: name → constructor ``(mean, inverse_dispersion, zero_inflation_logits) → Distribution``

@@ -1,0 +1,313 @@
+"""CellBench 5cl benchmark: pyro-scvi vs scvi-tools, default SCVI, same data, same epochs.
+
+Each implementation trains in its own child process (pyro-scvi with this project's Python,
+scvi-tools with the Python of a separate venv that has scvi-tools installed), so that each side's
+peak resident memory can be read from the kernel's accounting of that child alone
+(``os.wait4``), free of the other side and of the parent.
+
+Per side it reports: seconds per epoch (training wall time / epochs, progress bar off),
+held-out (validation set) ELBO and train ELBO via ``get_elbo``, held-out marginal
+log-likelihood via ``get_marginal_ll(n_mc_samples=--mc)``, silhouette of the latent mean by
+``cell_line`` and by ``batch``, and the child's peak RSS.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/bench_cellbench.py                       # 2000 genes, 100 epochs
+    .venv/bin/python benchmarks/bench_cellbench.py --n-genes 0 --epochs 20   # all 12,653 genes
+
+The same file is the child-process runner (``--worker pyro|scvi``); it only uses the public
+``SCVI`` API of each package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_H5AD = "/work/shared/data/cellbench_5cl.h5ad"
+DEFAULT_SCVI_PYTHON = "/work/scvi-venv/bin/python"
+SIDES = {"pyro": "pyro-scvi", "scvi": "scvi-tools"}
+
+
+# ---------------------------------------------------------------------------------------- worker
+def _rss_mb(field: str) -> float | None:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc, in MB (None where /proc is absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def load_data(h5ad: str, n_genes: int):
+    """The AnnData restricted to the top ``n_genes`` genes by variance of log1p counts.
+
+    Same selection as /work/shared/tools/peer_scvi_tools.py: variance of log1p of the CSR data
+    as E[x²] − E[x]², top-N by ``argsort``, kept in the original gene order.
+    """
+    import anndata as ad
+    import numpy as np
+
+    adata = ad.read_h5ad(h5ad)
+    if n_genes:
+        X = adata.X
+        lx = X.copy()
+        lx.data = np.log1p(lx.data)
+        mean = np.asarray(lx.mean(0)).ravel()
+        sq = np.asarray(lx.multiply(lx).mean(0)).ravel()
+        keep = np.argsort(-(sq - mean**2))[:n_genes]
+        adata = adata[:, np.sort(keep)].copy()
+    return adata
+
+
+def worker(a: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(a.threads)
+    if a.worker == "pyro":
+        sys.path.insert(0, str(REPO))
+        import pyro
+        import pyro_scvi
+        from pyro_scvi import SCVI, settings
+
+        settings.seed = a.seed
+        versions = {"pyro_scvi": getattr(pyro_scvi, "__version__", "?"), "pyro": pyro.__version__}
+    else:
+        import scvi
+        from scvi.model import SCVI
+
+        scvi.settings.seed = a.seed
+        versions = {"scvi_tools": scvi.__version__}
+    import sklearn
+    from sklearn.metrics import silhouette_score
+
+    versions.update(torch=torch.__version__, numpy=np.__version__, sklearn=sklearn.__version__,
+                    python=platform.python_version())
+    t_load = time.perf_counter()
+    adata = load_data(a.h5ad, a.n_genes)
+    res: dict = {
+        "side": SIDES[a.worker], "versions": versions, "shape": list(adata.shape), "epochs": a.epochs,
+        "n_genes_arg": a.n_genes, "threads": torch.get_num_threads(),
+        "genes_sha1": hashlib.sha1("\n".join(map(str, adata.var_names)).encode()).hexdigest(),
+        "load_s": time.perf_counter() - t_load,
+    }
+    SCVI.setup_anndata(adata, batch_key="batch", labels_key="cell_line")
+    m = SCVI(adata)
+    res["rss_before_train_mb"] = _rss_mb("VmRSS")
+    t0 = time.perf_counter()
+    m.train(max_epochs=a.epochs, train_size=0.9, batch_size=128, enable_progress_bar=False,
+            check_val_every_n_epoch=max(1, a.epochs // 10))
+    res["train_s"] = time.perf_counter() - t0
+    res["s_per_epoch"] = res["train_s"] / a.epochs
+    res["rss_after_train_mb"] = _rss_mb("VmRSS")
+    val, tr = np.asarray(m.validation_indices), np.asarray(m.train_indices)
+    res["n_train"], res["n_validation"] = len(tr), len(val)
+    res["validation_sha1"] = hashlib.sha1(np.sort(val).astype(np.int64).tobytes()).hexdigest()
+
+    t0 = time.perf_counter()
+    res["elbo_validation"] = float(m.get_elbo(indices=val))
+    res["elbo_validation_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res["elbo_train"] = float(m.get_elbo(indices=tr))
+    res["elbo_train_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res["marginal_ll_validation"] = float(m.get_marginal_ll(indices=val, n_mc_samples=a.mc))
+    res["marginal_ll_validation_s"] = time.perf_counter() - t0
+    res["mc_samples"] = a.mc
+
+    t0 = time.perf_counter()
+    z = np.asarray(m.get_latent_representation())
+    res["latent_s"] = time.perf_counter() - t0
+    res["latent_shape"] = list(z.shape)
+    res["silhouette_cell_line"] = float(silhouette_score(z, adata.obs["cell_line"]))
+    res["silhouette_batch"] = float(silhouette_score(z, adata.obs["batch"]))
+
+    hist = m.history or {}
+    res["history_last"] = {k: float(v.iloc[-1, 0]) for k, v in hist.items() if len(v)}
+    res["peak_rss_self_mb"] = _rss_mb("VmHWM")
+    with open(a.worker_out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+# ---------------------------------------------------------------------------------------- parent
+def scvi_available(python: str) -> tuple[bool, str]:
+    if not Path(python).exists():
+        return False, f"{python} does not exist"
+    r = subprocess.run([python, "-c", "import scvi; print(scvi.__version__)"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return False, f"`import scvi` failed with {python}: {r.stderr.strip().splitlines()[-1:]}"
+    return True, r.stdout.strip().splitlines()[-1]
+
+
+def run_side(side: str, python: str, a: argparse.Namespace, tmp: Path, rep: int) -> dict:
+    """Run one side in a child process; returns its figures plus the child's peak RSS (wait4)."""
+    out = tmp / f"{side}_{rep}.json"
+    cmd = [python, str(Path(__file__).resolve()), "--worker", side, "--worker-out", str(out),
+           "--h5ad", a.h5ad, "--n-genes", str(a.n_genes), "--epochs", str(a.epochs), "--mc", str(a.mc),
+           "--seed", str(a.seed), "--threads", str(a.threads)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(a.threads),
+               MKL_NUM_THREADS=str(a.threads))
+    log = tmp / f"{side}_{rep}.log"
+    print(f"[{datetime.now():%H:%M:%S}] {SIDES[side]} (run {rep + 1}) ...", flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as logf:
+        p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
+        _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0 or not out.exists():
+        tail = log.read_text()[-4000:]
+        raise RuntimeError(f"{SIDES[side]} child failed (exit {p.returncode}); log tail:\n{tail}")
+    res = json.loads(out.read_text())
+    res["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux: KiB
+    res["child_wall_s"] = wall
+    res["child_cpu_s"] = usage.ru_utime + usage.ru_stime
+    print(f"    {res['s_per_epoch']:.3f} s/epoch, held-out ELBO {res['elbo_validation']:.2f}, "
+          f"peak RSS {res['peak_rss_mb']:.0f} MB, child wall {wall:.1f} s", flush=True)
+    return res
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+            "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """First run's quality figures (seeded, so repeats agree), median s/epoch over repeats, max RSS."""
+    out = {}
+    for side, rs in runs.items():
+        if not rs:
+            continue
+        s = dict(rs[0])
+        s["s_per_epoch_runs"] = [r["s_per_epoch"] for r in rs]
+        s["s_per_epoch"] = _median(s["s_per_epoch_runs"])
+        s["peak_rss_mb_runs"] = [r["peak_rss_mb"] for r in rs]
+        s["peak_rss_mb"] = max(s["peak_rss_mb_runs"])
+        out[side] = s
+    return out
+
+
+ROWS = [
+    ("s/epoch", "s_per_epoch", "{:.3f}"),
+    ("train wall (s)", "train_s", "{:.1f}"),
+    ("held-out ELBO", "elbo_validation", "{:.2f}"),
+    ("train ELBO", "elbo_train", "{:.2f}"),
+    ("held-out marginal LL", "marginal_ll_validation", "{:.2f}"),
+    ("  (time, s)", "marginal_ll_validation_s", "{:.2f}"),
+    ("silhouette cell_line", "silhouette_cell_line", "{:.3f}"),
+    ("silhouette batch", "silhouette_batch", "{:.3f}"),
+    ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
+    ("RSS before train (MB)", "rss_before_train_mb", "{:.0f}"),
+]
+
+
+def table(summary: dict[str, dict]) -> str:
+    sides = [s for s in ("pyro", "scvi") if s in summary]
+    head = f"| {'':24s} | " + " | ".join(f"{SIDES[s]:>11s}" for s in sides) + " |"
+    lines = [head, "|" + "-" * 26 + "|" + "|".join("-" * 13 for _ in sides) + "|"]
+    for label, key, fmt in ROWS:
+        cells = []
+        for s in sides:
+            v = summary[s].get(key)
+            cells.append(f"{fmt.format(v) if v is not None else 'n/a':>11s}")
+        lines.append(f"| {label:24s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parent(a: argparse.Namespace) -> None:
+    out_path = Path(a.out) if a.out else HERE / "results" / f"cellbench_{a.n_genes}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ok, why = (False, "--skip-peer") if a.skip_peer else scvi_available(a.scvi_python)
+    if not ok:
+        print(f"scvi-tools peer skipped: {why}")
+    else:
+        print(f"scvi-tools {why} found at {a.scvi_python}")
+    sides = ["pyro"] + (["scvi"] if ok else [])
+    pythons = {"pyro": a.pyro_python, "scvi": a.scvi_python}
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    order_log = []
+    with tempfile.TemporaryDirectory(prefix="bench_cellbench_") as tmp:
+        for rep in range(a.repeats):
+            # alternate the order each round (A B, B A, ...) so drift in machine load hits both sides
+            order = sides if rep % 2 == 0 else sides[::-1]
+            for side in order:
+                runs[side].append(run_side(side, pythons[side], a, Path(tmp), rep))
+                order_log.append(SIDES[side])
+    summary = summarise(runs)
+    result = {"benchmark": "cellbench_5cl", "h5ad": a.h5ad, "n_genes": a.n_genes, "epochs": a.epochs,
+              "mc_samples": a.mc, "seed": a.seed, "threads": a.threads, "repeats": a.repeats,
+              "run_order": order_log, "machine": machine_info(), "peer_skipped": None if ok else why,
+              "results": summary, "all_runs": runs}
+    if "pyro" in summary and "scvi" in summary:
+        p, s = summary["pyro"], summary["scvi"]
+        if p["genes_sha1"] != s["genes_sha1"]:
+            print("WARNING: the two sides selected different genes!")
+        if p["validation_sha1"] != s["validation_sha1"]:
+            result["note_split"] = "validation sets differ between the two sides (different split RNG)"
+        result["ratio_s_per_epoch_pyro_over_scvi"] = p["s_per_epoch"] / s["s_per_epoch"]
+        result["ratio_peak_rss_pyro_over_scvi"] = p["peak_rss_mb"] / s["peak_rss_mb"]
+        result["same_genes"] = p["genes_sha1"] == s["genes_sha1"]
+        result["same_validation_cells"] = p["validation_sha1"] == s["validation_sha1"]
+    shape = summary["pyro"]["shape"]
+    print(f"\nCellBench 5cl, {shape[0]} cells x {shape[1]} genes, {a.epochs} epochs, "
+          f"{a.threads} threads, marginal LL with {a.mc} samples, order: {', '.join(order_log)}")
+    print(table(summary))
+    if "ratio_s_per_epoch_pyro_over_scvi" in result:
+        print(f"\nratio pyro-scvi / scvi-tools, s/epoch: {result['ratio_s_per_epoch_pyro_over_scvi']:.2f}"
+              f"   peak RSS: {result['ratio_peak_rss_pyro_over_scvi']:.2f}")
+        print(f"same genes: {result['same_genes']}   same validation cells: {result['same_validation_cells']}")
+    out_path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out_path}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--h5ad", default=DEFAULT_H5AD)
+    p.add_argument("--n-genes", type=int, default=2000, help="top-N genes by variance of log1p counts; 0 = all")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--mc", type=int, default=100, help="importance samples for get_marginal_ll")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="rounds; the order alternates each round, s/epoch is the median")
+    p.add_argument("--out", help="JSON output (default benchmarks/results/cellbench_<n_genes>.json)")
+    p.add_argument("--pyro-python", default=sys.executable, help="Python with pyro_scvi's dependencies")
+    p.add_argument("--scvi-python", default=DEFAULT_SCVI_PYTHON, help="Python with scvi-tools installed")
+    p.add_argument("--skip-peer", action="store_true", help="run pyro-scvi only")
+    p.add_argument("--worker", choices=sorted(SIDES), help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        worker(a)
+    else:
+        parent(a)
+
+
+if __name__ == "__main__":
+    main()
