@@ -163,6 +163,10 @@ def run_side(side: str, python: str, a: argparse.Namespace, tmp: Path, rep: int)
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(a.threads),
                MKL_NUM_THREADS=str(a.threads))
     log = tmp / f"{side}_{rep}.log"
+    if a.wait_idle:
+        wait_idle(a.wait_idle)
+    load_before = os.getloadavg()
+    busy_before = cpu_busy_s()
     print(f"[{datetime.now():%H:%M:%S}] {SIDES[side]} (run {rep + 1}) ...", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as logf:
@@ -177,9 +181,42 @@ def run_side(side: str, python: str, a: argparse.Namespace, tmp: Path, rep: int)
     res["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux: KiB
     res["child_wall_s"] = wall
     res["child_cpu_s"] = usage.ru_utime + usage.ru_stime
+    res["loadavg_before"], res["loadavg_after"] = list(load_before), list(os.getloadavg())
+    busy_after = cpu_busy_s()
+    # CPU time other processes took while the child ran: > 0 means the timing competed for cores
+    res["other_procs_cpu_s"] = None if busy_before is None else max(0.0, busy_after - busy_before - res["child_cpu_s"])
     print(f"    {res['s_per_epoch']:.3f} s/epoch, held-out ELBO {res['elbo_validation']:.2f}, "
-          f"peak RSS {res['peak_rss_mb']:.0f} MB, child wall {wall:.1f} s", flush=True)
+          f"peak RSS {res['peak_rss_mb']:.0f} MB, child wall {wall:.1f} s, "
+          f"CPU taken by other processes meanwhile {res['other_procs_cpu_s'] or 0:.1f} s", flush=True)
+    if (res["other_procs_cpu_s"] or 0) > 0.1 * wall:
+        print("    WARNING: other processes competed for the cores during this run; its timing is unreliable", flush=True)
     return res
+
+
+def cpu_busy_s() -> float | None:
+    """CPU seconds spent busy by the whole machine since boot (all cores), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(max_wait_s: float, window_s: float = 5.0, threshold: float = 0.1) -> None:
+    """Wait (up to ``max_wait_s``) until other processes use < ``threshold`` of one core over ``window_s``."""
+    t0 = time.monotonic()
+    while True:
+        b0 = cpu_busy_s()
+        time.sleep(window_s)
+        b1 = cpu_busy_s()
+        if b0 is None or (b1 - b0) / window_s < threshold:
+            return
+        if time.monotonic() - t0 > max_wait_s:
+            print(f"    machine still busy after waiting {max_wait_s:.0f} s "
+                  f"({(b1 - b0) / window_s:.2f} cores in use); running anyway", flush=True)
+            return
 
 
 def machine_info() -> dict:
@@ -299,6 +336,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="JSON output (default benchmarks/results/cellbench_<n_genes>.json)")
     p.add_argument("--pyro-python", default=sys.executable, help="Python with pyro_scvi's dependencies")
     p.add_argument("--scvi-python", default=DEFAULT_SCVI_PYTHON, help="Python with scvi-tools installed")
+    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                   help="before each child, wait up to SECONDS until other processes use < 10%% of a core")
     p.add_argument("--skip-peer", action="store_true", help="run pyro-scvi only")
     p.add_argument("--worker", choices=sorted(SIDES), help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)

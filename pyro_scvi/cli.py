@@ -22,7 +22,7 @@ def run_demo(out_dir: str | Path = "demo_output", max_epochs: int = 80, seed: in
     SCVI.setup_anndata(adata, layer="counts", batch_key="batch", labels_key="labels")
     model = SCVI(adata)
     start = time.perf_counter()
-    model.train(max_epochs=max_epochs, check_val_every_n_epoch=10, enable_progress_bar=not quiet)
+    model.train(max_epochs=max_epochs, check_val_every_n_epoch=min(10, max_epochs), enable_progress_bar=not quiet)
     seconds = time.perf_counter() - start
 
     latent = model.get_latent_representation()
