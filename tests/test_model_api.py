@@ -209,6 +209,9 @@ def test_failed_save_keeps_previous_files(trained, tmp_path, monkeypatch):
 
 
 def test_two_models_never_share_weights(adata):
+    import pyro
+
+    pyro.clear_param_store()  # other tests may have used the global store directly
     SCVI.setup_anndata(adata, batch_key="batch")
     first, second = SCVI(adata, n_hidden=16), SCVI(adata, n_hidden=16)
     assert first.module.decoder.scale_head[0].weight.data_ptr() != second.module.decoder.scale_head[0].weight.data_ptr()
@@ -222,8 +225,6 @@ def test_two_models_never_share_weights(adata):
     for k, v in first.module.state_dict().items():
         torch.testing.assert_close(v, first_after[k], rtol=0, atol=0)
     # the global param store of the user is untouched
-    import pyro
-
     assert len(pyro.get_param_store()) == 0
 
 
