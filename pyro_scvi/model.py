@@ -32,7 +32,8 @@ from .data.registry import (
 )
 from .infer.elbo import elbo_terms
 from .infer.importance import marginal_log_likelihood
-from .infer.posterior import posterior_sites, variational_posterior
+from .infer.posterior import observation_distribution, posterior_model_traces, posterior_sites, variational_posterior
+from .models.likelihoods import likelihood_parameters
 from .infer.training import EarlyStopping, TrainingPlan, append_history, max_epochs_heuristic, run_training
 from .io import FORMAT, FORMAT_VERSION, from_safe, history_from_safe, history_to_safe, read_model_file, to_safe, write_model_dir
 from .module import SCVIModule
@@ -43,6 +44,7 @@ __all__ = ["SCVI"]
 
 _MODULE_KWARGS = (
     "log_variational", "encode_covariates", "deeply_inject_covariates", "use_batch_norm", "use_layer_norm", "var_activation",
+    "batch_representation", "batch_embedding_kwargs",
 )
 _TRAINER_KWARGS = (
     "check_val_every_n_epoch", "enable_progress_bar", "early_stopping_monitor", "early_stopping_patience",
@@ -72,7 +74,8 @@ class SCVI:
     **kwargs
         ``log_variational``, ``encode_covariates``, ``deeply_inject_covariates``,
         ``use_batch_norm``, ``use_layer_norm`` (``"encoder"|"decoder"|"both"|"none"``),
-        ``var_activation`` (``None``/``"exp"`` or ``"softplus"``).
+        ``var_activation`` (``None``/``"exp"`` or ``"softplus"``), ``batch_representation``
+        (``"one-hot"`` or ``"embedding"``) and ``batch_embedding_kwargs`` (``{"embedding_dim": 5}``).
     """
 
     _setup_registries: dict[str, dict] = {}
@@ -509,6 +512,114 @@ class SCVI:
         if return_numpy or dataloader is not None:
             return result
         return pd.DataFrame(result, index=self._cell_names(adata, indices), columns=self._var_names()[mask.numpy()])
+
+    @torch.no_grad()
+    def get_likelihood_parameters(self, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False,
+                                  batch_size=None, dataloader=None) -> dict[str, np.ndarray]:
+        """Parameters of p(x | z, l) at posterior draws of z (and l).
+
+        Keys: ``"mean"`` (NB mean μ; Poisson rate; Normal location), ``"dispersions"`` (θ for
+        zinb/nb, the standard deviation for normal; absent for poisson), ``"dropout"`` (zero-
+        inflation probability π, zinb only). Shapes ``(n, G)``, or ``(S, n, G)`` for
+        ``n_samples > 1`` unless ``give_mean=True``.
+        """
+        self._check_trained()
+        self.module.eval()
+        chunks: dict[str, list] = {}
+        with self._pyro_scope():
+            for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
+                (trace,) = posterior_model_traces(self.module.model, self.module.guide, batch, n_samples)
+                for key, value in likelihood_parameters(observation_distribution(trace)).items():
+                    value = value.expand(n_samples, batch.n_cells, value.shape[-1])
+                    chunks.setdefault(key, []).append(value.cpu())
+        out = {}
+        for key, parts in chunks.items():
+            value = torch.cat(parts, dim=1).numpy()
+            out[key] = value.mean(0) if give_mean or n_samples == 1 else value
+        return out
+
+    @torch.no_grad()
+    def posterior_predictive_sample(self, adata=None, indices=None, transform_batch=None, n_samples: int = 1,
+                                    gene_list=None, batch_size=None, dataloader=None, silent: bool = True):
+        """Counts drawn from the posterior predictive p(x̃ | x) with ``pyro.infer.Predictive``.
+
+        Returns a ``sparse.GCXS`` array of shape ``(n, G')``, or ``(n, G', S)`` for
+        ``n_samples > 1``. A list of ``transform_batch`` values averages the draws over batches.
+        Needs the ``sparse`` package (``pip install pyro-scvi[sparse]``).
+        """
+        try:
+            import sparse
+        except ImportError as error:
+            raise ImportError("posterior_predictive_sample returns sparse.GCXS arrays: pip install 'pyro-scvi[sparse]'.") from error
+        self._check_trained()
+        self.module.eval()
+        codes = self._batch_codes(transform_batch)
+        mask = torch.as_tensor(self._gene_mask(gene_list))
+        predictive_model = pyro.poutine.uncondition(self.module.model)  # sample x instead of observing it
+        blocks = []
+        with self._pyro_scope():
+            for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
+                draws = []
+                for code in codes:
+                    predictive = pyro.infer.Predictive(predictive_model, guide=self.module.guide, num_samples=n_samples,
+                                                       parallel=True, return_sites=["x"])
+                    draws.append(predictive(batch, transform_batch=code)["x"].reshape(n_samples, batch.n_cells, -1))
+                x = torch.stack(draws).mean(0)[..., mask.to(batch.x.device)]  # (S, n, G')
+                x = x.permute(1, 2, 0).cpu().numpy()  # (n, G', S)
+                blocks.append(sparse.GCXS.from_numpy(x[..., 0] if n_samples == 1 else x))
+        return sparse.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
+
+    @torch.no_grad()
+    def get_feature_correlation_matrix(self, adata=None, indices=None, n_samples: int = 10, batch_size: int = 64,
+                                       rna_size_factor: int = 1000, transform_batch=None,
+                                       correlation_type: str = "spearman", silent: bool = True) -> pd.DataFrame:
+        """Gene-gene correlation of denoised expression, ``(G, G)`` with var names.
+
+        For each batch in ``transform_batch`` (default: the cells' own), draws
+        ``Gamma(θ, θ / (rna_size_factor · ρ))`` (mean ``rna_size_factor · ρ``; for the poisson and
+        normal likelihoods the rate itself) at ``n_samples`` posterior draws per cell, stacks the
+        draws as rows and correlates the genes (``"spearman"`` or ``"pearson"``); the matrices of
+        several batches are averaged.
+        """
+        if correlation_type not in ("spearman", "pearson"):
+            raise ValueError(f"correlation_type must be 'spearman' or 'pearson', got {correlation_type!r}.")
+        self._check_trained()
+        self.module.eval()
+        matrices = []
+        for code in self._batch_codes(transform_batch):
+            rows = []
+            with self._pyro_scope():
+                for _, batch in self._minibatches(adata, indices, batch_size):
+                    (trace,) = posterior_model_traces(self.module.model, self.module.guide, batch, n_samples, [code])
+                    rate = rna_size_factor * trace.nodes["normalized_expression"]["value"]
+                    rate = rate.expand(n_samples, batch.n_cells, rate.shape[-1])
+                    params = likelihood_parameters(observation_distribution(trace))
+                    if self.module.gene_likelihood in ("zinb", "nb"):
+                        theta = params["dispersions"].expand_as(rate)
+                        rate = torch.distributions.Gamma(theta, theta / rate).sample()
+                    rows.append(rate.reshape(-1, rate.shape[-1]).cpu())
+            data = torch.cat(rows).numpy()
+            if correlation_type == "pearson":
+                matrices.append(np.corrcoef(data, rowvar=False))
+            else:
+                from scipy.stats import spearmanr
+
+                matrices.append(np.atleast_2d(spearmanr(data).statistic))
+        names = self._var_names()
+        return pd.DataFrame(np.mean(matrices, axis=0), index=names, columns=names)
+
+    @torch.no_grad()
+    def get_batch_representation(self, adata=None, indices=None, batch_size=None) -> np.ndarray:
+        """The learned batch embedding of each cell's batch, ``(n, embedding_dim)``.
+
+        Only for models built with ``batch_representation="embedding"``.
+        """
+        if not self.module.uses_batch_embedding:
+            raise KeyError("Embedding batch not found: this model represents batches as one-hot vectors; "
+                           "build it with SCVI(adata, batch_representation='embedding') to learn one.")
+        rows = [self.module.batch_embedding(batch.batch_index.reshape(-1)).cpu()
+                for _, batch in self._minibatches(adata, indices, batch_size)]
+        return torch.cat(rows).numpy()
 
     # ------------------------------------------------------------------ evaluation
     def _elbo_terms_per_cell(self, adata, indices, batch_size, dataloader) -> tuple[torch.Tensor, torch.Tensor]:

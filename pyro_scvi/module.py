@@ -22,6 +22,7 @@ from .nn import ExpressionDecoder, GaussianEncoder
 __all__ = ["SCVIModule", "DISPERSIONS", "LATENT_DISTRIBUTIONS", "NORM_PLACEMENTS"]
 
 DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
+BATCH_REPRESENTATIONS = ("one-hot", "embedding")
 LATENT_DISTRIBUTIONS = ("normal", "ln")
 NORM_PLACEMENTS = ("encoder", "decoder", "both", "none")
 
@@ -41,6 +42,7 @@ class SCVIModule(nn.Module):
       is observed, but always built, as in scvi-tools, so weights map one-to-one)
     * ``decoder``: ``ExpressionDecoder`` from z to normalized expression ρ
     * ``log_dispersion``: log θ, shape ``(G,)``, ``(G, B)`` or ``(G, L)``; ``None`` for ``gene-cell``
+    * ``batch_embedding`` (``nn.Embedding(B, 5)``) when ``batch_representation="embedding"``
     * buffers ``library_log_means`` / ``library_log_vars`` ``(1, B)``: the per-batch prior of the
       log-library when it is latent
     """
@@ -69,6 +71,8 @@ class SCVIModule(nn.Module):
         library_log_means=None,
         library_log_vars=None,
         var_activation=None,
+        batch_representation: str = "one-hot",
+        batch_embedding_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         _check_choice("dispersion", dispersion, DISPERSIONS)
@@ -76,6 +80,7 @@ class SCVIModule(nn.Module):
         _check_choice("latent_distribution", latent_distribution, LATENT_DISTRIBUTIONS)
         _check_choice("use_batch_norm", use_batch_norm, NORM_PLACEMENTS)
         _check_choice("use_layer_norm", use_layer_norm, NORM_PLACEMENTS)
+        _check_choice("batch_representation", batch_representation, BATCH_REPRESENTATIONS)
         self.n_input, self.n_batch, self.n_labels, self.n_latent = n_input, max(n_batch, 1), max(n_labels, 1), n_latent
         self.dispersion = dispersion
         self.gene_likelihood = gene_likelihood
@@ -86,9 +91,18 @@ class SCVIModule(nn.Module):
         self.use_observed_lib_size = bool(use_size_factor_key) or use_observed_lib_size
         self.n_continuous_cov = n_continuous_cov
 
-        cat_list = [self.n_batch, *(n_cats_per_cov or [])]
+        # the batch enters as a one-hot covariate, or as a learned embedding appended to the inputs
+        self.batch_representation = batch_representation
+        n_embedding = 0
+        if batch_representation == "embedding":
+            embedding_kwargs = dict(batch_embedding_kwargs or {})
+            n_embedding = int(embedding_kwargs.pop("embedding_dim", 5))
+            if embedding_kwargs:
+                raise ValueError(f"Unknown batch_embedding_kwargs {sorted(embedding_kwargs)}; only embedding_dim is accepted.")
+            self.batch_embedding = nn.Embedding(self.n_batch, n_embedding)
+        cat_list = ([] if n_embedding else [self.n_batch]) + list(n_cats_per_cov or [])
         encoder_cats = cat_list if encode_covariates else None
-        n_input_encoder = n_input + (n_continuous_cov if encode_covariates else 0)
+        n_input_encoder = n_input + ((n_continuous_cov + n_embedding) if encode_covariates else 0)
         bn_encoder = use_batch_norm in ("encoder", "both")
         bn_decoder = use_batch_norm in ("decoder", "both")
         ln_encoder = use_layer_norm in ("encoder", "both")
@@ -103,7 +117,7 @@ class SCVIModule(nn.Module):
             bn_encoder, ln_encoder, inject_covariates=deeply_inject_covariates, var_activation=var_activation,
         )
         self.decoder = ExpressionDecoder(
-            n_latent + n_continuous_cov, n_input, cat_list, n_layers, n_hidden,
+            n_latent + n_continuous_cov + n_embedding, n_input, cat_list, n_layers, n_hidden,
             bn_decoder, ln_decoder, inject_covariates=deeply_inject_covariates,
             scale_activation="softplus" if self.use_size_factor else "softmax",
         )
@@ -133,8 +147,16 @@ class SCVIModule(nn.Module):
         """Whether the log-library is a latent variable (``use_observed_lib_size=False``)."""
         return not self.use_observed_lib_size
 
+    @property
+    def uses_batch_embedding(self) -> bool:
+        return self.batch_representation == "embedding"
+
+    def _categorical(self, batch: Minibatch, batch_index: torch.Tensor) -> list[torch.Tensor]:
+        covariates = batch.categorical(batch_index)
+        return covariates[1:] if self.uses_batch_embedding else covariates
+
     def encoder_input(self, batch: Minibatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Input of both encoders ``(n, G [+ C])`` and their categorical covariates."""
+        """Input of both encoders ``(n, G [+ C] [+ E])`` and their categorical covariates."""
         x = batch.x
         if x is None:
             raise ValueError("The guide needs the counts of the cells (batch.x is None).")
@@ -143,18 +165,24 @@ class SCVIModule(nn.Module):
             return h, []
         if batch.continuous_covariates is not None and self.n_continuous_cov > 0:
             h = torch.cat([h, batch.continuous_covariates], dim=-1)
-        return h, batch.categorical()
+        if self.uses_batch_embedding:
+            h = torch.cat([h, self.batch_embedding(batch.batch_index.reshape(-1))], dim=-1)
+        return h, self._categorical(batch, batch.batch_index)
 
     def latent_transform(self, z: torch.Tensor) -> torch.Tensor:
         """Map the Gaussian latent to the decoder's input: identity, or softmax for ``"ln"``."""
         return torch.softmax(z, dim=-1) if self.latent_distribution == "ln" else z
 
-    def decoder_input(self, z: torch.Tensor, batch: Minibatch) -> torch.Tensor:
-        """``z`` (…, n, d) with the continuous covariates appended (…, n, d + C)."""
-        z = self.latent_transform(z)
-        if batch.continuous_covariates is None or self.n_continuous_cov == 0:
-            return z
-        return torch.cat([z, batch.continuous_covariates.expand(*z.shape[:-1], -1)], dim=-1)
+    def decoder_input(self, z: torch.Tensor, batch: Minibatch, batch_index: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Decoder input: transformed ``z`` (…, n, d) ⊕ continuous covariates ⊕ batch embedding,
+        and the categorical covariates (batch one-hot first unless embedded)."""
+        parts = [self.latent_transform(z)]
+        if batch.continuous_covariates is not None and self.n_continuous_cov > 0:
+            parts.append(batch.continuous_covariates.expand(*z.shape[:-1], -1))
+        if self.uses_batch_embedding:
+            parts.append(self.batch_embedding(batch_index.reshape(-1)).expand(*z.shape[:-1], -1))
+        h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return h, self._categorical(batch, batch_index)
 
     def inverse_dispersion(self, hidden: torch.Tensor, batch_index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """θ > 0: ``(G,)`` for ``gene``, ``(n, G)`` for ``gene-batch``/``gene-label``, ``(…, n, G)`` for ``gene-cell``."""

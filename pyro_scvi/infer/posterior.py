@@ -9,7 +9,7 @@ from pyro.distributions import Independent
 
 from ..data.minibatch import Minibatch
 
-__all__ = ["variational_posterior", "posterior_sites"]
+__all__ = ["variational_posterior", "posterior_model_traces", "posterior_sites", "observation_distribution"]
 
 
 def _base(distribution):
@@ -29,22 +29,26 @@ def variational_posterior(guide, batch: Minibatch, site: str = "z"):
     return _base(trace.nodes[site]["fn"])
 
 
-def posterior_sites(model, guide, batch: Minibatch, n_samples: int, sites: list[str],
-                    transform_batches: list[int | None] = (None,)) -> list[dict[str, torch.Tensor]]:
-    """Draw ``n_samples`` from the guide once and run the model on them, decoding every cell in each
-    batch of ``transform_batches`` (``None``: the cells' own batches).
+def posterior_model_traces(model, guide, batch: Minibatch, n_samples: int, transform_batches=(None,)) -> list:
+    """Draw ``n_samples`` from the guide once (a ``"particles"`` plate) and replay the model on
+    them for each entry of ``transform_batches`` (``None``: the cells' own batches).
 
-    Returns, for each entry of ``transform_batches``, the requested model sites' values with a
-    leading sample axis ``(S, n, ·)``; the same posterior draws are used for every entry.
+    Returns one model trace per entry; every site carries a leading sample axis ``(S, n, ·)``.
     """
     with plate("particles", n_samples, dim=-2):
         guide_trace = poutine.trace(guide).get_trace(batch)
-        model_traces = [
+        return [
             poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch, transform_batch=code)
             for code in transform_batches
         ]
+
+
+def posterior_sites(model, guide, batch: Minibatch, n_samples: int, sites: list[str],
+                    transform_batches=(None,)) -> list[dict[str, torch.Tensor]]:
+    """Values ``(S, n, ·)`` of model ``sites`` under posterior draws, one dict per transform batch
+    (the same draws for each; see :func:`posterior_model_traces`)."""
     results = []
-    for model_trace in model_traces:
+    for model_trace in posterior_model_traces(model, guide, batch, n_samples, transform_batches):
         out = {}
         for name in sites:
             if name not in model_trace.nodes:
@@ -53,3 +57,8 @@ def posterior_sites(model, guide, batch: Minibatch, n_samples: int, sites: list[
             out[name] = value if value.dim() >= 3 else value.expand(n_samples, *value.shape[-2:])
         results.append(out)
     return results
+
+
+def observation_distribution(model_trace, site: str = "x"):
+    """The likelihood of ``site`` in a model trace, without ``Independent`` wrappers."""
+    return _base(model_trace.nodes[site]["fn"])

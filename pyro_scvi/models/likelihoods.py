@@ -11,7 +11,7 @@ import torch
 
 from ..distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
 
-__all__ = ["LIKELIHOODS", "expression_likelihood"]
+__all__ = ["LIKELIHOODS", "expression_likelihood", "likelihood_parameters"]
 
 
 # Argument validation is off: the support check is a full pass over the counts at every step, and
@@ -44,3 +44,23 @@ def expression_likelihood(name: str, mean: torch.Tensor, inverse_dispersion=None
     if name not in LIKELIHOODS:
         raise ValueError(f"gene_likelihood={name!r} is not one of {sorted(LIKELIHOODS)}.")
     return LIKELIHOODS[name](mean, inverse_dispersion, zero_inflation_logits)
+
+
+def likelihood_parameters(distribution) -> dict[str, torch.Tensor]:
+    """The parameters of a likelihood built here, under scvi-tools' names.
+
+    ``"mean"``: μ (the NB mean for zinb/nb, the rate for poisson, the location for normal);
+    ``"dispersions"``: θ (zinb/nb) or the standard deviation (normal); ``"dropout"``: the
+    zero-inflation probability π (zinb). Each broadcast to the distribution's batch shape.
+    """
+    shape = distribution.batch_shape
+    if isinstance(distribution, ZeroInflatedNegativeBinomial):
+        return {"mean": distribution.nb_mean, "dispersions": distribution.inverse_dispersion,
+                "dropout": distribution.zero_inflation_probs.expand(shape)}
+    if isinstance(distribution, NegativeBinomial):
+        return {"mean": distribution.mean, "dispersions": distribution.inverse_dispersion}
+    if isinstance(distribution, dist.Poisson):
+        return {"mean": distribution.rate.expand(shape)}
+    if isinstance(distribution, dist.Normal):
+        return {"mean": distribution.loc.expand(shape), "dispersions": distribution.scale.expand(shape)}
+    raise TypeError(f"No parameter names known for {type(distribution).__name__}.")

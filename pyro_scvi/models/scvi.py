@@ -49,7 +49,8 @@ def scvi_model(module, batch, transform_batch: int | None = None):
             prior_scale = module.library_log_vars[0, batch_index].sqrt()  # (n, 1)
             log_library = pyro.sample("library", dist.Normal(prior_loc, prior_scale).to_event(1))  # (n, 1)
 
-        hidden = module.decoder(module.decoder_input(z, batch), *batch.categorical(batch_index))  # (n, H)
+        decoder_input, covariates = module.decoder_input(z, batch, batch_index)  # (n, d [+ C + E]), [(n, 1), ...]
+        hidden = module.decoder(decoder_input, *covariates)  # (n, H)
         rho = module.decoder.scale_head(hidden)  # (n, G), sums to 1 over genes
         mean = log_library.exp() * rho  # (n, G), expected counts before zero-inflation
         pyro.deterministic("normalized_expression", rho, event_dim=1)
