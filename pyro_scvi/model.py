@@ -31,7 +31,7 @@ from .data.registry import (
     validate_registered,
 )
 from .infer.elbo import elbo_terms
-from .infer.importance import marginal_log_likelihood
+from .infer.importance import aggregate_posterior_log_weights, marginal_log_likelihood
 from .infer.posterior import observation_distribution, posterior_model_traces, posterior_sites, variational_posterior
 from .models.likelihoods import likelihood_parameters
 from .infer.training import EarlyStopping, TrainingPlan, append_history, max_epochs_heuristic, run_training
@@ -465,6 +465,7 @@ class SCVI:
         return_numpy: bool | None = None,
         silent: bool = True,
         dataloader=None,
+        **importance_weighting_kwargs,
     ) -> np.ndarray | pd.DataFrame:
         """Denoised expression: ``library_size · ρ`` (``ρ`` sums to 1 over genes), or with
         ``library_size="latent"`` the NB mean ``exp(l)·ρ`` (ignoring zero-inflation).
@@ -474,10 +475,19 @@ class SCVI:
         ``n_samples > 1`` and ``return_mean=False`` (NumPy), ``(K, G')`` for
         ``n_samples_overall=K`` (rows resampled uniformly over cells and samples, NumPy).
         A DataFrame (cells × genes) unless ``return_numpy=True``.
+
+        ``weights="importance"`` (with ``n_samples_overall`` and one transform batch) resamples the
+        draws with importance weights that correct the aggregate variational posterior of the
+        selected cells towards their aggregate posterior (see :meth:`get_importance_weights`;
+        ``importance_weighting_kwargs`` go there).
         """
         self._check_trained()
-        if weights not in (None, "uniform"):
-            raise ValueError(f"weights={weights!r}: only None or 'uniform' are available in this version.")
+        if weights not in (None, "uniform", "importance"):
+            raise ValueError(f"weights must be None, 'uniform' or 'importance', got {weights!r}.")
+        if weights == "importance" and (n_samples_overall is None or dataloader is not None):
+            raise ValueError("weights='importance' needs n_samples_overall and adata/indices (not a dataloader).")
+        if weights == "importance" and transform_batch is not None and len(self._batch_codes(transform_batch)) > 1:
+            raise ValueError("weights='importance' works with a single transform_batch.")
         if library_size != "latent" and not isinstance(library_size, (int, float)):
             raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}.")
         if n_samples_overall is not None:
@@ -492,17 +502,22 @@ class SCVI:
         codes = self._batch_codes(transform_batch)
         mask = torch.as_tensor(self._gene_mask(gene_list))
         self.module.eval()
-        chunks = []
+        chunks, latents = [], []
         with self._pyro_scope():
             for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
-                draws = posterior_sites(self.module.model, self.module.guide, batch, n_samples, [site], codes)
+                draws = posterior_sites(self.module.model, self.module.guide, batch, n_samples, [site, "z"], codes)
                 per_batch = [d[site][..., mask.to(batch.x.device)] for d in draws]
                 chunks.append((torch.stack(per_batch).mean(0) * factor).cpu())
+                latents.append(draws[0]["z"].cpu())
         samples = torch.cat(chunks, dim=1).numpy()  # (S, n, G')
 
         if n_samples_overall is not None:
             flat = samples.reshape(-1, samples.shape[-1])
-            rows = np.random.choice(flat.shape[0], n_samples_overall, replace=True)
+            probabilities = None
+            if weights == "importance":
+                z = torch.cat(latents, dim=1).reshape(-1, self.module.n_latent)  # same (S, n) order as flat
+                probabilities = self.get_importance_weights(adata, indices, z, **importance_weighting_kwargs)
+            rows = np.random.choice(flat.shape[0], n_samples_overall, replace=True, p=probabilities)
             return flat[rows]
         if n_samples > 1 and not return_mean:
             if return_numpy is False:
@@ -512,6 +527,32 @@ class SCVI:
         if return_numpy or dataloader is not None:
             return result
         return pd.DataFrame(result, index=self._cell_names(adata, indices), columns=self._var_names()[mask.numpy()])
+
+    @torch.no_grad()
+    def get_importance_weights(self, adata, indices, z: torch.Tensor, max_cells: int = 1024, truncation: bool = False,
+                               n_mc_samples: int = 500, n_mc_samples_per_pass: int = 250) -> np.ndarray:
+        """Normalised importance weights ``(M,)`` of latent draws ``z`` ``(M, d)`` taken from the
+        variational posteriors of the cells ``indices``.
+
+        Up to ``max_cells`` random cells of the selection are anchors ``a``;
+        ``w(z) ∝ Σ_a p(z | x_a) / Σ_a q(z | x_a)`` with ``p(z | x_a) = p(x_a | z) p(z) / p(x_a)`` and
+        ``p(x_a)`` from :meth:`get_marginal_ll` (``n_mc_samples`` draws). ``truncation=True`` raises
+        every log-weight to at least the log of the mean weight, as scvi-tools does.
+        """
+        _, data = self._data(adata)
+        selection = np.arange(data.n_obs) if indices is None else np.asarray(indices)
+        anchors_idx = np.sort(np.random.choice(selection, min(max_cells, len(selection)), replace=False))
+        anchors = data.minibatch(anchors_idx, device=self.device)
+        self.module.eval()
+        with self._pyro_scope():
+            log_evidence = marginal_log_likelihood(self.module.model, self.module.guide, anchors, n_mc_samples,
+                                                   n_mc_samples_per_pass)
+            log_w = aggregate_posterior_log_weights(self.module.model, self.module.guide, z.to(self.device), anchors,
+                                                    log_evidence, latent_library=self.module.latent_library)
+        if truncation:
+            log_w = log_w.clamp(min=float(torch.logsumexp(log_w, 0) - np.log(len(log_w))))
+        weights = torch.softmax(log_w.double(), dim=0).cpu().numpy()
+        return weights / weights.sum()
 
     @torch.no_grad()
     def get_likelihood_parameters(self, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False,

@@ -109,3 +109,38 @@ def test_marginal_likelihood_recovers_exact_evidence_of_a_conjugate_model():
     np.testing.assert_allclose(marginal_log_likelihood(model, exact_guide, batch, 10).numpy(), truth, rtol=1e-5)
     pyro.set_rng_seed(0)
     np.testing.assert_allclose(marginal_log_likelihood(model, poor_guide, batch, 20000, samples_per_pass=5000).numpy(), truth, atol=0.02)
+
+
+def _conjugate(x):
+    batch = Minibatch(x=x[:, None], batch_index=torch.zeros(len(x), 1, dtype=torch.long), labels=torch.zeros(len(x), 1, dtype=torch.long), log_library=torch.zeros(len(x), 1))
+
+    def model(b, transform_batch=None):
+        with pyro.plate("cells", b.n_cells, dim=-1):
+            z = pyro.sample("z", dist.Normal(torch.zeros(b.n_cells, 1), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=b.x)
+
+    def exact_guide(b, transform_batch=None):
+        with pyro.plate("cells", b.n_cells, dim=-1):
+            pyro.sample("z", dist.Normal(b.x / 2, math.sqrt(0.5)).to_event(1))
+
+    def poor_guide(b, transform_batch=None):
+        with pyro.plate("cells", b.n_cells, dim=-1):
+            pyro.sample("z", dist.Normal(torch.zeros_like(b.x), 1.5).to_event(1))
+
+    return batch, model, exact_guide, poor_guide
+
+
+def test_importance_weights_are_uniform_under_the_exact_posterior_and_correct_a_poor_guide():
+    from pyro_scvi.infer.importance import aggregate_posterior_log_weights
+
+    x = torch.tensor([-2.0, 0.5, 1.0, 3.0])
+    batch, model, exact_guide, poor_guide = _conjugate(x)
+    log_evidence = torch.as_tensor(stats.norm(0, np.sqrt(2)).logpdf(x.numpy()), dtype=torch.float32)
+    z_exact = (x / 2 + math.sqrt(0.5) * torch.randn(50, 4)).reshape(-1, 1)
+    log_w = aggregate_posterior_log_weights(model, exact_guide, z_exact, batch, log_evidence)
+    torch.testing.assert_close(log_w, torch.zeros_like(log_w), atol=1e-5, rtol=0)
+    # draws from the poor guide, reweighted, have the aggregate posterior's mean Σ_a (x_a / 2) / A
+    pyro.set_rng_seed(0)
+    z_poor = 1.5 * torch.randn(40000, 1)
+    weights = torch.softmax(aggregate_posterior_log_weights(model, poor_guide, z_poor, batch, log_evidence), 0)
+    assert float((weights[:, None] * z_poor).sum()) == pytest.approx(float(x.mean() / 2), abs=0.03)

@@ -79,3 +79,20 @@ def test_batch_embedding_representation(adata, tmp_path):
     np.testing.assert_array_equal(loaded.get_batch_representation(), rep)
     with pytest.raises(KeyError, match="one-hot"):
         SCVI(adata).get_batch_representation()
+
+
+def test_importance_weighted_expression(trained):
+    cells = np.flatnonzero(trained.adata.obs["labels"].to_numpy() == "label_0")[:60]
+    weighted = trained.get_normalized_expression(indices=cells, n_samples_overall=400, weights="importance",
+                                                 max_cells=60, n_mc_samples=50)
+    uniform = trained.get_normalized_expression(indices=cells, n_samples_overall=400)
+    assert weighted.shape == uniform.shape == (400, trained.adata.n_vars)
+    np.testing.assert_allclose(weighted.sum(1), 1.0, rtol=1e-4)
+    assert np.corrcoef(weighted.mean(0), uniform.mean(0))[0, 1] > 0.9  # a correction, not a different answer
+    z = torch.randn(30, 10)
+    w = trained.get_importance_weights(None, cells, z, max_cells=20, n_mc_samples=20)
+    assert w.shape == (30,) and np.isclose(w.sum(), 1.0) and (w >= 0).all()
+    with pytest.raises(ValueError, match="single transform_batch"):
+        trained.get_normalized_expression(n_samples_overall=10, weights="importance", transform_batch=["batch_0", "batch_1"])
+    with pytest.raises(ValueError, match="weights must be"):
+        trained.get_normalized_expression(weights="magic")

@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 
 import torch
-from pyro import plate
+from pyro import plate, poutine
 
 from ..data.minibatch import Minibatch
 from .elbo import traces
+from .posterior import variational_posterior
 
-__all__ = ["log_importance_weights", "marginal_log_likelihood"]
+__all__ = ["log_importance_weights", "marginal_log_likelihood", "aggregate_posterior_log_weights"]
 
 #: elements of the largest (samples × cells × genes) tensor one pass may create
 MAX_PASS_ELEMENTS = 2**25
@@ -60,3 +61,31 @@ def marginal_log_likelihood(model, guide, batch: Minibatch, n_samples: int = 100
         k = min(samples_per_pass, n_samples - start)
         chunks.append(log_importance_weights(model, guide, batch, k))
     return torch.logsumexp(torch.cat(chunks, dim=0), dim=0) - math.log(n_samples)
+
+
+def aggregate_posterior_log_weights(model, guide, z: torch.Tensor, anchors: Minibatch, log_evidence: torch.Tensor,
+                                    latent_library: bool = False) -> torch.Tensor:
+    """Log importance weights (unnormalised) of draws ``z`` ``(M, d)`` that move the aggregate
+    variational posterior of the anchor cells towards their aggregate true posterior::
+
+        log w_m = logsumexp_a [log p(x_a | z_m) + log p(z_m) − log p(x_a)] − logsumexp_a log q(z_m | x_a)
+
+    ``log p(x_a | z_m)`` decodes ``z_m`` with anchor ``a``'s batch, covariates and observed library;
+    ``log_evidence`` is ``log p(x_a)`` ``(A,)`` (see :func:`marginal_log_likelihood`). Returns ``(M,)``.
+    """
+    posterior = variational_posterior(guide, anchors, "z")  # loc, scale (A, d)
+    n_anchors, width = anchors.n_cells, anchors.x.shape[-1]
+    chunk = max(1, MAX_PASS_ELEMENTS // max(1, n_anchors * width))
+    out = []
+    for z_chunk in z.split(chunk):
+        m = z_chunk.shape[0]
+        values = {"z": z_chunk[:, None, :].expand(m, n_anchors, z.shape[-1])}
+        if latent_library:
+            values["library"] = anchors.log_library.expand(m, n_anchors, 1)
+        with plate("particles", m, dim=-2):
+            trace = poutine.trace(poutine.condition(model, data=values)).get_trace(anchors)
+        log_joint = trace.nodes["x"]["fn"].log_prob(anchors.x) + trace.nodes["z"]["fn"].log_prob(values["z"])  # (m, A)
+        log_q = posterior.log_prob(values["z"]).sum(-1)  # (m, A)
+        out.append(torch.logsumexp(log_joint - log_evidence, dim=-1) - torch.logsumexp(log_q, dim=-1))
+    return torch.cat(out)
+
