@@ -115,6 +115,7 @@ def worker(a: argparse.Namespace) -> None:
     res["train_s"] = time.perf_counter() - t0
     res["s_per_epoch"] = res["train_s"] / a.epochs
     res["rss_after_train_mb"] = _rss_mb("VmRSS")
+    res["peak_rss_after_train_mb"] = _rss_mb("VmHWM")  # high-water mark of the process up to here
     val, tr = np.asarray(m.validation_indices), np.asarray(m.train_indices)
     res["n_train"], res["n_validation"] = len(tr), len(val)
     res["validation_sha1"] = hashlib.sha1(np.sort(val).astype(np.int64).tobytes()).hexdigest()
@@ -125,10 +126,12 @@ def worker(a: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     res["elbo_train"] = float(m.get_elbo(indices=tr))
     res["elbo_train_s"] = time.perf_counter() - t0
+    res["peak_rss_after_elbo_mb"] = _rss_mb("VmHWM")
     t0 = time.perf_counter()
     res["marginal_ll_validation"] = float(m.get_marginal_ll(indices=val, n_mc_samples=a.mc))
     res["marginal_ll_validation_s"] = time.perf_counter() - t0
     res["mc_samples"] = a.mc
+    res["peak_rss_after_marginal_ll_mb"] = _rss_mb("VmHWM")
 
     t0 = time.perf_counter()
     z = np.asarray(m.get_latent_representation())
@@ -272,6 +275,8 @@ ROWS = [
     ("silhouette batch", "silhouette_batch", "{:.3f}"),
     ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
     ("RSS before train (MB)", "rss_before_train_mb", "{:.0f}"),
+    ("peak RSS up to end of train (MB)", "peak_rss_after_train_mb", "{:.0f}"),
+    ("peak RSS up to after get_elbo (MB)", "peak_rss_after_elbo_mb", "{:.0f}"),
 ]
 
 

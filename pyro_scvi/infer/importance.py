@@ -22,7 +22,7 @@ from .posterior import variational_posterior
 __all__ = ["log_importance_weights", "marginal_log_likelihood", "aggregate_posterior_log_weights"]
 
 #: elements of the largest (samples × cells × genes) tensor one pass may create
-MAX_PASS_ELEMENTS = 2**25
+MAX_PASS_ELEMENTS = 2**22
 
 
 def _sample_sites(trace):
