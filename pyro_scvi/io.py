@@ -11,16 +11,15 @@ as tagged lists, and the history as plain columns::
                    "train_indices_": ..., "validation_indices_": ..., "test_indices_": ...}}
 
 The directory is written to a temporary sibling and renamed into place, so a failed save never
-leaves a half-written model and never destroys the previous one.
+leaves a half-written model and never destroys the previous one. Reading (ours and scvi-tools'
+files, without executing code) is :func:`pyro_scvi.io_scvi_tools.read_model_dir`.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 import tempfile
-import zipfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import pandas as pd
 import torch
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "to_safe", "from_safe", "history_to_safe", "history_from_safe",
-           "write_model_dir", "read_model_file", "model_file_path"]
+           "write_model_dir", "model_file_path"]
 
 FORMAT = "pyro-scvi"
 FORMAT_VERSION = 1
@@ -116,26 +115,3 @@ def write_model_dir(dir_path, payload: dict, prefix: str | None = None, overwrit
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def read_model_file(dir_path, prefix: str | None = None, map_location="cpu") -> dict:
-    """Read ``<prefix>model.pt`` safely (``weights_only=True``); refuse anything that needs unpickling code."""
-    path = model_file_path(dir_path, prefix)
-    if not path.exists():
-        legacy = Path(dir_path) / f"{prefix or ''}model_params.pt"
-        hint = " It looks like a pre-0.15 scvi-tools save (model_params.pt)." if legacy.exists() else ""
-        raise ValueError(f"Failed to load model file at {path}: no such file.{hint}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"Refusing to load {path}: it contains Python objects that could run code when unpickled "
-            f"({str(error).splitlines()[0]}). pyro-scvi only loads files made of tensors and plain data."
-        ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise ValueError(f"{path} is not a readable model file (truncated or corrupted?): {error}") from error
-    if not isinstance(payload, dict) or "model_state_dict" not in payload or "attr_dict" not in payload:
-        raise ValueError(f"{path} is not a pyro-scvi model file (missing model_state_dict/attr_dict).")
-    if payload.get("format") != FORMAT:
-        raise ValueError(f"{path} was not written by pyro-scvi (format={payload.get('format')!r}).")
-    return payload

@@ -11,7 +11,10 @@ Its numpy arrays, pandas DataFrames and ``defaultdict`` s are pickled Python obj
 reads the file with ``weights_only=False``, which would run any code a crafted file carries. Here
 the file is read with ``torch.load(weights_only=True)`` and an explicit allow-list of pure-data
 reconstructors (:data:`ALLOWED_GLOBALS`); a file that needs any other global is refused with a
-``ValueError`` naming it. Pre-0.15 saves (``model_params.pt``, ``var_names.csv``, ``attr.pkl``)
+``ValueError`` naming it. numpy's reconstructors are wrapped, because as they are they let a
+file forge object pointers (``ndarray(..., buffer=...)`` with an object dtype, or a dtype whose
+pickled state adds object fields): only plain dtypes and checked array states get through, and
+the arrays come back as ordinary ``np.ndarray``. Pre-0.15 saves (``model_params.pt``, ``var_names.csv``, ``attr.pkl``)
 are read with a restricted unpickler that enforces the same allow-list, and
 :func:`convert_legacy_save` rewrites them in the current layout.
 
@@ -39,6 +42,7 @@ is written as ``torch.nn.functional.softplus``.
 
 from __future__ import annotations
 
+import _compat_pickle
 import codecs
 import copy
 import os
@@ -46,8 +50,7 @@ import pickle
 import pprint
 import re
 import tempfile
-import zipfile
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -97,7 +100,7 @@ _DECODER_PARTS = [
 _MODULES = [("z_encoder", "z_encoder", _ENCODER_PARTS), ("library_encoder", "l_encoder", _ENCODER_PARTS),
             ("decoder", "decoder", _DECODER_PARTS)]
 _TOP_LEVEL = [("log_dispersion", "px_r"), ("library_log_means", "library_log_means"),
-              ("library_log_vars", "library_log_vars")]
+              ("library_log_vars", "library_log_vars"), ("batch_embedding.weight", "_embeddings_dict.batch.weight")]
 
 
 def _rename_table(ours_to_theirs: bool) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
@@ -131,7 +134,7 @@ def _rename(state_dict: Mapping[str, Any], ours_to_theirs: bool, drop: tuple[str
         side = "pyro-scvi" if ours_to_theirs else "scvi-tools"
         raise ValueError(
             f"Unknown {side} state-dict key(s), no counterpart in the other naming: {unknown}. "
-            "(Options without a pyro-scvi equivalent, e.g. batch_representation='embedding', cannot be converted.)"
+            "(Parameters of modules pyro-scvi does not have cannot be converted.)"
         )
     return renamed
 
@@ -154,6 +157,15 @@ def from_scvi_tools_state_dict(state_dict: Mapping[str, Any]) -> OrderedDict:
 
 # --------------------------------------------------------------------------------------------
 # The allow-list
+#
+# Every name a pickle may reference maps to a pure-data reconstructor. numpy's own reconstructors
+# are *not* safe as they are: ``numpy.ndarray(shape, dtype("O"), buffer=...)`` turns raw bytes into
+# object pointers, and ``dtype.__setstate__`` on a fresh dtype accepts object fields with forged
+# flags, after which an array's raw bytes become object pointers too (both crash or worse). So the
+# numpy names map to wrappers: ``numpy.dtype`` only builds plain (non-structured) dtypes from their
+# type code, ``numpy.ndarray`` is only accepted as the subtype given to ``_reconstruct``, and array
+# state is checked before numpy sees it. pandas names are the real reconstructors (their state is
+# bounds-checked), with arrays passed on as plain ndarrays.
 # --------------------------------------------------------------------------------------------
 
 
@@ -186,32 +198,155 @@ def _numpy_modules():
     return multiarray, numeric
 
 
+_MULTIARRAY, _NUMERIC = _numpy_modules()
+# type codes numpy writes for plain dtypes: bool, (u)ints, floats, complex, object, str, bytes
+_DTYPE_CODE = re.compile(r"b1|[iu](1|2|4|8)|f(2|4|8|16)|c(8|16|32)|O(4|8)|[US]\d{1,9}")
+
+
+class _DTypeRecord:
+    """What ``numpy.dtype(code, align, copy)`` gives while unpickling: a plain type code whose
+    ``BUILD`` state is only recorded; :func:`_resolve_dtype` turns it into a real dtype."""
+
+    def __init__(self, code: str) -> None:
+        self.code, self.state = code, None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _safe_dtype(code, align=False, copy=False):
+    if not isinstance(code, str) or not _DTYPE_CODE.fullmatch(code):
+        raise pickle.UnpicklingError(f"global 'numpy.dtype({code!r})' is not allowed (only plain, non-structured dtypes)")
+    return _DTypeRecord(code)
+
+
+def _resolve_dtype(spec) -> np.dtype:
+    """The real dtype of a :class:`_DTypeRecord`, after checking its state is a plain dtype's."""
+    if not isinstance(spec, _DTypeRecord):
+        raise pickle.UnpicklingError(f"global '{type(spec).__qualname__} as numpy dtype' is not allowed")
+    dtype = np.dtype(spec.code)
+    if spec.state is not None:
+        state = spec.state
+        # (version, byteorder, subarray, names, fields, elsize, alignment, flags)
+        if not (isinstance(state, tuple) and len(state) == 8):
+            raise ValueError(f"unsupported numpy dtype state {state!r}")
+        _, byteorder, subarray, names, fields, elsize, _, _ = state
+        if subarray is not None or names is not None or fields is not None:
+            raise pickle.UnpicklingError("global 'structured numpy dtype' is not allowed")
+        if byteorder not in ("<", ">", "|", "=") or elsize not in (-1, dtype.itemsize):
+            raise ValueError(f"inconsistent numpy dtype state {state!r} for {spec.code!r}")
+        if byteorder in "<>" and dtype.byteorder != "|":
+            dtype = dtype.newbyteorder(byteorder)
+    return dtype
+
+
+class _NDArrayMarker:
+    """What the global ``numpy.ndarray`` resolves to: only accepted as ``_reconstruct``'s subtype."""
+
+    def __new__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError("global 'numpy.ndarray(...)' is not allowed (only via numpy's _reconstruct)")
+
+
+class _SafeArray(np.ndarray):
+    """Array under construction; its ``__setstate__`` checks the state before numpy's runs.
+
+    Turned into a plain ``np.ndarray`` view once loaded (:func:`_finalize`).
+    """
+
+    def __new__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError("global '_SafeArray(...)' is not allowed")
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise ValueError("unsupported numpy array state")
+        version, (shape, dtype, is_fortran, data) = (state[0], state[1:]) if len(state) == 5 else (None, state)
+        if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
+            raise ValueError(f"bad numpy array shape {shape!r}")
+        dtype = _resolve_dtype(dtype)
+        if dtype.hasobject != isinstance(data, list) or not isinstance(data, (list, bytes, bytearray, str)):
+            raise ValueError("numpy array data does not match its dtype")
+        if not isinstance(is_fortran, bool):
+            raise ValueError("bad numpy array order flag")
+        checked = (shape, dtype, is_fortran, data) if version is None else (version, shape, dtype, is_fortran, data)
+        np.ndarray.__setstate__(self, checked)
+
+
+def _plain_array(value):
+    return value.view(np.ndarray) if isinstance(value, _SafeArray) else value
+
+
+def _safe_reconstruct(subtype, shape, typecode):
+    if subtype is not _NDArrayMarker:
+        raise pickle.UnpicklingError(f"global '_reconstruct({getattr(subtype, '__qualname__', subtype)!r})' is not allowed")
+    if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
+        raise ValueError(f"bad numpy array shape {shape!r}")
+    return _MULTIARRAY._reconstruct(_SafeArray, shape, typecode)
+
+
+def _safe_scalar(dtype, data=None):
+    dtype = _resolve_dtype(dtype)
+    if not dtype.hasobject and not (isinstance(data, (bytes, str)) and len(data) == dtype.itemsize):
+        raise ValueError("numpy scalar data does not match its dtype")
+    return _MULTIARRAY.scalar(dtype, data)
+
+
+def _safe_frombuffer(buffer, dtype, shape, order):
+    dtype = _resolve_dtype(dtype)
+    if dtype.hasobject:
+        raise ValueError("cannot create an object array from a buffer")
+    if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)) or order not in ("C", "F"):
+        raise ValueError("bad numpy array shape or order")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order).copy(order=order)
+
+
+def _safe_unpickle_block(values, placement, ndim):
+    from pandas._libs.internals import _unpickle_block
+
+    return _unpickle_block(_plain_array(values), _plain_array(placement), ndim)
+
+
+class _IndexMarker:
+    """What the global ``pandas...Index`` resolves to: only accepted as ``_new_Index``'s class."""
+
+    pandas_class = pd.Index
+
+    def __new__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError("global 'pandas Index(...)' is not allowed (only via pandas' _new_Index)")
+
+
+class _RangeIndexMarker(_IndexMarker):
+    pandas_class = pd.RangeIndex
+
+
+def _safe_new_index(cls, data):
+    from pandas.core.indexes.base import _new_Index
+
+    if cls is not _IndexMarker and cls is not _RangeIndexMarker:
+        raise pickle.UnpicklingError(f"global '_new_Index({getattr(cls, '__qualname__', cls)!r})' is not allowed")
+    if not isinstance(data, dict) or not all(isinstance(key, str) for key in data):
+        raise ValueError("bad pandas Index state")
+    return _new_Index(cls.pandas_class, {key: _plain_array(value) for key, value in data.items()})
+
+
 def _build_allowed_globals() -> dict[str, Any]:
     """Global name (as written in the pickle) -> the object the unpickler gets for it."""
-    multiarray, numeric = _numpy_modules()
-    from pandas._libs.internals import _unpickle_block
-    from pandas.core.indexes.base import _new_Index
     from pandas.core.internals.managers import BlockManager
 
     allowed: dict[str, Any] = {}
-    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy 2.x / 1.x spelling
-        allowed[f"{module}._reconstruct"] = multiarray._reconstruct  # empty ndarray of a given subtype/shape/dtype
-        allowed[f"{module}.scalar"] = multiarray.scalar  # numpy scalar from (dtype, raw bytes)
-        allowed[f"{module.replace('multiarray', 'numeric')}._frombuffer"] = numeric._frombuffer  # protocol-5 arrays
-    allowed["numpy.ndarray"] = np.ndarray  # __setstate__: shape, dtype, raw bytes or list of objects
-    allowed["numpy.dtype"] = np.dtype  # dtype from a type code
-    # dtype instances are rebuilt with BUILD, which torch only allows for listed types (never a GLOBAL)
-    for code in "?bBhHiIlLqQefdgFDOUS":
-        dtype_class = type(np.dtype(code))
-        allowed[f"{dtype_class.__module__}.{dtype_class.__qualname__}"] = dtype_class
+    for core in ("numpy._core", "numpy.core"):  # numpy 2.x / 1.x spelling
+        allowed[f"{core}.multiarray._reconstruct"] = _safe_reconstruct  # empty array, filled by BUILD
+        allowed[f"{core}.multiarray.scalar"] = _safe_scalar  # numpy scalar from (dtype, raw bytes)
+        allowed[f"{core}.numeric._frombuffer"] = _safe_frombuffer  # arrays under pickle protocol 5
+    allowed["numpy.ndarray"] = _NDArrayMarker
+    allowed["numpy.dtype"] = _safe_dtype
     allowed["pandas.core.frame.DataFrame"] = pd.DataFrame  # history tables; __setstate__ takes a BlockManager
-    allowed["pandas.core.internals.managers.BlockManager"] = BlockManager  # blocks + axes
-    allowed["pandas._libs.internals._unpickle_block"] = _unpickle_block  # Block from (values, placement, ndim)
-    allowed["pandas.core.indexes.base._new_Index"] = _new_Index  # cls.__new__(cls, **data), cls must be listed
-    allowed["pandas.core.indexes.base.Index"] = pd.Index
-    allowed["pandas.core.indexes.range.RangeIndex"] = pd.RangeIndex
+    allowed["pandas.core.internals.managers.BlockManager"] = BlockManager  # blocks + axes, bounds-checked
+    allowed["pandas._libs.internals._unpickle_block"] = _safe_unpickle_block  # Block(values, placement, ndim)
+    allowed["pandas.core.indexes.base._new_Index"] = _safe_new_index  # Index/RangeIndex from their data
+    allowed["pandas.core.indexes.base.Index"] = _IndexMarker
+    allowed["pandas.core.indexes.range.RangeIndex"] = _RangeIndexMarker
     for old in ("Int64Index", "UInt64Index", "Float64Index", "NumericIndex"):  # pandas < 2 pickles
-        allowed[f"pandas.core.indexes.numeric.{old}"] = pd.Index
+        allowed[f"pandas.core.indexes.numeric.{old}"] = _IndexMarker
     allowed["_codecs.encode"] = codecs.encode  # bytes under pickle protocol 2 (torch allows it by default too)
     allowed["builtins.slice"] = slice  # block placements
     allowed["builtins.bytes"] = bytes  # empty bytes under pickle protocol 2
@@ -225,13 +360,19 @@ def _build_allowed_globals() -> dict[str, Any]:
 #: Every global a file may reference, by the name the pickle uses, mapped to what it becomes.
 ALLOWED_GLOBALS: dict[str, Any] = _build_allowed_globals()
 _ALLOWED_VALUES = list(ALLOWED_GLOBALS.values())
-_BUILDABLE_TYPES = frozenset(v for v in _ALLOWED_VALUES if isinstance(v, type) and v not in (dict, bytes, slice))
+# Types whose instances may receive BUILD (state); the first three are never reachable by name.
+_BUILD_ONLY = (_SafeArray, _DTypeRecord, _SoftplusRecord)
+_BUILDABLE_TYPES = frozenset((*_BUILD_ONLY, pd.DataFrame, ALLOWED_GLOBALS["pandas.core.internals.managers.BlockManager"]))
 
 
 def _torch_safe_globals():
     if not hasattr(torch.serialization, "safe_globals"):  # pragma: no cover - old torch
         raise RuntimeError("Reading scvi-tools files safely needs torch >= 2.6 (torch.serialization.safe_globals).")
-    return torch.serialization.safe_globals([(obj, name) for name, obj in ALLOWED_GLOBALS.items()])
+    entries = [(obj, name) for name, obj in ALLOWED_GLOBALS.items()]
+    # torch only BUILDs types it finds among allowed values; a name with a newline can never be
+    # written by a GLOBAL opcode, so these stay unreachable as callables.
+    entries += [(cls, f"pyro_scvi\n{cls.__qualname__}") for cls in _BUILD_ONLY]
+    return torch.serialization.safe_globals(entries)
 
 
 _REFUSAL_PATTERNS = [
@@ -241,7 +382,7 @@ _REFUSAL_PATTERNS = [
     r"Can only create new object for nn\.Parameter or classes allowlisted via `add_safe_globals` but got (.+)",
     r"Can only build Tensor, Parameter, OrderedDict or types allowlisted via `add_safe_globals`, but got (.+)",
     r"(?:Can only SETITEMS?|Can only append|Can only extend) .*?but got (.+)",
-    r"global '(\S+)' is not allowed",  # our legacy unpickler
+    r"global '(.+?)' is not allowed",  # our wrappers and legacy unpickler
 ]
 
 
@@ -253,7 +394,7 @@ def _refused_name(message: str) -> str | None:
     return None
 
 
-def _refusal_error(path, name: str, error: BaseException) -> ValueError:
+def _refusal_error(path, name: str) -> ValueError:
     return ValueError(
         f"Refusing to load {path}: it needs the Python global `{name}`, which is not on pyro-scvi's "
         "allow-list of pure-data reconstructors (numpy arrays/dtypes/scalars, pandas DataFrames and "
@@ -269,14 +410,14 @@ def _safe_torch_load(path: Path, map_location="cpu"):
     except pickle.UnpicklingError as error:
         name = _refused_name(str(error))
         if name is not None:
-            raise _refusal_error(path, name, error) from None
+            raise _refusal_error(path, name) from None
         raise ValueError(f"{path} is not a readable model file (truncated or corrupted?): {_first_line(error)}") from None
     except FileNotFoundError:
         raise
     except Exception as error:  # zip/pickle structure errors, allowed reconstructors fed bad arguments
         raise ValueError(f"{path} is not a readable model file (truncated or corrupted?): "
                          f"{type(error).__name__}: {_first_line(error)}") from None
-    return _replace_records(payload)
+    return _finalize(payload)
 
 
 def _first_line(error: BaseException) -> str:
@@ -286,18 +427,28 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _replace_records(obj):
-    """Swap stand-ins for objects we build ourselves (nested dicts/lists/tuples only)."""
+def _finalize(obj):
+    """Swap construction-time stand-ins for real objects (through nested dicts/lists/tuples and
+    object arrays): checked arrays -> plain ``np.ndarray``, dtype records -> dtypes, softplus
+    records -> a ``torch.nn.Softplus`` we build."""
+    if isinstance(obj, _SafeArray):
+        array = obj.view(np.ndarray)
+        if array.dtype.hasobject:
+            for index in np.ndindex(array.shape):
+                array[index] = _finalize(array[index])
+        return array
+    if isinstance(obj, _DTypeRecord):
+        return _resolve_dtype(obj)
     if isinstance(obj, _SoftplusRecord):
         return nn.Softplus(beta=obj.beta, threshold=obj.threshold)
     if isinstance(obj, dict):
         for key, value in obj.items():
-            obj[key] = _replace_records(value)
+            obj[key] = _finalize(value)
         return obj
     if isinstance(obj, list):
-        return [_replace_records(v) for v in obj]
+        return [_finalize(v) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(_replace_records(v) for v in obj)
+        return tuple(_finalize(v) for v in obj)
     return obj
 
 
@@ -308,8 +459,13 @@ class _RestrictedUnpickler(pickle._Unpickler):
     dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module, name):
+        if self.proto < 3 and self.fix_imports:  # Python 2 names written by protocols 0-2 (as pickle does)
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
         full_name = f"{module}.{name}"
-        if full_name not in ALLOWED_GLOBALS:
+        if full_name not in ALLOWED_GLOBALS or "\n" in full_name:
             raise pickle.UnpicklingError(f"global '{full_name}' is not allowed")
         return ALLOWED_GLOBALS[full_name]
 
@@ -339,7 +495,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
     def load_build(self):
         inst = self.stack[-2]
         if type(inst) not in _BUILDABLE_TYPES:
-            raise pickle.UnpicklingError(f"global '{type(inst).__qualname__}' is not allowed")
+            raise pickle.UnpicklingError(f"global '{type(inst).__module__}.{type(inst).__qualname__}' is not allowed")
         super().load_build()
 
     dispatch[pickle.REDUCE[0]] = load_reduce
@@ -356,12 +512,12 @@ def _safe_unpickle(path: Path):
     except pickle.UnpicklingError as error:
         name = _refused_name(str(error))
         if name is not None:
-            raise _refusal_error(path, name, error) from None
+            raise _refusal_error(path, name) from None
         raise ValueError(f"{path} is not a readable pickle file (truncated or corrupted?): {error}") from None
     except Exception as error:
         raise ValueError(f"{path} is not a readable pickle file (truncated or corrupted?): "
                          f"{type(error).__name__}: {error}") from None
-    return _replace_records(obj)
+    return _finalize(obj)
 
 
 # --------------------------------------------------------------------------------------------
@@ -725,6 +881,37 @@ def convert_legacy_save(dir_path, output_dir_path, overwrite: bool = False, pref
                        _model_path(target, prefix))
 
 
+def read_model_dir(dir_path, prefix: str | None = None, map_location="cpu") -> dict:
+    """Read a model directory written by pyro-scvi or by scvi-tools 1.x, without executing code.
+
+    Returns ``{"source": "pyro-scvi" | "scvi-tools", "model_state_dict": <our names>,
+    "var_names": ndarray of str, "attr_dict": {...}}`` with ``attr_dict`` normalised to what
+    :class:`pyro_scvi.SCVI` keeps: ``registry_``, ``init_params_`` in our layout, ``is_trained_``,
+    ``history_`` (dict of float DataFrames or None) and the split indices (int arrays or None).
+    """
+    path, payload = _read_payload(dir_path, prefix, map_location)
+    raw = payload["attr_dict"]
+    if payload.get("format") == FORMAT:
+        attrs = from_safe(raw)
+        return {"source": "pyro-scvi", "model_state_dict": payload["model_state_dict"],
+                "var_names": np.asarray(payload["var_names"], dtype=object),
+                "attr_dict": {**attrs, "history_": history_from_safe(attrs.get("history_"))}}
+    if "scvi_setup_dict_" in raw:
+        raise ValueError(f"{path} was saved by scvi-tools < 0.15: convert it first with convert_legacy_save.")
+    model = read_scvi_tools_model(dir_path, prefix, map_location)
+    history = raw.get("history_")
+    attrs = {
+        "registry_": _plain(raw["registry_"]),
+        "init_params_": init_params_from_scvi_tools(raw["init_params_"]),
+        "is_trained_": bool(raw.get("is_trained_", False)),
+        "history_": None if history is None else {k: v.astype(float) for k, v in history.items()},
+    }
+    for key in ("train_indices_", "validation_indices_", "test_indices_"):
+        attrs[key] = _indices(raw.get(key))
+    return {"source": "scvi-tools", "model_state_dict": model["model_state_dict"], "var_names": model["var_names"],
+            "attr_dict": attrs}
+
+
 # --------------------------------------------------------------------------------------------
 # Registry helpers (both scvi-tools' and pyro-scvi's directories)
 # --------------------------------------------------------------------------------------------
@@ -733,15 +920,15 @@ def convert_legacy_save(dir_path, output_dir_path, overwrite: bool = False, pref
 def load_registry(dir_path, prefix: str | None = None) -> dict:
     """The registry saved in ``<dir_path>/<prefix>model.pt`` (pyro-scvi or scvi-tools 1.x file).
 
-    ``NotImplementedError`` for an attr dict still holding a pre-0.15 ``scvi_setup_dict_``.
+    ``ValueError`` for an attr dict still holding a pre-0.15 ``scvi_setup_dict_``.
     """
     _, payload = _read_payload(dir_path, prefix)
     attrs = payload["attr_dict"]
     if payload.get("format") == FORMAT:
         return from_safe(attrs["registry_"])
     if "scvi_setup_dict_" in attrs:
-        raise NotImplementedError("load_registry is not implemented for models saved with scvi-tools < 0.15; "
-                                  "use convert_legacy_save first.")
+        raise ValueError("This model was saved by scvi-tools < 0.15 and has no registry yet; "
+                         "convert the directory with convert_legacy_save first.")
     if "registry_" not in attrs:
         raise ValueError(f"{_model_path(dir_path, prefix)} has no registry_ in its attr_dict.")
     return attrs["registry_"]

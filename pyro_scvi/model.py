@@ -35,7 +35,9 @@ from .infer.importance import aggregate_posterior_log_weights, marginal_log_like
 from .infer.posterior import observation_distribution, posterior_model_traces, posterior_sites, variational_posterior
 from .models.likelihoods import likelihood_parameters
 from .infer.training import EarlyStopping, TrainingPlan, append_history, max_epochs_heuristic, run_training
-from .io import FORMAT, FORMAT_VERSION, from_safe, history_from_safe, history_to_safe, read_model_file, to_safe, write_model_dir
+from . import io_scvi_tools
+from .io import FORMAT, FORMAT_VERSION, history_to_safe, to_safe, write_model_dir
+from .io_scvi_tools import read_model_dir, write_scvi_tools_model
 from .module import SCVIModule
 from .nn import resolve_activation
 from .settings import settings
@@ -768,15 +770,31 @@ class SCVI:
         save_kwargs: dict | None = None,
         legacy_mudata_format: bool = False,
         datamodule=None,
+        scvi_tools_format: bool = False,
         **anndata_write_kwargs,
     ) -> None:
         """Save the model to ``dir_path/<prefix>model.pt`` (and the AnnData with ``save_anndata``).
 
         The file holds only tensors and plain data, so :meth:`load` never unpickles code. The
         directory is replaced atomically; an existing one needs ``overwrite=True``.
+        ``scvi_tools_format=True`` writes scvi-tools 1.x's layout instead, which
+        ``scvi.model.SCVI.load`` reads (it is a pickle: scvi-tools loads it with
+        ``weights_only=False``).
         """
         if save_anndata and self._adata is None:
             raise ValueError("save_anndata=True but this model has no AnnData.")
+        if scvi_tools_format:
+            write_scvi_tools_model(dir_path, self.module.state_dict(), self._var_names(), {
+                "registry_": self.registry_, "init_params_": self.init_params_, "is_trained_": self.is_trained_,
+                "history_": self.history_, "train_indices_": self.train_indices_,
+                "validation_indices_": self.validation_indices_, "test_indices_": self.test_indices_,
+            }, prefix=prefix, overwrite=overwrite)
+            if save_anndata:
+                target = Path(dir_path) / f"{prefix or ''}adata.h5ad"
+                staging = target.with_name(f".{target.name}.partial")
+                self._adata.write_h5ad(staging, **anndata_write_kwargs)
+                staging.replace(target)
+            return
         payload = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -807,27 +825,28 @@ class SCVI:
         datamodule=None,
         allowed_classes_names_list: list[str] | None = None,
     ) -> "SCVI":
-        """Load a model saved by :meth:`save` (``adata`` defaults to the saved AnnData, if any)."""
+        """Load a model saved by :meth:`save` or by scvi-tools 1.x (``adata`` defaults to the saved
+        AnnData, if any). Nothing in the file is executed: see :mod:`pyro_scvi.io_scvi_tools`."""
         dir_path = Path(dir_path)
         model_file = dir_path / f"{prefix or ''}model.pt"
         if backup_url is not None and not model_file.exists():
             dir_path.mkdir(parents=True, exist_ok=True)
             urllib.request.urlretrieve(backup_url, model_file)
-        payload = read_model_file(dir_path, prefix, map_location="cpu")
-        attrs = from_safe(payload["attr_dict"])
+        saved = read_model_dir(dir_path, prefix, map_location="cpu")
+        attrs = saved["attr_dict"]
         registry = attrs["registry_"]
         allowed = set(allowed_classes_names_list or []) | {cls.__name__}
         if registry.get("model_name") not in allowed:
             raise ValueError("It appears you are loading a model from a different class.")
         if adata is None:
-            saved = dir_path / f"{prefix or ''}adata.h5ad"
-            if saved.exists():
-                adata = anndata.read_h5ad(saved)
+            saved_adata = dir_path / f"{prefix or ''}adata.h5ad"
+            if saved_adata.exists():
+                adata = anndata.read_h5ad(saved_adata)
             else:
                 warnings.warn("Save path contains no saved anndata and no adata was passed. Model will be loaded without anndata.", UserWarning, stacklevel=2)
         if adata is not None:
-            saved_names = np.asarray(payload["var_names"], dtype=object)
-            if len(saved_names) != adata.n_vars or not np.array_equal(saved_names, np.asarray(adata.var_names, dtype=object)):
+            names = np.asarray(saved["var_names"], dtype=object)
+            if len(names) != adata.n_vars or not np.array_equal(names, np.asarray(adata.var_names, dtype=object)):
                 warnings.warn("`var_names` for the loaded `model` does not match those used to train the model; results may be wrong.", UserWarning, stacklevel=2)
             if adata.is_view:
                 adata._init_as_actual(adata.copy())
@@ -836,17 +855,34 @@ class SCVI:
         init = dict(attrs["init_params_"]["non_kwargs"])
         init.update(attrs["init_params_"].get("kwargs", {}).get("kwargs", {}))
         model = cls(adata, registry=None if adata is not None else registry, **init)
-        if adata is not None:
-            model.registry_ = transferred
-        model.module.load_state_dict(payload["model_state_dict"], strict=True)
-        model.is_trained_ = attrs.get("is_trained_", False)
-        model.history_ = history_from_safe(attrs.get("history_"))
+        model.module.load_state_dict(saved["model_state_dict"], strict=True)
+        model.is_trained_ = bool(attrs.get("is_trained_", False))
+        model.history_ = attrs.get("history_")
         model.train_indices_ = attrs.get("train_indices_")
         model.validation_indices_ = attrs.get("validation_indices_")
         model.test_indices_ = attrs.get("test_indices_")
         model.module.to(_resolve_device(accelerator, device))
         model.module.eval()
         return model
+
+    @staticmethod
+    def load_registry(dir_path: str | Path, prefix: str | None = None) -> dict:
+        """The registry saved with a model (ours or scvi-tools 1.x)."""
+        return io_scvi_tools.load_registry(dir_path, prefix)
+
+    @staticmethod
+    def view_setup_args(dir_path: str | Path, prefix: str | None = None) -> None:
+        """Print the ``setup_anndata`` arguments of a saved model (ours or scvi-tools 1.x)."""
+        io_scvi_tools.view_setup_args(dir_path, prefix)
+
+    @staticmethod
+    def convert_legacy_save(dir_path: str | Path, output_dir_path: str | Path, overwrite: bool = False,
+                            prefix: str | None = None, **save_kwargs) -> None:
+        """Rewrite a scvi-tools < 0.15 save (``model_params.pt``, ``attr.pkl``, ``var_names.csv``)
+        in the current layout, readable by :meth:`load` and by scvi-tools 1.x."""
+        if save_kwargs:
+            raise TypeError(f"convert_legacy_save got unexpected keyword argument(s) {sorted(save_kwargs)}.")
+        io_scvi_tools.convert_legacy_save(dir_path, output_dir_path, overwrite=overwrite, prefix=prefix)
 
 
 def _resolve_device(accelerator: str = "auto", devices="auto") -> torch.device:
