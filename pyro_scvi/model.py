@@ -168,8 +168,7 @@ class SCVI:
 
     @classmethod
     def _registry_of(cls, adata: anndata.AnnData) -> dict:
-        uuid = adata.uns.get("_scvi_uuid") if isinstance(adata.uns, dict) or hasattr(adata.uns, "get") else None
-        registry = cls._setup_registries.get(uuid)
+        registry = cls._setup_registries.get(adata.uns.get("_scvi_uuid"))
         if registry is None:
             raise ValueError("Please set up your AnnData with SCVI.setup_anndata first.")
         if registry.get("model_name") != cls.__name__:
@@ -198,7 +197,8 @@ class SCVI:
 
     @adata.setter
     def adata(self, adata: anndata.AnnData) -> None:
-        self._registry_for(adata)
+        """Swap the model's AnnData: the setup is transferred to it (same categories) and becomes the model's registry."""
+        self.registry_ = self._registry_for(adata)
         self._adata = adata
         self._data_cache = None
 

@@ -244,3 +244,14 @@ def test_cuda_training_and_queries(adata):
     assert model.get_latent_representation().shape == (adata.n_obs, 10)
     model.to_device("cpu")
     assert model.device.type == "cpu"
+
+
+def test_adata_setter_transfers_the_setup(trained):
+    import copy
+
+    model = copy.copy(trained)  # shallow: shares the module, not the attribute slots
+    subset = trained.adata[:30].copy()
+    model.adata = subset
+    assert model.adata is subset and model.summary_stats["n_cells"] == 30
+    np.testing.assert_allclose(model.get_latent_representation(), trained.get_latent_representation(indices=np.arange(30)), rtol=1e-5, atol=1e-6)
+    assert trained.summary_stats["n_cells"] == trained.adata.n_obs
