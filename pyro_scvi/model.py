@@ -35,7 +35,7 @@ from .infer.importance import aggregate_posterior_log_weights, marginal_log_like
 from .infer.posterior import observation_distribution, posterior_model_traces, posterior_sites, variational_posterior
 from .models.likelihoods import likelihood_parameters
 from .infer.training import EarlyStopping, TrainingPlan, append_history, max_epochs_heuristic, run_training
-from . import io_scvi_tools
+from . import differential, io_scvi_tools
 from .io import FORMAT, FORMAT_VERSION, history_to_safe, to_safe, write_model_dir
 from .io_scvi_tools import read_model_dir, write_scvi_tools_model
 from .module import SCVIModule
@@ -663,6 +663,37 @@ class SCVI:
         rows = [self.module.batch_embedding(batch.batch_index.reshape(-1)).cpu()
                 for _, batch in self._minibatches(adata, indices, batch_size)]
         return torch.cat(rows).numpy()
+
+    def differential_expression(
+        self,
+        adata: anndata.AnnData | None = None,
+        groupby: str | None = None,
+        group1=None,
+        group2=None,
+        idx1=None,
+        idx2=None,
+        mode: str = "vanilla",
+        delta: float | None = 0.25,
+        batch_size: int | None = None,
+        all_stats: bool = True,
+        batch_correction: bool = False,
+        batchid1=None,
+        batchid2=None,
+        fdr_target: float = 0.05,
+        silent: bool = False,
+        weights: str | None = "uniform",
+        filter_outlier_cells: bool = False,
+        importance_weighting_kwargs: dict | None = None,
+        **kwargs,
+    ) -> pd.DataFrame:
+        """Bayesian differential expression between groups of cells (see
+        :func:`pyro_scvi.differential.differential_expression` for the tests and columns)."""
+        return differential.differential_expression(
+            self, adata=adata, groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2, mode=mode,
+            delta=delta, batch_size=batch_size, all_stats=all_stats, batch_correction=batch_correction,
+            batchid1=batchid1, batchid2=batchid2, fdr_target=fdr_target, silent=silent, weights=weights,
+            filter_outlier_cells=filter_outlier_cells, importance_weighting_kwargs=importance_weighting_kwargs, **kwargs,
+        )
 
     # ------------------------------------------------------------------ evaluation
     def _elbo_terms_per_cell(self, adata, indices, batch_size, dataloader) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,604 @@
+"""Bayesian differential expression between two groups of cells (``SCVI.differential_expression``).
+
+The posterior of each group's normalized expression ρ (``library_size=1``) is represented by
+Monte-Carlo draws from the Pyro model and guide (:meth:`SCVI.get_normalized_expression` with
+``n_samples_overall``); the two groups' draws are paired and every statistic is computed for all
+genes at once on ``(M, G)`` arrays (``M`` paired draws, ``G`` genes).
+
+Two tests:
+
+* ``mode="vanilla"`` (Lopez et al. 2018): ``P(ρ1 > ρ2)`` per gene and its log Bayes factor.
+* ``mode="change"`` (Boyeau et al. 2019): the posterior of the log2 fold change
+  ``log2(ρ1 + ψ) − log2(ρ2 + ψ)``; a gene is differentially expressed when ``|lfc| ≥ δ``, up- and
+  down-regulation being tested separately (``test_mode="three"``, the default) or together
+  (``"two"``); genes are tagged DE at a target posterior expected false discovery rate.
+
+The pure statistics (:func:`vanilla_statistics`, :func:`change_statistics`,
+:func:`pseudocounts_from_counts`, :func:`estimate_delta`, :func:`hpd_interval`,
+:func:`fdr_flags`, :func:`raw_count_statistics`) take NumPy arrays and have no model dependency;
+:func:`differential_expression` builds the groups, draws the samples and assembles the table.
+
+Differences from scvi-tools (documented choices):
+
+* no side effect on ``adata.obs``: the reference writes a temporary ``_scvi_temp_de`` column and
+  caches ``_scvi_raw_norm_scaling``; here groups are boolean masks and the per-cell scaling is
+  recomputed on each call;
+* cells with zero total counts contribute 0 (not NaN) to ``raw_normalized_mean*``;
+* an unknown group name, an empty group or an empty "Rest" raise ``ValueError`` (the reference
+  fails with ``ZeroDivisionError``);
+* when the two sample sets have different lengths (batch sets of different sizes) the longer one
+  is truncated; with ``use_permutation=True`` and batch correction, ``m_permutation`` pairs are
+  split evenly across the shared batches.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+__all__ = [
+    "differential_expression",
+    "vanilla_statistics",
+    "change_statistics",
+    "pseudocounts_from_counts",
+    "estimate_delta",
+    "hpd_interval",
+    "fdr_flags",
+    "raw_count_statistics",
+    "pair_samples",
+]
+
+EPS = 1e-8
+_DE_KWARGS = {
+    "n_samples_overall": 5000,
+    "use_permutation": False,
+    "m_permutation": 10000,
+    "change_fn": None,
+    "m1_domain_fn": None,
+    "pseudocounts": None,
+    "threshold_counts": 0.01,
+    "test_mode": "three",
+    "cred_interval_lvls": None,
+}
+_RAW_COLUMNS = (
+    "raw_mean1", "raw_mean2", "non_zeros_proportion1", "non_zeros_proportion2",
+    "raw_normalized_mean1", "raw_normalized_mean2",
+)
+
+
+def _sklearn(module: str, name: str, feature: str):
+    """``sklearn.<module>.<name>``, with a clear message when scikit-learn is missing."""
+    try:
+        return getattr(__import__(f"sklearn.{module}", fromlist=[name]), name)
+    except ImportError as error:
+        raise ImportError(f"{feature} needs scikit-learn: pip install scikit-learn.") from error
+
+
+# ============================================================================ pure statistics
+def _log_bayes_factor(p: np.ndarray, eps: float = EPS) -> np.ndarray:
+    """``log(p + ε) − log(1 − p + ε)``, elementwise."""
+    return np.log(p + eps) - np.log(1.0 - p + eps)
+
+
+def vanilla_statistics(s1: np.ndarray, s2: np.ndarray, eps: float = EPS) -> dict[str, np.ndarray]:
+    """Lopez et al. (2018) test of ``ρ1 > ρ2`` from paired posterior draws.
+
+    Parameters
+    ----------
+    s1, s2
+        Paired draws ``(M, G)`` of the normalized expression of group 1 and group 2.
+
+    Returns
+    -------
+    ``{"proba_m1", "proba_m2", "bayes_factor"}``, each ``(G,)``:
+    ``proba_m1 = mean_M[s1 > s2]``, ``proba_m2 = 1 − proba_m1`` and
+    ``bayes_factor = log(proba_m1 + ε) − log(proba_m2 + ε)``.
+    """
+    s1, s2 = np.asarray(s1), np.asarray(s2)
+    if s1.shape != s2.shape or s1.ndim != 2:
+        raise ValueError(f"s1 and s2 must be paired (M, G) arrays, got {s1.shape} and {s2.shape}.")
+    proba_m1 = np.mean(s1 > s2, axis=0)
+    proba_m2 = 1.0 - proba_m1
+    return {"proba_m1": proba_m1, "proba_m2": proba_m2, "bayes_factor": np.log(proba_m1 + eps) - np.log(proba_m2 + eps)}
+
+
+def log_fold_change(s1: np.ndarray, s2: np.ndarray, pseudocounts: float = 0.0) -> np.ndarray:
+    """``log2(s1 + ψ) − log2(s2 + ψ)``, elementwise (``(M, G)`` → ``(M, G)``)."""
+    dtype = np.result_type(s1, s2, np.float32)
+    lfc = np.add(s1, pseudocounts, dtype=dtype)
+    np.log2(lfc, out=lfc)
+    other = np.add(s2, pseudocounts, dtype=dtype)
+    np.log2(other, out=other)
+    lfc -= other
+    return lfc
+
+
+def estimate_delta(lfc_means: np.ndarray, coef: float = 0.6, min_thres: float = 0.1) -> float:
+    """Data-driven LFC threshold δ from the per-gene mean log fold changes ``(G,)``.
+
+    A 3-component Gaussian mixture is fitted to ``lfc_means`` (down-, non- and up-regulated
+    genes); ``δ = max(min_thres, coef · (|lowest mean| + |highest mean|) / 2)``. The mixture uses
+    NumPy's global random state (seeded by ``pyro_scvi.settings.seed``).
+    """
+    GaussianMixture = _sklearn("mixture", "GaussianMixture", "delta=None")
+    lfc_means = np.asarray(lfc_means, dtype=np.float64).reshape(-1, 1)
+    if len(lfc_means) < 3:
+        raise ValueError("delta=None estimates δ with a 3-component mixture over genes: it needs at least 3 genes.")
+    mixture = GaussianMixture(n_components=3, random_state=np.random.randint(2**31 - 1)).fit(lfc_means)
+    modes = np.sort(mixture.means_.ravel())
+    return float(max(min_thres, coef * 0.5 * (abs(modes[0]) + abs(modes[-1]))))
+
+
+def hpd_interval(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Highest posterior density interval of each column of ``samples`` ``(M, G)``.
+
+    The shortest interval ``[x_(i), x_(i+k)]`` of the sorted draws with ``k = ⌊level · M⌋``.
+    Returns ``(low, high)``, each ``(G,)``.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"credible interval levels must lie in (0, 1), got {level!r}.")
+    ordered = np.sort(np.asarray(samples), axis=0)
+    n = ordered.shape[0]
+    k = int(np.floor(level * n))
+    if k < 1:
+        raise ValueError(f"level {level} with {n} samples leaves an empty interval.")
+    widths = ordered[k:] - ordered[: n - k]  # (n − k, G)
+    start = np.argmin(widths, axis=0)[None, :]
+    return np.take_along_axis(ordered, start, 0)[0], np.take_along_axis(ordered, start + k, 0)[0]
+
+
+def change_statistics(
+    s1: np.ndarray,
+    s2: np.ndarray,
+    delta: float | None = 0.25,
+    pseudocounts: float = 0.0,
+    change_fn: Callable | str | None = None,
+    m1_domain_fn: Callable | None = None,
+    test_mode: str = "three",
+    cred_interval_lvls: Sequence[float] | None = None,
+    eps: float = EPS,
+) -> dict[str, np.ndarray | float]:
+    """Boyeau et al. (2019) test on the posterior of the log2 fold change, from paired draws.
+
+    Parameters
+    ----------
+    s1, s2
+        Paired draws ``(M, G)`` of the normalized expression of group 1 and group 2.
+    delta
+        Threshold δ on ``|lfc|``; ``None`` estimates it with :func:`estimate_delta`.
+    pseudocounts
+        ψ added to both groups before the log (see :func:`pseudocounts_from_counts`).
+    change_fn
+        ``None``/``"log-fold"`` (:func:`log_fold_change`) or a callable ``(s1, s2, ψ) → (M, G)``.
+    m1_domain_fn
+        Optional callable ``change (M, G) → bool (M, G)`` defining the DE region; then
+        ``proba_de = mean_M[m1_domain_fn(change)]`` and ``delta``/``test_mode`` are not used.
+    test_mode
+        ``"three"``: ``proba_de = max(P(lfc ≥ δ), P(lfc < −δ))``; ``"two"``: their sum.
+    cred_interval_lvls
+        Levels of highest-density credible intervals of the summarised lfc.
+
+    Returns
+    -------
+    ``proba_de``, ``proba_not_de``, ``bayes_factor`` (each ``(G,)``), ``delta`` (float, δ used),
+    and the summaries of ``change_fn(s1, s2, 1e-3 · ψ)`` over draws: ``lfc_mean``, ``lfc_median``,
+    ``lfc_std`` (ddof 0), ``lfc_min``, ``lfc_max`` and ``lfc_confidence_interval_{lvl}_min/_max``
+    (each ``(G,)``).
+    """
+    s1, s2 = np.asarray(s1), np.asarray(s2)
+    if s1.shape != s2.shape or s1.ndim != 2:
+        raise ValueError(f"s1 and s2 must be paired (M, G) arrays, got {s1.shape} and {s2.shape}.")
+    if test_mode not in ("three", "two"):
+        raise ValueError(f"test_mode must be 'three' or 'two', got {test_mode!r}.")
+    if change_fn is None or change_fn == "log-fold":
+        change_fn = log_fold_change
+    elif not callable(change_fn):
+        raise ValueError(f"change_fn must be None, 'log-fold' or a callable (x, y, pseudocounts), got {change_fn!r}.")
+
+    change = np.asarray(change_fn(s1, s2, pseudocounts))
+    if m1_domain_fn is not None:
+        proba_de = np.mean(np.asarray(m1_domain_fn(change), dtype=bool), axis=0)
+        delta = np.nan if delta is None else float(delta)
+    else:
+        if delta is None:
+            delta = estimate_delta(change.mean(axis=0, dtype=np.float64))
+        delta = float(delta)
+        p_up = np.mean(change >= delta, axis=0)
+        p_down = np.mean(change < -delta, axis=0)
+        proba_de = np.maximum(p_up, p_down) if test_mode == "three" else p_up + p_down
+    del change
+
+    lfc = np.asarray(change_fn(s1, s2, 1e-3 * pseudocounts))
+    out: dict[str, np.ndarray | float] = {
+        "proba_de": proba_de,
+        "proba_not_de": 1.0 - proba_de,
+        "bayes_factor": _log_bayes_factor(proba_de, eps),
+        "delta": delta,
+        "lfc_mean": lfc.mean(axis=0, dtype=np.float64),
+        "lfc_median": np.median(lfc, axis=0),
+        "lfc_std": lfc.std(axis=0, dtype=np.float64),
+        "lfc_min": lfc.min(axis=0),
+        "lfc_max": lfc.max(axis=0),
+    }
+    for level in cred_interval_lvls or ():
+        low, high = hpd_interval(lfc, level)
+        out[f"lfc_confidence_interval_{level}_min"] = low
+        out[f"lfc_confidence_interval_{level}_max"] = high
+    return out
+
+
+def pseudocounts_from_counts(
+    s1: np.ndarray,
+    s2: np.ndarray,
+    raw_mean1: np.ndarray,
+    raw_mean2: np.ndarray,
+    threshold_counts: float = 0.01,
+    floor: float = 1e-10,
+) -> float:
+    """The pseudocount ψ added before taking log fold changes.
+
+    For each group ``k``, the genes whose mean raw count in the group is below
+    ``threshold_counts`` are "not expressed"; ``ψ_k`` is the 0.9-quantile over those genes of the
+    largest draw ``max_M s_k`` (0 when no gene qualifies). ``ψ = max(ψ_1, ψ_2) / G``, floored at
+    ``floor``.
+
+    Parameters
+    ----------
+    s1, s2
+        Draws ``(M1, G)`` and ``(M2, G)`` of each group's normalized expression.
+    raw_mean1, raw_mean2
+        Mean raw count of each gene in each group, ``(G,)``.
+    """
+    n_genes = np.shape(s1)[1]
+
+    def per_group(samples, raw_mean):
+        quiet = np.asarray(raw_mean) < threshold_counts
+        if not quiet.any():
+            return 0.0
+        return float(np.quantile(np.asarray(samples)[:, quiet].max(axis=0), 0.9))
+
+    return max(max(per_group(s1, raw_mean1), per_group(s2, raw_mean2)) / n_genes, floor)
+
+
+def fdr_flags(proba_de: np.ndarray, fdr_target: float = 0.05) -> np.ndarray:
+    """Genes declared DE at a target posterior expected false discovery rate.
+
+    With genes sorted by ``proba_de`` (descending, stable), the expected FDR of the top ``k`` is
+    ``Σ_{i≤k}(1 − p_(i)) / k``; the largest set whose expected FDR is at most ``fdr_target`` is
+    declared. Returns a boolean ``(G,)`` in the input order.
+    """
+    proba_de = np.asarray(proba_de, dtype=np.float64)
+    order = np.argsort(-proba_de, kind="stable")
+    expected_fdr = np.cumsum(1.0 - proba_de[order]) / np.arange(1, len(order) + 1)
+    n_declared = int(np.sum(expected_fdr <= fdr_target))
+    flags = np.zeros(len(proba_de), dtype=bool)
+    flags[order[:n_declared]] = True
+    return flags
+
+
+def raw_count_statistics(counts, mask1: np.ndarray, mask2: np.ndarray) -> dict[str, np.ndarray]:
+    """Count statistics of two groups of cells.
+
+    Parameters
+    ----------
+    counts
+        ``(n, G)`` raw counts, dense or scipy sparse.
+    mask1, mask2
+        Boolean ``(n,)`` masks of the two groups.
+
+    Returns
+    -------
+    ``raw_mean1/2`` (mean count), ``non_zeros_proportion1/2`` (fraction of cells with a non-zero
+    count) and ``raw_normalized_mean1/2`` (mean of the counts scaled to 10⁴ per cell; cells with
+    no count contribute 0), each ``(G,)``.
+    """
+    totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    scaling = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
+    if sp.issparse(counts):
+        counts = sp.csr_matrix(counts)
+        nonzero = counts.copy()
+        nonzero.data = (nonzero.data != 0).astype(np.float64)
+    else:
+        counts = np.asarray(counts)
+        nonzero = (counts != 0).astype(np.float64)
+
+    def group_means(mask):
+        weights = np.asarray(mask, dtype=np.float64) / max(int(np.sum(mask)), 1)  # (n,)
+        mean = np.asarray(counts.T @ weights).ravel()
+        normalized = np.asarray(counts.T @ (weights * scaling)).ravel()
+        return mean, np.asarray(nonzero.T @ weights).ravel(), normalized
+
+    mean1, nz1, norm1 = group_means(mask1)
+    mean2, nz2, norm2 = group_means(mask2)
+    return {
+        "raw_mean1": mean1, "raw_mean2": mean2,
+        "non_zeros_proportion1": nz1, "non_zeros_proportion2": nz2,
+        "raw_normalized_mean1": norm1, "raw_normalized_mean2": norm2,
+    }
+
+
+def pair_samples(
+    samples1: dict, samples2: dict, batch_correction: bool, use_permutation: bool = False,
+    m_permutation: int = 10000,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pair the draws of two groups: ``{batch: (M_b, G)}`` dicts → paired ``(M, G)`` arrays.
+
+    With batch correction and the same batch set on both sides, draws are paired within each
+    batch; otherwise the concatenated draws are paired. Pairing is index-wise (the longer side is
+    truncated) or, with ``use_permutation``, ``m_permutation`` random pairs (NumPy's global RNG)
+    split evenly across the batches.
+    """
+    def pair(a, b, m):
+        if use_permutation:
+            return a[np.random.randint(len(a), size=m)], b[np.random.randint(len(b), size=m)]
+        n = min(len(a), len(b))
+        return a[:n], b[:n]
+
+    if batch_correction and set(samples1) == set(samples2):
+        m = max(m_permutation // len(samples1), 1)
+        pairs = [pair(samples1[b], samples2[b], m) for b in samples1]
+        return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+    if batch_correction and set(samples1) & set(samples2):
+        warnings.warn("Batches of group 1 and group 2 differ but overlap: draws are paired across batches.",
+                      UserWarning, stacklevel=3)
+    return pair(_stacked(samples1), _stacked(samples2), m_permutation)
+
+
+def _stacked(draws: dict) -> np.ndarray:
+    """All draws of a group ``{batch: (K_b, G)}`` as one ``(ΣK_b, G)`` array (no copy for one batch)."""
+    values = list(draws.values())
+    return values[0] if len(values) == 1 else np.concatenate(values)
+
+
+# ============================================================================ groups
+def _cells_from_idx(idx, obs: pd.DataFrame, name: str) -> np.ndarray:
+    """A boolean ``(n_obs,)`` mask from a mask, integer positions or a ``DataFrame.query`` string."""
+    n_obs = len(obs)
+    if isinstance(idx, str):
+        try:
+            selected = obs.eval(idx)
+        except Exception as error:
+            raise ValueError(f"{name}={idx!r} is not a valid pandas query on adata.obs: {error}") from error
+        mask = np.asarray(selected)
+        if mask.dtype != bool or mask.shape != (n_obs,):
+            raise ValueError(f"{name}={idx!r} does not evaluate to one boolean per cell on adata.obs.")
+    else:
+        values = np.asarray(idx)
+        if values.dtype == bool:
+            if values.shape != (n_obs,):
+                raise ValueError(f"{name} is a boolean mask of shape {values.shape}; adata has {n_obs} cells.")
+            mask = values
+        elif values.size == 0 or np.issubdtype(values.dtype, np.integer):
+            values = values.astype(np.int64).ravel()
+            if values.size and (values.min() < 0 or values.max() >= n_obs):
+                raise ValueError(f"{name} holds cell positions outside [0, {n_obs}).")
+            mask = np.zeros(n_obs, dtype=bool)
+            mask[values] = True
+        else:
+            raise TypeError(f"{name} must be a boolean mask, integer positions or a query string, got dtype {values.dtype}.")
+    if not mask.any():
+        raise ValueError(f"{name} selects no cell: each group needs at least one cell.")
+    return mask
+
+
+def _comparisons(obs: pd.DataFrame, groupby, group1, group2, idx1, idx2) -> list[tuple[np.ndarray, np.ndarray, object, object]]:
+    """``[(mask1, mask2, name1, name2)]``; names are None when groups come from ``idx1``/``idx2``."""
+    if idx1 is not None:
+        mask1 = _cells_from_idx(idx1, obs, "idx1")
+        if idx2 is None:
+            mask2 = ~mask1
+            if not mask2.any():
+                raise ValueError("idx1 selects every cell, so group 2 (the other cells) is empty; pass idx2.")
+        else:
+            mask2 = _cells_from_idx(idx2, obs, "idx2")
+        return [(mask1, mask2, None, None)]
+    if idx2 is not None:
+        raise ValueError("idx2 was given without idx1.")
+    if groupby is None:
+        raise ValueError("Pass groupby (with optional group1/group2) or idx1 (with optional idx2) to define the groups.")
+    if groupby not in obs.columns:
+        raise ValueError(f"groupby={groupby!r} is not a column of adata.obs (columns: {list(obs.columns)}).")
+    column = obs[groupby].astype("category")
+    categories = list(column.cat.categories)
+    if group1 is None:
+        if len(categories) < 2:
+            raise ValueError(f"adata.obs[{groupby!r}] has a single category {categories}: there is nothing to compare.")
+        group1 = categories
+    elif isinstance(group1, str) or not isinstance(group1, (list, tuple, np.ndarray, pd.Index)):
+        group1 = [group1]
+    for name, values in (("group1", group1), ("group2", [] if group2 is None else [group2])):
+        unknown = [g for g in values if g not in categories]
+        if unknown:
+            raise ValueError(f"{name} {unknown} not found in adata.obs[{groupby!r}] (categories: {categories}).")
+
+    def cells_of(g):
+        mask = np.asarray(column == g)
+        if not mask.any():
+            raise ValueError(f"group {g!r} of adata.obs[{groupby!r}] has no cell (an unused category? "
+                             "drop it with .cat.remove_unused_categories()).")
+        return mask
+
+    comparisons = []
+    for g1 in group1:
+        mask1 = cells_of(g1)
+        if group2 is None:
+            mask2 = ~mask1
+            if not mask2.any():
+                raise ValueError(f"Every cell is in group {g1!r}: the rest of adata.obs[{groupby!r}] is empty.")
+            comparisons.append((mask1, mask2, g1, "Rest"))
+        else:
+            comparisons.append((mask1, cells_of(group2), g1, group2))
+    return comparisons
+
+
+# ============================================================================ sampling
+def _inliers(model, adata, cells: np.ndarray) -> np.ndarray:
+    """The cells of ``cells`` that an EllipticEnvelope on their latent means calls inliers."""
+    EllipticEnvelope = _sklearn("covariance", "EllipticEnvelope", "filter_outlier_cells=True")
+    latent = model.get_latent_representation(adata, indices=cells)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            keep = EllipticEnvelope(random_state=np.random.randint(2**31 - 1)).fit(latent).predict(latent) == 1
+    except ValueError:
+        warnings.warn("Outlier filtering failed (the latent covariance could not be estimated): keeping all cells.",
+                      UserWarning, stacklevel=4)
+        return cells
+    return cells[keep]
+
+
+def _draw(model, adata, cells: np.ndarray, batches: list | None, n_samples: int, weights, batch_size,
+          importance_weighting_kwargs: dict) -> dict:
+    """Draws of ρ for a group: ``{batch category (or None): (K, G)}``."""
+    if batches is None:
+        plan = {None: n_samples}
+    else:
+        per_batch = int(n_samples / len(batches))
+        if per_batch < 2:
+            warnings.warn(f"n_samples_overall={n_samples} over {len(batches)} batches leaves fewer than 2 draws per "
+                          "batch: using 2.", UserWarning, stacklevel=4)
+            per_batch = 2
+        plan = {b: per_batch for b in batches}
+    return {
+        b: np.asarray(model.get_normalized_expression(
+            adata, indices=cells, transform_batch=b, n_samples_overall=k, weights=weights, batch_size=batch_size,
+            return_numpy=True, silent=True, **importance_weighting_kwargs))
+        for b, k in plan.items()
+    }
+
+
+def _batch_list(model, batchid, name: str) -> list:
+    categories = list(model.registry["field_registries"]["batch"]["state_registry"]["categorical_mapping"])
+    if batchid is None:
+        return categories
+    values = [batchid] if isinstance(batchid, str) or np.isscalar(batchid) else list(batchid)
+    unknown = [b for b in values if b not in categories]
+    if unknown or not values:
+        raise ValueError(f"{name}={batchid!r}: {unknown or 'no batch'} not among the batch categories {categories}.")
+    return values
+
+
+# ============================================================================ entry point
+def differential_expression(
+    model,
+    adata=None,
+    groupby: str | None = None,
+    group1=None,
+    group2=None,
+    idx1=None,
+    idx2=None,
+    mode: str = "vanilla",
+    delta: float | None = 0.25,
+    batch_size: int | None = None,
+    all_stats: bool = True,
+    batch_correction: bool = False,
+    batchid1=None,
+    batchid2=None,
+    fdr_target: float = 0.05,
+    silent: bool = False,
+    weights: str | None = "uniform",
+    filter_outlier_cells: bool = False,
+    importance_weighting_kwargs: dict | None = None,
+    **kwargs,
+) -> pd.DataFrame:
+    """Bayesian differential expression of every gene between groups of cells.
+
+    Groups: ``idx1`` (boolean mask, integer positions or a ``DataFrame.query`` string on
+    ``adata.obs``) against ``idx2`` (same forms; default: all other cells), or, with ``groupby``
+    (an ``obs`` column), each category in ``group1`` (default: every category) against ``group2``
+    (a category; default: all other cells, named ``"Rest"``).
+
+    For each group, ``n_samples_overall`` (5000) draws of ρ are resampled over its cells'
+    posterior draws (its own batch per cell, or with ``batch_correction=True`` an equal share
+    decoded in each batch of ``batchid1``/``batchid2``, default all batches), optionally
+    importance-weighted (``weights="importance"``) and after dropping latent-space outliers
+    (``filter_outlier_cells``). The draws are paired and tested (:func:`vanilla_statistics`, or
+    :func:`change_statistics` with ``delta``, pseudocounts from :func:`pseudocounts_from_counts`
+    and :func:`fdr_flags` at ``fdr_target``).
+
+    ``kwargs``: ``n_samples_overall``, ``use_permutation``, ``m_permutation``, ``change_fn``,
+    ``m1_domain_fn``, ``pseudocounts``, ``threshold_counts``, ``test_mode``, ``cred_interval_lvls``.
+
+    Returns
+    -------
+    A DataFrame indexed by gene names. ``vanilla``: ``proba_m1, proba_m2, bayes_factor, scale1,
+    scale2`` sorted by ``bayes_factor``; ``change``: ``proba_de, proba_not_de, bayes_factor,
+    scale1, scale2, pseudocounts, delta, lfc_mean, lfc_median, lfc_std, lfc_min, lfc_max``
+    (+ ``lfc_confidence_interval_{lvl}_min/_max``) sorted by ``proba_de``; both descending. Then,
+    with ``all_stats``, the count statistics of :func:`raw_count_statistics`; in change mode
+    ``is_de_fdr_{fdr_target}``; with ``groupby``, ``comparison`` (``"g1 vs g2"``), ``group1`` and
+    ``group2``, the comparisons being stacked in category order.
+    """
+    unknown = sorted(set(kwargs) - set(_DE_KWARGS))
+    if unknown:
+        raise TypeError(f"differential_expression got unexpected keyword argument(s) {unknown}; "
+                        f"accepted: {sorted(_DE_KWARGS)}.")
+    options = {**_DE_KWARGS, **kwargs}
+    if mode not in ("vanilla", "change"):
+        raise ValueError(f"mode must be 'vanilla' or 'change', got {mode!r}.")
+    if options["test_mode"] not in ("three", "two"):
+        raise ValueError(f"test_mode must be 'three' or 'two', got {options['test_mode']!r}.")
+    if weights not in (None, "uniform", "importance"):
+        raise ValueError(f"weights must be 'uniform' or 'importance', got {weights!r}.")
+    if not batch_correction and (batchid1 is not None or batchid2 is not None):
+        raise ValueError("Inconsistent batch policy: batchid1/batchid2 choose the batches to decode in, which only "
+                         "applies with batch_correction=True.")
+    n_samples = int(options["n_samples_overall"])
+    if n_samples < 1:
+        raise ValueError(f"n_samples_overall must be positive, got {n_samples}.")
+
+    adata, data = model._data(adata)
+    comparisons = _comparisons(adata.obs, groupby, group1, group2, idx1, idx2)
+    batches1 = _batch_list(model, batchid1, "batchid1") if batch_correction else None
+    batches2 = _batch_list(model, batchid2, "batchid2") if batch_correction else None
+    need_counts = all_stats or (mode == "change" and options["pseudocounts"] is None)
+    genes = pd.Index(model._var_names())
+    iw_kwargs = dict(importance_weighting_kwargs or {})
+
+    if not silent and len(comparisons) > 1:
+        from tqdm.auto import tqdm
+
+        comparisons = tqdm(comparisons, desc="DE", unit="comparison")
+    tables = []
+    for mask1, mask2, name1, name2 in comparisons:
+        cells1, cells2 = np.flatnonzero(mask1), np.flatnonzero(mask2)
+        if filter_outlier_cells:
+            cells1, cells2 = _inliers(model, adata, cells1), _inliers(model, adata, cells2)
+        draws1 = _draw(model, adata, cells1, batches1, n_samples, weights, batch_size, iw_kwargs)
+        draws2 = _draw(model, adata, cells2, batches2, n_samples, weights, batch_size, iw_kwargs)
+        all1, all2 = _stacked(draws1), _stacked(draws2)
+        s1, s2 = pair_samples(draws1, draws2, batch_correction, options["use_permutation"], options["m_permutation"])
+        raw = raw_count_statistics(data.counts, mask1, mask2) if need_counts else None
+
+        if mode == "vanilla":
+            stats = vanilla_statistics(s1, s2)
+            columns = {**stats, "scale1": all1.mean(0), "scale2": all2.mean(0)}
+            sort_key = "bayes_factor"
+        else:
+            psi = options["pseudocounts"]
+            if psi is None:
+                psi = pseudocounts_from_counts(all1, all2, raw["raw_mean1"], raw["raw_mean2"], options["threshold_counts"])
+            stats = change_statistics(s1, s2, delta=delta, pseudocounts=psi, change_fn=options["change_fn"],
+                                      m1_domain_fn=options["m1_domain_fn"], test_mode=options["test_mode"],
+                                      cred_interval_lvls=options["cred_interval_lvls"])
+            columns = {
+                "proba_de": stats.pop("proba_de"), "proba_not_de": stats.pop("proba_not_de"),
+                "bayes_factor": stats.pop("bayes_factor"), "scale1": all1.mean(0), "scale2": all2.mean(0),
+                "pseudocounts": psi, "delta": stats.pop("delta"), **stats,
+            }
+            sort_key = "proba_de"
+        if all_stats:
+            columns.update({key: raw[key] for key in _RAW_COLUMNS})
+        if mode == "change":
+            columns[f"is_de_fdr_{fdr_target}"] = fdr_flags(columns["proba_de"], fdr_target)
+        table = pd.DataFrame(columns, index=genes).sort_values(sort_key, ascending=False, kind="stable")
+        if name1 is not None:
+            table["comparison"] = f"{name1} vs {name2}"
+            table["group1"] = name1
+            table["group2"] = name2
+        tables.append(table)
+    return pd.concat(tables) if len(tables) > 1 else tables[0]
