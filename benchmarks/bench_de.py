@@ -90,6 +90,7 @@ def worker(a: argparse.Namespace) -> None:
         SCVI.setup_anndata(adata, batch_key="batch")
         model = SCVI(adata)
         model.is_trained_ = True  # timing only: DE cost does not depend on the weights
+        model.module.eval()  # a fresh scvi-tools module is in training mode (BatchNorm would use batch stats)
     else:
         model = SCVI.load(str(a.fixture))
     result = {"side": SIDES[a.worker], "versions": versions, "threads": torch.get_num_threads(),

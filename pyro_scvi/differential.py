@@ -18,6 +18,10 @@ The pure statistics (:func:`vanilla_statistics`, :func:`change_statistics`,
 :func:`fdr_flags`, :func:`raw_count_statistics`) take NumPy arrays and have no model dependency;
 :func:`differential_expression` builds the groups, draws the samples and assembles the table.
 
+Column names and order follow scvi-tools 1.4's output (checked against its tables): the credible
+intervals are ``lfc_confidence_interval_{lvl}_min/_max`` and ``is_de_fdr_{target}`` comes after the
+count statistics.
+
 Differences from scvi-tools (documented choices):
 
 * no side effect on ``adata.obs``: the reference writes a temporary ``_scvi_temp_de`` column and
@@ -39,6 +43,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import torch
 
 __all__ = [
     "differential_expression",
@@ -108,13 +113,24 @@ def vanilla_statistics(s1: np.ndarray, s2: np.ndarray, eps: float = EPS) -> dict
 
 def log_fold_change(s1: np.ndarray, s2: np.ndarray, pseudocounts: float = 0.0) -> np.ndarray:
     """``log2(s1 + ψ) − log2(s2 + ψ)``, elementwise (``(M, G)`` → ``(M, G)``)."""
-    dtype = np.result_type(s1, s2, np.float32)
-    lfc = np.add(s1, pseudocounts, dtype=dtype)
-    np.log2(lfc, out=lfc)
-    other = np.add(s2, pseudocounts, dtype=dtype)
-    np.log2(other, out=other)
-    lfc -= other
-    return lfc
+    # torch's multi-threaded log2 is several times faster than NumPy's on large arrays
+    dtype = torch.float64 if np.result_type(s1, s2, np.float32) == np.float64 else torch.float32
+    lfc = torch.as_tensor(s1).to(dtype).add(pseudocounts).log2_()
+    lfc -= torch.as_tensor(s2).to(dtype).add(pseudocounts).log2_()
+    return lfc.numpy()
+
+
+def _median_over_draws(values: np.ndarray) -> np.ndarray:
+    """``np.median(values, axis=0)`` for ``(M, G)``, with the genes split over torch's thread count
+    (NumPy's partition releases the GIL; on 12k genes the median is otherwise the slowest statistic)."""
+    n_threads = min(torch.get_num_threads(), max(values.shape[1] // 1000, 1))
+    if n_threads == 1:
+        return np.median(values, axis=0)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(n_threads) as pool:
+        chunks = pool.map(lambda chunk: np.median(chunk, axis=0), np.array_split(values, n_threads, axis=1))
+        return np.concatenate(list(chunks))
 
 
 def estimate_delta(lfc_means: np.ndarray, coef: float = 0.6, min_thres: float = 0.1) -> float:
@@ -219,8 +235,8 @@ def change_statistics(
         "bayes_factor": _log_bayes_factor(proba_de, eps),
         "delta": delta,
         "lfc_mean": lfc.mean(axis=0, dtype=np.float64),
-        "lfc_median": np.median(lfc, axis=0),
-        "lfc_std": lfc.std(axis=0, dtype=np.float64),
+        "lfc_median": _median_over_draws(lfc),
+        "lfc_std": torch.std(torch.as_tensor(lfc), dim=0, correction=0).numpy(),  # NumPy's float64 std is slow
         "lfc_min": lfc.min(axis=0),
         "lfc_max": lfc.max(axis=0),
     }

@@ -495,7 +495,7 @@ class SCVI:
         if n_samples_overall is not None:
             if n_samples != 1:
                 raise ValueError("Pass either n_samples or n_samples_overall, not both.")
-            n_cells = len(indices) if indices is not None else (self._data(adata)[1].n_obs if dataloader is None else None)
+            n_cells = _count_cells(indices) if indices is not None else (self._data(adata)[1].n_obs if dataloader is None else None)
             if n_cells is None:
                 raise ValueError("n_samples_overall needs adata/indices, not a dataloader.")
             n_samples = n_samples_overall // n_cells + 1
@@ -508,8 +508,10 @@ class SCVI:
         with self._pyro_scope():
             for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
                 draws = posterior_sites(self.module.model, self.module.guide, batch, n_samples, [site, "z"], codes)
-                per_batch = [d[site][..., mask.to(batch.x.device)] for d in draws]
-                chunks.append((torch.stack(per_batch).mean(0) * factor).cpu())
+                value = draws[0][site] if len(draws) == 1 else torch.stack([d[site] for d in draws]).mean(0)
+                if gene_list is not None:
+                    value = value[..., mask.to(value.device)]
+                chunks.append((value * factor if factor != 1.0 else value).cpu())
                 latents.append(draws[0]["z"].cpu())
         samples = torch.cat(chunks, dim=1).numpy()  # (S, n, G')
 
@@ -914,6 +916,12 @@ class SCVI:
         if save_kwargs:
             raise TypeError(f"convert_legacy_save got unexpected keyword argument(s) {sorted(save_kwargs)}.")
         io_scvi_tools.convert_legacy_save(dir_path, output_dir_path, overwrite=overwrite, prefix=prefix)
+
+
+def _count_cells(indices) -> int:
+    """Number of cells selected by integer positions or a boolean mask."""
+    indices = np.asarray(indices)
+    return int(indices.sum()) if indices.dtype == bool else len(indices)
 
 
 def _resolve_device(accelerator: str = "auto", devices="auto") -> torch.device:
