@@ -131,6 +131,8 @@ class SCVIModule(nn.Module):
                 raise ValueError("A latent library size needs library_log_means and library_log_vars, shape (1, n_batch).")
             self.register_buffer("library_log_means", torch.as_tensor(library_log_means, dtype=torch.float32).reshape(1, -1))
             self.register_buffer("library_log_vars", torch.as_tensor(library_log_vars, dtype=torch.float32).reshape(1, -1))
+        #: parameter name → boolean mask of entries that training must not change (query mapping)
+        self.frozen_parameters: dict[str, torch.Tensor] = {}
 
     # -- the probabilistic program ---------------------------------------------------------------
     def model(self, batch: Minibatch, transform_batch: int | None = None):

@@ -210,3 +210,19 @@ def test_datamodule_and_sparse_minibatches(adata):
 
     model.train(max_epochs=2, datamodule=Module(), enable_progress_bar=False)
     assert len(model.history["train_loss"]) == 4
+
+
+def test_frozen_entries_stay_bitwise_fixed_with_weight_decay(adata):
+    SCVI.setup_anndata(adata, batch_key="batch")
+    model = SCVI(adata, n_hidden=16)
+    weight = model.module.decoder.hidden.fc_layers[0][0].weight
+    mask = torch.ones_like(weight, dtype=torch.bool)
+    mask[:, -2:] = False  # only the batch one-hot columns train
+    model.module.frozen_parameters = {"decoder.hidden.fc_layers.Layer 0.0.weight": mask, "log_dispersion": torch.tensor(True)}
+    before_weight, before_theta = weight.detach().clone(), model.module.log_dispersion.detach().clone()
+    before_other = model.module.decoder.scale_head[0].weight.detach().clone()
+    model.train(max_epochs=3, enable_progress_bar=False, plan_kwargs={"weight_decay": 0.1})
+    assert torch.equal(weight[mask], before_weight[mask])
+    assert not torch.equal(weight[~mask], before_weight[~mask])
+    assert torch.equal(model.module.log_dispersion, before_theta)
+    assert not torch.equal(model.module.decoder.scale_head[0].weight, before_other)

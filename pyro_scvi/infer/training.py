@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..data.minibatch import Minibatch
 from .elbo import CellMeanELBO, elbo_terms
 
-__all__ = ["TrainingPlan", "EarlyStopping", "kl_weight_at", "max_epochs_heuristic", "run_training", "append_history"]
+__all__ = ["TrainingPlan", "EarlyStopping", "FrozenEntries", "kl_weight_at", "max_epochs_heuristic", "run_training", "append_history"]
 
 
 def max_epochs_heuristic(n_obs: int, epochs_cap: int = 400, decay_at_n_obs: int = 20000) -> int:
@@ -152,6 +152,35 @@ class _EpochMetrics:
         }
 
 
+class FrozenEntries:
+    """Entries of parameters that training leaves bitwise unchanged.
+
+    ``masks`` maps a parameter name of ``module`` to a boolean tensor of its shape (True = frozen).
+    After every optimiser step :meth:`restore` writes the frozen entries back, so neither the
+    gradient nor Adam's weight decay can move them; the other entries train as usual (Adam is
+    elementwise, so they evolve exactly as if the frozen ones were absent).
+    """
+
+    def __init__(self, module: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
+        parameters = dict(module.named_parameters())
+        unknown = sorted(set(masks) - set(parameters))
+        if unknown:
+            raise ValueError(f"frozen_parameters names unknown parameters: {unknown}.")
+        self._entries = []
+        for name, mask in masks.items():
+            parameter = parameters[name]
+            mask = torch.as_tensor(mask, dtype=torch.bool, device=parameter.device).expand_as(parameter)
+            self._entries.append((parameter, mask, parameter.detach().clone()))
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for parameter, mask, value in self._entries:
+            parameter.copy_(torch.where(mask, value, parameter))
+
+
 def _validate(module, model, guide, batches: Iterable[Minibatch], kl_weight: float) -> dict[str, float]:
     module.eval()
     metrics = _EpochMetrics()
@@ -175,7 +204,8 @@ def run_training(
 ) -> tuple[dict[str, list], str | None]:
     """Train ``module`` (its ``model``/``guide``) with SVI inside the caller's param-store scope.
 
-    ``train_batches()`` / ``validation_batches()`` return fresh iterables over minibatches already
+    Entries listed in ``module.frozen_parameters`` (name → boolean mask) stay fixed (see
+    :class:`FrozenEntries`). ``train_batches()`` / ``validation_batches()`` return fresh iterables over minibatches already
     on the module's device. Returns ``(records, stop_reason)`` where ``records`` maps each history
     key to a list of ``(epoch, value)``. The records gathered so far are kept when training is
     interrupted (Ctrl-C) or fails; the exception is re-raised after they are attached to it
@@ -184,6 +214,7 @@ def run_training(
     elbo = CellMeanELBO()
     optim = plan.make_optimizer()
     svi = SVI(module.model, module.guide, optim, loss=elbo)
+    frozen = FrozenEntries(module, getattr(module, "frozen_parameters", {}))
     records: dict[str, list] = {}
     stop_reason = None
     step = 0
@@ -203,6 +234,8 @@ def run_training(
                 kl_weight = plan.kl_weight(epoch, step)
                 elbo.kl_weights["z"] = kl_weight
                 loss = _svi_step(svi, batch)
+                if frozen:
+                    frozen.restore()
                 metrics.add(loss, elbo.last_reconstruction, elbo.last_kl, batch.n_cells)
                 step += 1
             values = metrics.compute("train", "train_loss")
