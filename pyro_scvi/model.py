@@ -21,6 +21,7 @@ import pyro
 import torch
 
 from .data.loader import RegisteredData, minibatch_from_dict, split_indices
+from .data.manager import AnnDataManager
 from .data.minibatch import Minibatch
 from .data.registry import (
     REGISTRY_KEYS,
@@ -80,7 +81,10 @@ class SCVI:
         (``"one-hot"`` or ``"embedding"``) and ``batch_embedding_kwargs`` (``{"embedding_dim": 5}``).
     """
 
+    #: registries of AnnData objects set up for this class, by ``uns["_scvi_uuid"]``
     _setup_registries: dict[str, dict] = {}
+    #: their managers (the AnnData object with its registry), by the same key
+    _setup_managers: dict[str, AnnDataManager] = {}
 
     def __init__(
         self,
@@ -133,6 +137,9 @@ class SCVI:
             use_observed_lib_size=use_observed_lib_size,
             library_log_means=library_log_means, library_log_vars=library_log_vars, **kwargs,
         )
+        self._instance_managers: dict[str, AnnDataManager] = {}
+        if adata is not None:
+            self._instance_managers[registry["_scvi_uuid"]] = AnnDataManager(adata, registry)
         # Pyro parameters of this model live in their own param-store state (see _pyro_scope)
         self._param_store_state = {"params": {}, "constraints": {}}
         self.is_trained_ = False
@@ -164,7 +171,53 @@ class SCVI:
             categorical_covariate_keys=categorical_covariate_keys, continuous_covariate_keys=continuous_covariate_keys,
             model_name=cls.__name__, **kwargs,
         )
-        cls._setup_registries[registry["_scvi_uuid"]] = registry
+        cls.register_manager(AnnDataManager(adata, registry))
+
+    @classmethod
+    def register_manager(cls, adata_manager: AnnDataManager) -> None:
+        """Record ``adata_manager`` in the class-level store (a later setup of the same AnnData replaces it)."""
+        cls._setup_managers[adata_manager.adata_uuid] = adata_manager
+        cls._setup_registries[adata_manager.adata_uuid] = adata_manager.registry
+
+    def deregister_manager(self, adata: anndata.AnnData | None = None) -> None:
+        """Forget the manager of ``adata`` (class and instance stores), or with ``None`` every
+        manager except the one of the model's own AnnData."""
+        own = self.registry_.get("_scvi_uuid")
+        if adata is None:
+            uuids = [u for u in {*self._instance_managers, *type(self)._setup_managers} if u != own]
+        else:
+            uuid = adata.uns.get("_scvi_uuid")
+            if uuid == own and adata is self._adata:
+                raise ValueError("Cannot deregister the manager of the model's own AnnData.")
+            uuids = [uuid]
+        for uuid in uuids:
+            self._instance_managers.pop(uuid, None)
+            type(self)._setup_managers.pop(uuid, None)
+            type(self)._setup_registries.pop(uuid, None)
+
+    def get_anndata_manager(self, adata: anndata.AnnData, required: bool = False) -> AnnDataManager | None:
+        """The manager this model uses for ``adata``: ``None`` (or ``ValueError`` when ``required``)
+        if the model has not seen it; a copy of a registered AnnData gets the setup transferred."""
+        if adata is self._adata and self._adata is not None:
+            return AnnDataManager(self._adata, self.registry_)
+        manager = self._instance_managers.get(adata.uns.get("_scvi_uuid"))
+        if manager is None:
+            if required:
+                raise ValueError("This AnnData has not been registered with this model: pass it to a model method "
+                                 "(which transfers the setup) or call SCVI.setup_anndata.")
+            return None
+        if manager.adata is not adata:  # a copy: transfer the setup onto this object
+            manager = AnnDataManager(adata, self._registry_for(adata))
+        return manager
+
+    @property
+    def adata_manager(self) -> AnnDataManager | None:
+        """The manager of the model's AnnData."""
+        return None if self._adata is None else AnnDataManager(self._adata, self.registry_)
+
+    def get_from_registry(self, adata: anndata.AnnData, registry_key: str):
+        """The registered field ``registry_key`` of ``adata`` (e.g. ``"X"``, ``"batch"`` codes ``(n, 1)``)."""
+        return self.get_anndata_manager(adata, required=True).get_from_registry(registry_key)
 
     @classmethod
     def _registry_of(cls, adata: anndata.AnnData) -> dict:
@@ -209,7 +262,9 @@ class SCVI:
         if adata.is_view:
             adata._init_as_actual(adata.copy())
         registry = setup_registry(adata, source_registry=self.registry_, model_name=type(self).__name__)
-        type(self)._setup_registries[registry["_scvi_uuid"]] = registry
+        manager = AnnDataManager(adata, registry)
+        type(self).register_manager(manager)
+        self._instance_managers[manager.adata_uuid] = manager
         return registry
 
     def _data(self, adata: anndata.AnnData | None) -> tuple[anndata.AnnData, RegisteredData]:
@@ -884,7 +939,7 @@ class SCVI:
             if adata.is_view:
                 adata._init_as_actual(adata.copy())
             transferred = setup_registry(adata, source_registry=registry, model_name=registry["model_name"])
-            cls._setup_registries[transferred["_scvi_uuid"]] = transferred
+            cls.register_manager(AnnDataManager(adata, transferred))
         init = dict(attrs["init_params_"]["non_kwargs"])
         init.update(attrs["init_params_"].get("kwargs", {}).get("kwargs", {}))
         model = cls(adata, registry=None if adata is not None else registry, **init)

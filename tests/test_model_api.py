@@ -255,3 +255,35 @@ def test_adata_setter_transfers_the_setup(trained):
     assert model.adata is subset and model.summary_stats["n_cells"] == 30
     np.testing.assert_allclose(model.get_latent_representation(), trained.get_latent_representation(indices=np.arange(30)), rtol=1e-5, atol=1e-6)
     assert trained.summary_stats["n_cells"] == trained.adata.n_obs
+
+
+def test_manager_api(trained):
+    from pyro_scvi.data import AnnDataManager
+
+    own = trained.adata_manager
+    assert isinstance(own, AnnDataManager) and own.adata is trained.adata
+    np.testing.assert_array_equal(trained.get_from_registry(trained.adata, "batch").ravel(),
+                                  trained.adata.obs["_scvi_batch"].to_numpy())
+    assert trained.get_from_registry(trained.adata, "X").shape == trained.adata.shape
+    other = trained.adata[:40].copy()
+    del other.uns["_scvi_uuid"]
+    assert trained.get_anndata_manager(other) is None
+    with pytest.raises(ValueError, match="not been registered"):
+        trained.get_anndata_manager(other, required=True)
+    trained.get_latent_representation(other)  # a model method transfers the setup
+    manager = trained.get_anndata_manager(other, required=True)
+    assert manager.adata is other and manager.summary_stats["n_cells"] == 40
+    np.testing.assert_array_equal(trained.get_from_registry(other, "labels").ravel(), other.obs["_scvi_labels"].to_numpy())
+    copied = other.copy()  # same uuid, another object: the setup is transferred onto it
+    assert trained.get_anndata_manager(copied).adata is copied
+    trained.deregister_manager(other)
+    assert trained.get_anndata_manager(other) is None
+    trained.view_anndata_setup(other)  # transfers again and prints
+    trained.deregister_manager()
+    assert trained.get_anndata_manager(other) is None and trained.adata_manager is not None
+    with pytest.raises(ValueError, match="own AnnData"):
+        trained.deregister_manager(trained.adata)
+    fresh = other.copy()
+    del fresh.uns["_scvi_uuid"]
+    SCVI.setup_anndata(fresh, batch_key="batch")  # setup registers a manager in the class store
+    assert SCVI._setup_managers[fresh.uns["_scvi_uuid"]].adata is fresh
