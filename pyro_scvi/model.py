@@ -18,12 +18,14 @@ import anndata
 import numpy as np
 import pandas as pd
 import pyro
+import scipy.sparse as sp
 import torch
 
 from .data.loader import RegisteredData, minibatch_from_dict, split_indices
 from .data.manager import AnnDataManager
 from .data.minibatch import Minibatch
 from .data.registry import (
+    MINIFY_TYPE_KEY,
     REGISTRY_KEYS,
     format_registry,
     library_size_prior,
@@ -49,6 +51,7 @@ _MODULE_KWARGS = (
     "log_variational", "encode_covariates", "deeply_inject_covariates", "use_batch_norm", "use_layer_norm", "var_activation",
     "batch_representation", "batch_embedding_kwargs",
 )
+MINIFIED_TYPES = ("latent_posterior_parameters", "latent_posterior_parameters_with_counts")
 _TRAINER_KWARGS = (
     "check_val_every_n_epoch", "enable_progress_bar", "early_stopping_monitor", "early_stopping_patience",
     "early_stopping_min_delta", "early_stopping_mode", "early_stopping_warmup_epochs", "strategy",
@@ -276,6 +279,60 @@ class SCVI:
             return self._adata, self._data_cache
         return adata, RegisteredData(adata, self._registry_for(adata))
 
+    # ------------------------------------------------------------------ minified data
+    @property
+    def minified_data_type(self) -> str | None:
+        """``None``, or how :meth:`minify_adata` reduced the model's AnnData."""
+        if self._adata is None:
+            return None
+        return self._adata.uns.get(MINIFY_TYPE_KEY)
+
+    def minify_adata(self, minified_data_type: str = "latent_posterior_parameters",
+                     use_latent_qzm_key: str = "X_latent_qzm", use_latent_qzv_key: str = "X_latent_qzv") -> None:
+        """Replace the model's AnnData by a copy that keeps each cell's posterior of z instead of its counts.
+
+        Store the posterior first, e.g. ``adata.obsm["X_latent_qzm"], adata.obsm["X_latent_qzv"] =
+        model.get_latent_representation(return_dist=True)``. With ``"latent_posterior_parameters"``
+        X and every layer become all-zero sparse matrices; with
+        ``"latent_posterior_parameters_with_counts"`` the counts stay. The total counts are kept in
+        ``obs["observed_lib_size"]``. Latent representation, normalized expression, likelihood
+        parameters, posterior predictive samples and differential expression then work from the
+        stored posterior; methods that need the counts raise ``ValueError``. The original AnnData
+        is not modified.
+        """
+        if minified_data_type not in MINIFIED_TYPES:
+            raise ValueError(f"minified_data_type must be one of {MINIFIED_TYPES}, got {minified_data_type!r}.")
+        if self.module.latent_library:
+            raise ValueError("Minification is not supported for models that do not use observed library size.")
+        adata = self._adata
+        if adata is None:
+            raise ValueError("This model has no AnnData to minify.")
+        for key in (use_latent_qzm_key, use_latent_qzv_key):
+            if key not in adata.obsm:
+                raise ValueError(f"adata.obsm[{key!r}] is missing: store the posterior first with "
+                                 "model.get_latent_representation(return_dist=True).")
+        _, data = self._data(None)
+        minified = adata.copy()
+        if minified_data_type == "latent_posterior_parameters":
+            minified.X = sp.csr_matrix(adata.shape, dtype=np.float32)
+            for layer in list(minified.layers):
+                minified.layers[layer] = sp.csr_matrix(adata.shape, dtype=np.float32)
+            minified.raw = None
+        minified.uns.pop("_scvi_uuid", None)
+        minified.uns[MINIFY_TYPE_KEY] = minified_data_type
+        minified.obsm["scvi_latent_qzm"] = np.asarray(adata.obsm[use_latent_qzm_key], dtype=np.float32)
+        minified.obsm["scvi_latent_qzv"] = np.asarray(adata.obsm[use_latent_qzv_key], dtype=np.float32)
+        minified.obs["observed_lib_size"] = data.log_library.exp().numpy().ravel()
+        registry = setup_registry(minified, source_registry=self.registry_, model_name=type(self).__name__)
+        type(self).register_manager(AnnDataManager(minified, registry))
+        self._instance_managers[registry["_scvi_uuid"]] = AnnDataManager(minified, registry)
+        self._adata, self.registry_, self._data_cache = minified, registry, None
+
+    def _check_not_minified(self, method: str, adata=None) -> None:
+        adata = self._adata if adata is None else adata
+        if adata is not None and adata.uns.get(MINIFY_TYPE_KEY) == "latent_posterior_parameters":
+            raise ValueError(f"The {type(self).__name__}.{method} function currently does not support minified data.")
+
     # ------------------------------------------------------------------ plumbing
     @contextlib.contextmanager
     def _pyro_scope(self):
@@ -348,6 +405,8 @@ class SCVI:
         ``datamodule``: an object with ``train_dataloader()`` (and optionally ``val_dataloader()``)
         yielding dicts with scvi-tools' keys (``"X"``, ``"batch"``, ``"labels"``, ...).
         """
+        if datamodule is None:
+            self._check_not_minified("train")
         unknown = sorted(set(trainer_kwargs) - set(_TRAINER_KWARGS))
         if unknown:
             raise TypeError(f"train got unexpected keyword argument(s) {unknown}; accepted: {list(_TRAINER_KWARGS)}.")
@@ -469,6 +528,7 @@ class SCVI:
         ``give_mean=False`` ``exp`` of one posterior draw.
         """
         self._check_trained()
+        self._check_not_minified("get_latent_library_size", adata)
         self.module.eval()
         out = []
         with self._pyro_scope():
@@ -598,6 +658,7 @@ class SCVI:
         ``p(x_a)`` from :meth:`get_marginal_ll` (``n_mc_samples`` draws). ``truncation=True`` raises
         every log-weight to at least the log of the mean weight, as scvi-tools does.
         """
+        self._check_not_minified("get_importance_weights", adata)
         _, data = self._data(adata)
         selection = np.arange(data.n_obs) if indices is None else np.asarray(indices)
         anchors_idx = np.sort(np.random.choice(selection, min(max_cells, len(selection)), replace=False))
@@ -721,40 +782,14 @@ class SCVI:
                 for _, batch in self._minibatches(adata, indices, batch_size)]
         return torch.cat(rows).numpy()
 
-    def differential_expression(
-        self,
-        adata: anndata.AnnData | None = None,
-        groupby: str | None = None,
-        group1=None,
-        group2=None,
-        idx1=None,
-        idx2=None,
-        mode: str = "vanilla",
-        delta: float | None = 0.25,
-        batch_size: int | None = None,
-        all_stats: bool = True,
-        batch_correction: bool = False,
-        batchid1=None,
-        batchid2=None,
-        fdr_target: float = 0.05,
-        silent: bool = False,
-        weights: str | None = "uniform",
-        filter_outlier_cells: bool = False,
-        importance_weighting_kwargs: dict | None = None,
-        **kwargs,
-    ) -> pd.DataFrame:
-        """Bayesian differential expression between groups of cells (see
-        :func:`pyro_scvi.differential.differential_expression` for the tests and columns)."""
-        return differential.differential_expression(
-            self, adata=adata, groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2, mode=mode,
-            delta=delta, batch_size=batch_size, all_stats=all_stats, batch_correction=batch_correction,
-            batchid1=batchid1, batchid2=batchid2, fdr_target=fdr_target, silent=silent, weights=weights,
-            filter_outlier_cells=filter_outlier_cells, importance_weighting_kwargs=importance_weighting_kwargs, **kwargs,
-        )
+    #: Bayesian differential expression between groups of cells; see
+    #: :func:`pyro_scvi.differential.differential_expression` (the model is its first argument).
+    differential_expression = differential.differential_expression
 
     # ------------------------------------------------------------------ evaluation
-    def _elbo_terms_per_cell(self, adata, indices, batch_size, dataloader) -> tuple[torch.Tensor, torch.Tensor]:
+    def _elbo_terms_per_cell(self, adata, indices, batch_size, dataloader, method: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-cell reconstruction loss −log p(x | z, l) and summed KL (weight 1), one draw each."""
+        self._check_not_minified(method, adata)
         self.module.eval()
         reconstruction, kl = [], []
         with self._pyro_scope(), torch.no_grad():
@@ -772,7 +807,7 @@ class SCVI:
         ``elbo_*`` entries of :attr:`history` are its negation.) One Monte-Carlo draw per cell.
         """
         self._check_trained()
-        reconstruction, kl = self._elbo_terms_per_cell(adata, indices, batch_size, dataloader)
+        reconstruction, kl = self._elbo_terms_per_cell(adata, indices, batch_size, dataloader, "get_elbo")
         elbo = -(reconstruction + kl)
         return elbo.mean() if return_mean else elbo
 
@@ -781,7 +816,7 @@ class SCVI:
         """``{"reconstruction_loss": −E_q log p(x | z, l)}``: a positive negative log-likelihood
         (lower is better), averaged over cells or per cell ``(n,)``; one draw per cell."""
         self._check_trained()
-        reconstruction, _ = self._elbo_terms_per_cell(adata, indices, batch_size, dataloader)
+        reconstruction, _ = self._elbo_terms_per_cell(adata, indices, batch_size, dataloader, "get_reconstruction_error")
         return {"reconstruction_loss": reconstruction.mean() if return_mean else reconstruction}
 
     def get_marginal_ll(self, adata=None, indices=None, n_mc_samples: int = 1000, batch_size=None,
@@ -793,6 +828,7 @@ class SCVI:
         Densities of the logistic-normal latent are evaluated on the Gaussian (pre-softmax) variable.
         """
         self._check_trained()
+        self._check_not_minified("get_marginal_ll", adata)
         self.module.eval()
         values = []
         with self._pyro_scope(), torch.no_grad():
@@ -842,7 +878,7 @@ class SCVI:
             f"dropout_rate: {p['dropout_rate']}, dispersion: {p['dispersion']}, gene_likelihood: "
             f"{p['gene_likelihood']}, latent_distribution: {p['latent_distribution']}."
             f"\nTraining status: {'Trained' if self.is_trained_ else 'Not Trained'}"
-            "\nModel's adata is minified?: False"
+            f"\nModel's adata is minified?: {self.minified_data_type is not None}"
         )
 
     def __repr__(self) -> str:

@@ -43,7 +43,11 @@ class RegisteredData:
             counts = sp.csr_matrix(counts)
         self.counts = counts
         self.n_obs, self.n_vars = counts.shape
-        library = np.asarray(counts.sum(axis=1)).reshape(-1, 1)
+        minified = "latent_qzm" in registry["field_registries"]
+        if minified:  # the library was recorded before the counts were dropped
+            library = np.asarray(get_from_registry(adata, registry, "observed_lib_size"), dtype=np.float64).reshape(-1, 1)
+        else:
+            library = np.asarray(counts.sum(axis=1)).reshape(-1, 1)
         with np.errstate(divide="ignore"):
             self.log_library = torch.as_tensor(np.log(library), dtype=torch.float32)
         self.batch_index = _as_tensor(get_from_registry(adata, registry, REGISTRY_KEYS.BATCH), torch.int64)
@@ -53,6 +57,11 @@ class RegisteredData:
         self.continuous_covariates = _as_tensor(
             get_from_registry(adata, registry, REGISTRY_KEYS.CONT_COVS), torch.float32
         )
+        self.minified_data_type = get_from_registry(adata, registry, "minify_type") if minified else None
+        self.latent_loc = self.latent_scale = None
+        if self.minified_data_type == "latent_posterior_parameters":  # counts gone: use the stored posterior
+            self.latent_loc = _as_tensor(get_from_registry(adata, registry, "latent_qzm"), torch.float32)
+            self.latent_scale = _as_tensor(get_from_registry(adata, registry, "latent_qzv"), torch.float32).sqrt()
 
     def counts_of(self, indices: np.ndarray, sparse: bool = False) -> torch.Tensor:
         """Counts of the given cells as a dense float32 ``(n, G)`` tensor (or a sparse COO tensor)."""
@@ -88,6 +97,8 @@ class RegisteredData:
             size_factor=pick(self.size_factor),
             categorical_covariates=pick(self.categorical_covariates),
             continuous_covariates=pick(self.continuous_covariates),
+            latent_loc=pick(self.latent_loc),
+            latent_scale=pick(self.latent_scale),
         )
         return batch.to(device)
 

@@ -29,6 +29,8 @@ class Minibatch:
         Codes of the extra categorical covariates ``(n, m)`` int64, or ``None``.
     continuous_covariates
         Extra continuous covariates ``(n, C)`` float, or ``None``.
+    latent_loc, latent_scale
+        A stored posterior of z ``(n, d)`` (minified data), or ``None``.
     """
 
     x: torch.Tensor | None
@@ -38,6 +40,8 @@ class Minibatch:
     size_factor: torch.Tensor | None = None
     categorical_covariates: torch.Tensor | None = None
     continuous_covariates: torch.Tensor | None = None
+    latent_loc: torch.Tensor | None = None
+    latent_scale: torch.Tensor | None = None
 
     @property
     def n_cells(self) -> int:

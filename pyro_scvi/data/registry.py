@@ -79,6 +79,14 @@ _CATEGORICAL_FIELDS = {
 _CAT_COVS_COLUMN = "_scvi_extra_categorical_covs"
 _CONT_COVS_COLUMN = "_scvi_extra_continuous_covs"
 _UUID_KEY = "_scvi_uuid"
+#: where a minified AnnData (``SCVI.minify_adata``) keeps its type, posterior and library
+MINIFY_TYPE_KEY = "_scvi_adata_minify_type"
+MINIFIED_FIELDS = {
+    "latent_qzm": ("obsm", "scvi_latent_qzm"),
+    "latent_qzv": ("obsm", "scvi_latent_qzv"),
+    "observed_lib_size": ("obs", "observed_lib_size"),
+    "minify_type": ("uns", MINIFY_TYPE_KEY),
+}
 _MANAGER_UUID_KEY = "_scvi_manager_uuid"
 # Rows of a dense matrix checked at once, so temporaries stay near 2**24 elements.
 _CHUNK_ELEMENTS = 2**24
@@ -147,6 +155,12 @@ def setup_registry(
     fields[REGISTRY_KEYS.CONT_COVS] = _register_continuous_covariates(
         adata, _as_key_list(setup_args["continuous_covariate_keys"]), writes
     )
+
+    if MINIFY_TYPE_KEY in adata.uns:
+        for name, (attr_name, key) in MINIFIED_FIELDS.items():
+            if key not in getattr(adata, attr_name):
+                raise ValueError(f"This AnnData is minified but {_location(attr_name, key)} is missing.")
+            fields[name] = _field({"attr_name": attr_name, "attr_key": key}, {}, {})
 
     for attr_name, key, value in writes:
         _write(adata, attr_name, key, value)

@@ -6,7 +6,8 @@ For each cell n::
     q(l_n | x_n) = Normal(μ_l(x_n), σ_l(x_n))     only when the log-library is latent
 
 The encoders read ``log1p(x_n)`` (``log_variational``) and, with ``encode_covariates=True``, the
-continuous covariates and the one-hot batch and categorical covariates.
+continuous covariates and the one-hot batch and categorical covariates. On minified data (counts
+dropped by ``SCVI.minify_adata``) q(z_n | x_n) is the posterior stored with the cells.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ def scvi_guide(module, batch, transform_batch: int | None = None):
     """q(z, l | x) for one minibatch; takes the model's arguments (``transform_batch`` is unused:
     the encoder always sees the cell's own batch)."""
     pyro.module("scvi", module)
-    encoder_input, covariates = module.encoder_input(batch)  # (n, G [+ C]), [(n, 1), ...]
-
     with pyro.plate("cells", batch.n_cells, dim=-1):
-        z_loc, z_scale = module.z_encoder(encoder_input, *covariates)  # (n, d) each
+        if batch.latent_loc is not None:  # minified data: the stored posterior
+            z_loc, z_scale = batch.latent_loc, batch.latent_scale  # (n, d) each
+        else:
+            encoder_input, covariates = module.encoder_input(batch)  # (n, G [+ C]), [(n, 1), ...]
+            z_loc, z_scale = module.z_encoder(encoder_input, *covariates)  # (n, d) each
         pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))  # (n, d)
 
         if module.latent_library:
