@@ -433,7 +433,7 @@ def load_query_data(
     from .model import _resolve_device
 
     if datamodule is not None:
-        raise NotImplementedError("load_query_data(datamodule=...) is not supported by pyro-scvi; pass adata.")
+        raise ValueError("load_query_data maps an AnnData: pass adata= (datamodule= is for training a built model).")
     if adata is None:
         raise ValueError("load_query_data needs the query AnnData (adata=).")
     if reference_model is None:
@@ -469,6 +469,11 @@ def load_query_data(
                 f"transfer_batch=False but the query has batch categories unknown to the reference: {unknown}."
             )
 
+    labels_key = registry["setup_args"].get("labels_key")
+    if labels_key is not None and labels_key not in adata.obs:  # an unlabeled query: one new label category
+        warnings.warn(f'The query has no obs["{labels_key}"]: its cells get the new label category "unlabeled".',
+                      UserWarning, stacklevel=3)
+        adata.obs[labels_key] = pd.Categorical(["unlabeled"] * adata.n_obs)
     query_registry = setup_registry(adata, source_registry=registry, extend_categories=True, model_name=cls.__name__)
     cls._setup_registries[query_registry["_scvi_uuid"]] = query_registry
 

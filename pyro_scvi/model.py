@@ -38,7 +38,7 @@ from .infer.importance import aggregate_posterior_log_weights, marginal_log_like
 from .infer.posterior import observation_distribution, posterior_model_traces, posterior_sites, variational_posterior
 from .models.likelihoods import likelihood_parameters
 from .infer.training import EarlyStopping, TrainingPlan, append_history, max_epochs_heuristic, run_training
-from . import differential, io_scvi_tools
+from . import arches, differential, io_scvi_tools
 from .io import FORMAT, FORMAT_VERSION, history_to_safe, to_safe, write_model_dir
 from .io_scvi_tools import read_model_dir, write_scvi_tools_model
 from .module import SCVIModule
@@ -264,7 +264,8 @@ class SCVI:
             return self.registry_
         if adata.is_view:
             adata._init_as_actual(adata.copy())
-        registry = setup_registry(adata, source_registry=self.registry_, model_name=type(self).__name__)
+        registry = setup_registry(adata, source_registry=self.registry_, model_name=type(self).__name__,
+                                  check_var_names=True)  # same genes in the same order, or a clear error
         manager = AnnDataManager(adata, registry)
         type(self).register_manager(manager)
         self._instance_managers[manager.adata_uuid] = manager
@@ -424,6 +425,8 @@ class SCVI:
         check_val = trainer_kwargs.get("check_val_every_n_epoch")
         if check_val is None and (early_stopping or plan.reduce_lr_on_plateau):
             check_val = 1
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
 
         if datamodule is not None:
             train_batches = lambda: (minibatch_from_dict(t, device) for t in datamodule.train_dataloader())  # noqa: E731
@@ -438,6 +441,7 @@ class SCVI:
             else:
                 train_idx, val_idx, test_idx = split_indices(
                     data.n_obs, train_size, validation_size, batch_size, shuffle_set_split, settings.seed, drop_last)
+            _check_training_minibatches(self.module, len(train_idx), batch_size, drop_last)
             train_batches = lambda: (b for _, b in data.iterate(train_idx, batch_size, True, drop_last, device, load_sparse_tensor))  # noqa: E731
             val_batches = None if len(val_idx) == 0 else (lambda: (b for _, b in data.iterate(val_idx, batch_size, device=device, sparse=load_sparse_tensor)))  # noqa: E731
             n_train_cells = data.n_obs
@@ -782,6 +786,11 @@ class SCVI:
                 for _, batch in self._minibatches(adata, indices, batch_size)]
         return torch.cat(rows).numpy()
 
+    #: scArches reference mapping (see :mod:`pyro_scvi.arches`)
+    prepare_query_anndata = staticmethod(arches.prepare_query_anndata)
+    prepare_query_mudata = staticmethod(arches.prepare_query_mudata)
+    load_query_data = classmethod(arches.load_query_data)
+
     #: Bayesian differential expression between groups of cells; see
     #: :func:`pyro_scvi.differential.differential_expression` (the model is its first argument).
     differential_expression = differential.differential_expression
@@ -1007,6 +1016,24 @@ class SCVI:
         if save_kwargs:
             raise TypeError(f"convert_legacy_save got unexpected keyword argument(s) {sorted(save_kwargs)}.")
         io_scvi_tools.convert_legacy_save(dir_path, output_dir_path, overwrite=overwrite, prefix=prefix)
+
+
+def _check_training_minibatches(module, n_train: int, batch_size: int, drop_last: bool) -> None:
+    """Raise ``ValueError`` when training would see no minibatch, or one cell alone in a BatchNorm minibatch."""
+    if drop_last and n_train < batch_size:
+        raise ValueError(
+            f"drop_last=True with {n_train} training cells and batch_size={batch_size} leaves no training "
+            "minibatch: lower batch_size or drop datasplitter_kwargs={'drop_last': True}."
+        )
+    if not any(isinstance(layer, torch.nn.BatchNorm1d) for layer in module.modules()):
+        return
+    last = n_train % batch_size if not drop_last else 0
+    if batch_size == 1 or last == 1 or n_train == 1:
+        raise ValueError(
+            f"{n_train} training cells in minibatches of {batch_size} give a minibatch of 1 cell, on which "
+            "BatchNorm cannot train: use batch_size >= 2, other training indices, more cells, or "
+            "datasplitter_kwargs={'drop_last': True} (or use_batch_norm='none')."
+        )
 
 
 def _count_cells(indices) -> int:

@@ -48,8 +48,9 @@ class RegisteredData:
             library = np.asarray(get_from_registry(adata, registry, "observed_lib_size"), dtype=np.float64).reshape(-1, 1)
         else:
             library = np.asarray(counts.sum(axis=1)).reshape(-1, 1)
-        with np.errstate(divide="ignore"):
-            self.log_library = torch.as_tensor(np.log(library), dtype=torch.float32)
+        # a cell without counts would get log-library -inf (NaN gradients with a Poisson likelihood):
+        # it counts as 1 count, as setup_anndata warns
+        self.log_library = torch.as_tensor(np.log(np.where(library > 0, library, 1.0)), dtype=torch.float32)
         self.batch_index = _as_tensor(get_from_registry(adata, registry, REGISTRY_KEYS.BATCH), torch.int64)
         self.labels = _as_tensor(get_from_registry(adata, registry, REGISTRY_KEYS.LABELS), torch.int64)
         self.size_factor = _as_tensor(get_from_registry(adata, registry, REGISTRY_KEYS.SIZE_FACTOR), torch.float32)
@@ -121,6 +122,12 @@ class RegisteredData:
             yield chunk, self.minibatch(chunk, device=device, sparse=sparse)
 
 
+def _log_total(x: torch.Tensor) -> torch.Tensor:
+    """Log total counts per row; an empty row counts as 1 count (log 0 would be -inf)."""
+    total = x.sum(-1, keepdim=True)
+    return torch.where(total > 0, total, torch.ones_like(total)).log()
+
+
 def minibatch_from_dict(tensors: dict, device: torch.device | str = "cpu") -> Minibatch:
     """Build a :class:`Minibatch` from a dict with scvi-tools' keys (``"X"``, ``"batch"``, ...).
 
@@ -148,7 +155,7 @@ def minibatch_from_dict(tensors: dict, device: torch.device | str = "cpu") -> Mi
         x=x,
         batch_index=zeros if batch_index is None else batch_index,
         labels=zeros if labels is None else labels,
-        log_library=x.sum(-1, keepdim=True).log(),
+        log_library=_log_total(x),
         size_factor=column(REGISTRY_KEYS.SIZE_FACTOR, torch.float32),
         categorical_covariates=column(REGISTRY_KEYS.CAT_COVS, torch.int64),
         continuous_covariates=column(REGISTRY_KEYS.CONT_COVS, torch.float32),

@@ -109,13 +109,17 @@ def setup_registry(
     model_name: str = "SCVI",
     source_registry: dict | None = None,
     extend_categories: bool = False,
+    check_var_names: bool = False,
 ) -> dict:
     """Check ``adata``, write the covariate codes into it and return its registry.
 
     With ``source_registry`` the setup arguments and category mappings come from that registry
     (explicit arguments must then be ``None`` or equal to the source's); with
     ``extend_categories=True`` categories unseen by the source are appended to its mappings.
-    Nothing is written into ``adata`` unless every check passes.
+    With ``check_var_names=True`` (what model methods use for a new AnnData) the genes must also be
+    the source's, in the source's order (``ValueError`` otherwise); by default only their number is
+    checked, as in scvi-tools. Duplicated cell or gene names and cells without counts give a
+    warning. Nothing is written into ``adata`` unless every check passes.
     """
     if adata.is_view:
         raise ValueError("Please run `adata = adata.copy()`")
@@ -138,7 +142,9 @@ def setup_registry(
 
     writes: list[tuple[str, str, Any]] = []
     fields = defaultdict(dict)
-    fields[REGISTRY_KEYS.X] = _register_layer(adata, setup_args["layer"], source_fields.get(REGISTRY_KEYS.X), writes)
+    fields[REGISTRY_KEYS.X] = _register_layer(
+        adata, setup_args["layer"], source_fields.get(REGISTRY_KEYS.X), writes, check_var_names
+    )
     for field_name in (REGISTRY_KEYS.BATCH, REGISTRY_KEYS.LABELS):
         arg_name = _CATEGORICAL_FIELDS[field_name][0]
         fields[field_name] = _register_categorical(
@@ -340,7 +346,7 @@ def _field(data_registry: dict, state_registry: dict, stats: dict) -> dict:
     return {"data_registry": data_registry, "state_registry": state_registry, "summary_stats": stats}
 
 
-def _register_layer(adata, layer: str | None, source: dict | None, writes: list) -> dict:
+def _register_layer(adata, layer: str | None, source: dict | None, writes: list, check_var_names: bool = False) -> dict:
     """The count matrix: ``adata.X`` or ``adata.layers[layer]``."""
     if layer is not None and layer not in adata.layers:
         raise ValueError(f"{layer} is not a valid key in adata.layers.")
@@ -354,8 +360,13 @@ def _register_layer(adata, layer: str | None, source: dict | None, writes: list)
                 "Number of vars in `adata_target` not the same as source. "
                 f"Expected: {expected} Received: {adata.n_vars}"
             )
+        if check_var_names:
+            _check_same_var_names(adata, source["state_registry"].get("column_names"))
     _check_counts(matrix, layer)
     _warn_if_not_csr(matrix, layer)
+    _warn_duplicated_names(adata)
+    if MINIFY_TYPE_KEY not in adata.uns:  # a minified AnnData has no counts left
+        _warn_empty_cells(matrix, layer)
     if isinstance(matrix, np.ndarray) and not matrix.flags.c_contiguous:
         writes.append(("X" if layer is None else "layers", layer, np.ascontiguousarray(matrix)))
     return _field(
@@ -575,6 +586,60 @@ def _check_counts(matrix, layer: str | None) -> None:
             "Are you sure this is what you want?",
             UserWarning,
             stacklevel=4,
+        )
+
+
+def _check_same_var_names(adata, expected) -> None:
+    """Raise unless ``adata.var_names`` are ``expected`` (the source's genes) in the same order."""
+    if expected is None:  # a registry without gene names (legacy): only the number can be checked
+        return
+    expected = pd.Index([str(name) for name in expected])
+    received = pd.Index([str(name) for name in adata.var_names])
+    if expected.equals(received):
+        return
+    missing, unseen = expected.difference(received, sort=False), received.difference(expected, sort=False)
+    if len(missing) == 0 and len(unseen) == 0:
+        first = int(np.flatnonzero(expected.to_numpy() != received.to_numpy())[0])
+        raise ValueError(
+            f"The AnnData has the model's genes in a different order (first difference at position {first}: "
+            f"{received[first]!r} where the model has {expected[first]!r}); the counts would be read against the "
+            "wrong genes. Reorder the genes first: `adata = adata[:, model.adata.var_names].copy()` (or "
+            "`pyro_scvi.arches.prepare_query_anndata(adata, model)`)."
+        )
+    raise ValueError(
+        f"The AnnData's genes are not the model's: {len(missing)} of the model's genes are missing "
+        f"(e.g. {list(missing[:5])}) and {len(unseen)} genes are unknown to the model (e.g. {list(unseen[:5])}). "
+        "Subset and order the genes as the model's, e.g. with `pyro_scvi.arches.prepare_query_anndata(adata, model)` "
+        "(which fills missing genes with zeros)."
+    )
+
+
+def _warn_duplicated_names(adata) -> None:
+    """Duplicated cell or gene names work, but results keyed by name become ambiguous."""
+    for axis, names, fix in (("gene", adata.var_names, "var_names_make_unique"), ("cell", adata.obs_names, "obs_names_make_unique")):
+        if names.is_unique:
+            continue
+        duplicated = pd.unique(np.asarray(names[names.duplicated()], dtype=object))
+        warnings.warn(
+            f"{len(duplicated)} {axis} name(s) are duplicated (e.g. {list(duplicated[:3])}): results indexed by "
+            f"{axis} name (DataFrames, gene_list, differential expression) will be ambiguous. "
+            f"Call `adata.{fix}()` before setup_anndata.",
+            UserWarning,
+            stacklevel=5,
+        )
+
+
+def _warn_empty_cells(matrix, layer: str | None) -> None:
+    """Cells without counts train (their library counts as 1 count) but their results mean nothing."""
+    n_empty = int(np.sum(_row_totals(matrix) <= 0))
+    if n_empty:
+        warnings.warn(
+            f"This dataset has some empty cells, this might fail inference. Data should be filtered with "
+            f"`scanpy.pp.filter_cells()`. ({n_empty} cell(s) have zero total counts in {_matrix_name(layer)}: they "
+            "are used with a library of 1 count and their latent representation and expression estimates are "
+            "meaningless.)",
+            UserWarning,
+            stacklevel=5,
         )
 
 

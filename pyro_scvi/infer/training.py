@@ -209,7 +209,9 @@ def run_training(
     on the module's device. Returns ``(records, stop_reason)`` where ``records`` maps each history
     key to a list of ``(epoch, value)``. The records gathered so far are kept when training is
     interrupted (Ctrl-C) or fails; the exception is re-raised after they are attached to it
-    as ``exc.partial_history``.
+    as ``exc.partial_history``. When an epoch ends with a non-finite loss or non-finite weights,
+    the weights of the start of that epoch are restored and ``FloatingPointError`` is raised
+    (finiteness is checked once per epoch, never per step).
     """
     elbo = CellMeanELBO()
     optim = plan.make_optimizer()
@@ -229,6 +231,8 @@ def run_training(
     epochs = tqdm(range(max_epochs), desc="Training", unit="epoch", disable=not progress_bar, leave=True)
     try:
         for epoch in epochs:
+            # weights (and BatchNorm statistics) at the start of the epoch: restored if the epoch goes non-finite
+            snapshot = {name: value.detach().clone() for name, value in module.state_dict().items()}
             metrics = _EpochMetrics()
             for batch in train_batches():
                 kl_weight = plan.kl_weight(epoch, step)
@@ -240,11 +244,14 @@ def run_training(
                 step += 1
             values = metrics.compute("train", "train_loss")
             values["kl_weight"] = kl_weight
-            if not math.isfinite(values["train_loss"]):
+            if not math.isfinite(values["train_loss"]) or not _all_finite(module):
+                module.load_state_dict(snapshot)
+                what = f"loss became {values['train_loss']}" if not math.isfinite(values["train_loss"]) else "weights became non-finite"
                 raise FloatingPointError(
-                    f"The training loss became {values['train_loss']} in epoch {epoch}. Likely causes: the "
-                    "registered layer is not raw counts (normalised or log data), or the learning rate is too "
-                    "high (plan_kwargs={'lr': ...})."
+                    f"The training {what} in epoch {epoch}; training stopped and the model keeps the weights of "
+                    "the last finite epoch (its history so far is kept). Likely causes: the registered layer is not "
+                    "raw counts (normalised or log data: register the raw counts with `layer=`), or the learning "
+                    "rate is too high (lower it with plan_kwargs={'lr': ...})."
                 )
             if validation_batches is not None and validate_every and (epoch + 1) % validate_every == 0:
                 values.update(_validate(module, svi.model, svi.guide, validation_batches(), kl_weight))
@@ -264,6 +271,12 @@ def run_training(
         epochs.close()
         module.eval()
     return records, stop_reason
+
+
+def _all_finite(module) -> bool:
+    """Whether every floating-point parameter and buffer of ``module`` is finite (one host sync)."""
+    checks = [torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 def _svi_step(svi: SVI, batch: Minibatch) -> torch.Tensor:
