@@ -135,7 +135,10 @@ def minibatch_from_dict(tensors: dict, device: torch.device | str = "cpu") -> Mi
     """
     if REGISTRY_KEYS.X not in tensors:
         raise ValueError(f"A minibatch dict needs the counts under 'X'; got keys {sorted(tensors)}.")
-    x = torch.as_tensor(tensors[REGISTRY_KEYS.X])
+    x = tensors[REGISTRY_KEYS.X]
+    if sp.issparse(x):  # a SciPy sparse block (CSR, CSC, COO, ...)
+        x = x.toarray()
+    x = torch.as_tensor(x)
     if x.layout != torch.strided:
         x = x.to_dense()
     x = x.to(device=device, dtype=torch.float32)
