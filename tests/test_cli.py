@@ -16,3 +16,289 @@ def test_demo_writes_latent_and_model(tmp_path, capsys):
     np.testing.assert_allclose(written.layers["scvi_normalized"].sum(1), 1e4, rtol=1e-3)
     model = SCVI.load(tmp_path / "model", adata=written)
     np.testing.assert_allclose(model.get_latent_representation(), written.obsm["X_scVI"], rtol=1e-5, atol=1e-6)
+
+
+# ============================================================================ the other subcommands
+import gzip  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import h5py  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import scipy.io  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+import torch  # noqa: E402
+
+from pyro_scvi.cli import read_10x_h5, read_10x_mtx, read_input  # noqa: E402
+from pyro_scvi.data import synthetic_iid  # noqa: E402
+
+torch.set_num_threads(2)
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+SCVI_TOOLS_MODEL = FIXTURES / "scvi_tools_cellbench5" / "model"
+TINY = ["--epochs", "3", "--n-hidden", "16", "--n-latent", "4", "--batch-size", "64"]
+
+
+def _png(path: Path) -> None:
+    assert path.exists() and path.stat().st_size > 1000, path
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """``pyro-scvi train`` on 120 generated cells x 40 genes, with plots and a normalized layer."""
+    pytest.importorskip("matplotlib")
+    work = tmp_path_factory.mktemp("cli")
+    adata = synthetic_iid(batch_size=60, n_genes=40, n_batches=2, n_labels=3, seed=0)
+    adata.write_h5ad(work / "data.h5ad")
+    code = main(["train", str(work / "data.h5ad"), "--layer", "counts", "--batch-key", "batch", "--labels-key", "labels",
+                 "--out", str(work / "res"), "--normalized-layer", "norm", "--plots", "--quiet", *TINY])
+    assert code == 0
+    return work
+
+
+def test_train_writes_model_h5ad_and_plots(trained):
+    out = trained / "res"
+    written = anndata.read_h5ad(out / "data_scvi.h5ad")
+    assert written.obsm["X_scVI"].shape == (120, 4) and np.isfinite(written.obsm["X_scVI"]).all()
+    np.testing.assert_allclose(written.layers["norm"].sum(1), 1e4, rtol=1e-3)
+    model = SCVI.load(out / "model", adata=written)
+    assert len(model.history["elbo_train"]) == 3 and "elbo_validation" in model.history
+    np.testing.assert_allclose(model.get_latent_representation(), written.obsm["X_scVI"], rtol=1e-5, atol=1e-6)
+    for name in ("training", "latent_labels", "latent_batch"):
+        _png(out / f"data_scvi_{name}.png")
+    pytest.importorskip("sparse")
+    _png(out / "data_scvi_ppc.png")
+
+
+def test_train_refuses_to_overwrite_without_flag(trained, capsys):
+    code = main(["train", str(trained / "data.h5ad"), "--out", str(trained / "res"), *TINY])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and "--overwrite" in err
+
+
+def test_latent_h5ad_csv_and_plots(trained, capsys):
+    model_dir, data = str(trained / "res" / "model"), str(trained / "data.h5ad")
+    assert main(["latent", model_dir, data, "-o", str(trained / "lat.h5ad"), "--plots", "--color", "labels"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "lat_latent_labels.png" in out
+    lat = anndata.read_h5ad(trained / "lat.h5ad")
+    reference = anndata.read_h5ad(trained / "res" / "data_scvi.h5ad").obsm["X_scVI"]
+    np.testing.assert_allclose(lat.obsm["X_scVI"], reference, rtol=1e-5, atol=1e-6)
+    _png(trained / "lat_latent_labels.png")
+    assert main(["latent", model_dir, data, "-o", str(trained / "lat.csv"), "--key", "Z", "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    table = pd.read_csv(trained / "lat.csv", index_col=0)
+    assert table.shape == (120, 4)
+    np.testing.assert_allclose(table.to_numpy(), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_normalize_h5ad_and_csv(trained, capsys):
+    model_dir, data = str(trained / "res" / "model"), str(trained / "data.h5ad")
+    assert main(["normalize", model_dir, data, "-o", str(trained / "norm.h5ad"), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    norm = anndata.read_h5ad(trained / "norm.h5ad")
+    np.testing.assert_allclose(norm.layers["scvi_normalized"].sum(1), 1e4, rtol=1e-3)
+    out_csv = trained / "norm_out.txt"
+    assert main(["normalize", model_dir, data, "-o", str(out_csv), "--csv", "--genes", "gene_0,gene_3",
+                 "--library-size", "100", "--transform-batch", "batch_0"]) == 0
+    table = pd.read_csv(out_csv, index_col=0)
+    assert list(table.columns) == ["gene_0", "gene_3"] and table.shape == (120, 2) and (table.to_numpy() > 0).all()
+    assert (table.to_numpy().sum(1) < 100).all()
+
+
+def test_de_csv_and_volcano(trained, capsys):
+    model_dir, data = str(trained / "res" / "model"), str(trained / "data.h5ad")
+    out = trained / "de.csv"
+    assert main(["de", model_dir, data, "--groupby", "labels", "-o", str(out), "--n-samples", "200", "--plots", "--quiet"]) == 0
+    table = pd.read_csv(out, index_col=0)
+    assert {"proba_de", "bayes_factor", "lfc_mean", "comparison"} <= set(table.columns)
+    assert table["comparison"].nunique() == 3 and len(table) == 3 * 40
+    _png(trained / "de_volcano.png")
+    out = trained / "de_vanilla.csv"
+    assert main(["de", model_dir, data, "--groupby", "labels", "--group1", "label_1", "--group2", "label_0",
+                 "--mode", "vanilla", "-o", str(out), "--n-samples", "200"]) == 0
+    table = pd.read_csv(out, index_col=0)
+    assert set(table["comparison"]) == {"label_1 vs label_0"} and "proba_m1" in table
+
+
+def test_info_on_our_model(trained, capsys):
+    assert main(["info", str(trained / "res" / "model")]) == 0
+    out = capsys.readouterr().out
+    assert "pyro-scvi" in out and "n_latent: 4" in out and "Setup via `SCVI.setup_anndata`" in out
+    assert "'batch_key': 'batch'" in out and "batch_0, batch_1" in out and "Training: 3 epochs" in out
+
+
+@pytest.mark.skipif(not (SCVI_TOOLS_MODEL / "model.pt").exists(), reason="scvi-tools fixture absent")
+def test_info_on_scvi_tools_model(capsys):
+    assert main(["info", str(SCVI_TOOLS_MODEL)]) == 0
+    out = capsys.readouterr().out
+    assert "scvi-tools 1." in out and "'labels_key': 'cell_line'" in out
+    assert "909 cells x 2000 genes" in out and "Training: 100 epochs" in out
+
+
+# ---------------------------------------------------------------------------- errors and help
+def test_errors_exit_1_with_message(trained, tmp_path, capsys):
+    model_dir, data = str(trained / "res" / "model"), str(trained / "data.h5ad")
+    bad_suffix = tmp_path / "data.loom"
+    bad_suffix.write_text("not data")
+    (tmp_path / "empty_dir").mkdir()
+    cases = [
+        (["train", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "a"), *TINY], "missing.h5ad"),
+        (["train", data, "--batch-key", "nope", "--out", str(tmp_path / "b"), *TINY], "nope"),
+        (["train", data, "--layer", "nope", "--out", str(tmp_path / "c"), *TINY], "nope"),
+        (["train", str(bad_suffix), "--out", str(tmp_path / "d"), *TINY], "Unsupported"),
+        (["train", str(tmp_path / "empty_dir"), "--out", str(tmp_path / "e"), *TINY], "not a 10x matrix directory"),
+        (["latent", str(tmp_path), data, "-o", str(tmp_path / "x.h5ad")], "No model"),
+        (["de", model_dir, data, "--groupby", "nope", "-o", str(tmp_path / "x.csv")], "nope"),
+        (["de", model_dir, data, "--groupby", "labels", "--group1", "label_9", "-o", str(tmp_path / "x.csv")], "label_9"),
+        (["normalize", model_dir, data, "--genes", "not_a_gene", "-o", str(tmp_path / "x.csv")], "not_a_gene"),
+        (["info", str(tmp_path / "nothing")], "No model"),
+    ]
+    for argv, fragment in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and fragment in err, (argv, err)
+        assert "Traceback" not in err
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main([]) == 2
+    assert main(["train"]) == 2
+    assert main(["train", "x.h5ad", "--n-latent", "0"]) == 2
+    assert main(["de", "m", "d.h5ad", "-o", "x.csv"]) == 2  # --groupby is required
+    assert main(["bogus"]) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_help_explains_commands_and_options(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for word in ("train", "latent", "normalize", "de", "info", "demo", "exit codes", "10x"):
+        assert word in out
+    expected = {
+        "train": ["--layer", "--batch-key", "--labels-key", "--n-latent", "--gene-likelihood", "--max-epochs",
+                  "--normalized-layer", "--plots", "--color", "--quiet", "--overwrite", "(default: 10)"],
+        "latent": ["--key", "--plots", "--color", "--quiet"],
+        "normalize": ["--csv", "--library-size", "--transform-batch", "--genes", "--layer-name"],
+        "de": ["--groupby", "--group1", "--group2", "--mode", "--delta", "--plots"],
+        "info": ["--prefix"],
+        "demo": ["--epochs", "--out", "--quiet"],
+    }
+    for command, options in expected.items():
+        assert main([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        for option in options:
+            assert option in out, (command, option)
+
+
+# ---------------------------------------------------------------------------- 10x inputs
+def _counts(n_genes=6, n_cells=5, seed=0):
+    return sp.random(n_genes, n_cells, density=0.6, random_state=seed, format="csc",
+                     data_rvs=lambda k: np.random.default_rng(seed).integers(1, 20, k)).astype(np.float64)
+
+
+def _write_gz(path: Path, text: str) -> None:
+    with gzip.open(path, "wt") as handle:
+        handle.write(text)
+
+
+def test_read_10x_mtx_v3_and_v2(tmp_path):
+    counts = _counts()
+    v3 = tmp_path / "v3"
+    v3.mkdir()
+    with gzip.open(v3 / "matrix.mtx.gz", "wb") as handle:
+        scipy.io.mmwrite(handle, counts)
+    features = [("ENSG1", "A", "Gene Expression"), ("ENSG2", "B", "Gene Expression"), ("ENSG3", "A", "Gene Expression"),
+                ("ENSG4", "C", "Gene Expression"), ("ENSG5", "D", "Gene Expression"), ("AB1", "CD3", "Antibody Capture")]
+    _write_gz(v3 / "features.tsv.gz", "".join("\t".join(f) + "\n" for f in features))
+    _write_gz(v3 / "barcodes.tsv.gz", "".join(f"AAAC-{i}\n" for i in range(5)))
+    adata = read_10x_mtx(v3)
+    assert adata.shape == (5, 5)  # antibody capture dropped
+    assert list(adata.var_names) == ["A", "B", "A-1", "C", "D"]
+    assert list(adata.var["gene_ids"]) == ["ENSG1", "ENSG2", "ENSG3", "ENSG4", "ENSG5"]
+    np.testing.assert_array_equal(adata.X.toarray(), counts.toarray()[:5].T)
+    assert read_10x_mtx(v3, var_names="gene_ids", gex_only=False).shape == (5, 6)
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    scipy.io.mmwrite(v2 / "matrix.mtx", counts)
+    (v2 / "genes.tsv").write_text("".join(f"ENSG{i}\tG{i}\n" for i in range(6)))
+    (v2 / "barcodes.tsv").write_text("".join(f"BC{i}\n" for i in range(5)))
+    adata = read_input(v2)
+    assert adata.shape == (5, 6) and list(adata.obs_names) == [f"BC{i}" for i in range(5)]
+    np.testing.assert_array_equal(adata.X.toarray(), counts.toarray().T)
+    (v2 / "barcodes.tsv").unlink()
+    with pytest.raises(FileNotFoundError, match="barcodes"):
+        read_10x_mtx(v2)
+
+
+def _write_10x_h5(path: Path, counts, v3: bool = True) -> None:
+    n_genes, n_cells = counts.shape
+    with h5py.File(path, "w") as f:
+        group = f.create_group("matrix" if v3 else "GRCh38")
+        group["data"], group["indices"], group["indptr"] = counts.data.astype(np.int32), counts.indices, counts.indptr
+        group["shape"] = np.array([n_genes, n_cells])
+        group["barcodes"] = np.array([f"BC{i}".encode() for i in range(n_cells)])
+        ids = np.array([f"ENSG{i}".encode() for i in range(n_genes)])
+        names = np.array([f"G{i}".encode() for i in range(n_genes)])
+        if v3:
+            feats = group.create_group("features")
+            feats["id"], feats["name"] = ids, names
+            feats["feature_type"] = np.array([b"Gene Expression"] * n_genes)
+            feats["genome"] = np.array([b"GRCh38"] * n_genes)
+        else:
+            group["genes"], group["gene_names"] = ids, names
+
+
+def test_read_10x_h5_v3_and_v2(tmp_path):
+    counts = _counts(n_genes=7, n_cells=4, seed=1)
+    for v3 in (True, False):
+        path = tmp_path / f"{'v3' if v3 else 'v2'}.h5"
+        _write_10x_h5(path, counts, v3=v3)
+        adata = read_10x_h5(path)
+        assert adata.shape == (4, 7) and list(adata.var_names) == [f"G{i}" for i in range(7)]
+        np.testing.assert_array_equal(adata.X.toarray(), counts.toarray().T)
+    with pytest.raises(FileNotFoundError):
+        read_10x_h5(tmp_path / "missing.h5")
+    (tmp_path / "not10x.h5").touch()
+    with h5py.File(tmp_path / "not10x.h5", "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(ValueError, match="not a 10x"):
+        read_input(tmp_path / "not10x.h5")
+
+
+def test_train_from_10x_h5_quiet(tmp_path, capsys):
+    adata = synthetic_iid(batch_size=80, n_genes=30, n_batches=1, n_labels=2, seed=3)
+    counts = sp.csc_matrix(np.asarray(adata.layers["counts"]).T)
+    _write_10x_h5(tmp_path / "filtered_feature_bc_matrix.h5", counts)
+    argv = ["train", str(tmp_path / "filtered_feature_bc_matrix.h5"), "--out", str(tmp_path / "out"), "--name", "pbmc",
+            "--quiet", "--epochs", "2", "--n-hidden", "16", "--n-latent", "3", "--plots"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    written = anndata.read_h5ad(tmp_path / "out" / "pbmc.h5ad")
+    assert written.obsm["X_scVI"].shape == (80, 3)
+    _png(tmp_path / "out" / "pbmc_training.png")
+    _png(tmp_path / "out" / "pbmc_latent.png")  # no batch/labels keys: one uncoloured plot
+
+
+@pytest.mark.skipif(not (SCVI_TOOLS_MODEL / "adata.h5ad").exists(), reason="scvi-tools fixture absent")
+def test_latent_with_scvi_tools_model(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "fixture_latent.h5ad"
+    assert main(["latent", str(SCVI_TOOLS_MODEL), str(SCVI_TOOLS_MODEL / "adata.h5ad"), "-o", str(out), "--plots",
+                 "--color", "cell_line", "--quiet"]) == 0
+    assert anndata.read_h5ad(out).obsm["X_scVI"].shape == (909, 10)
+    _png(tmp_path / "fixture_latent_latent_cell_line.png")
+
+
+def test_plots_without_matplotlib_fail_before_training(tmp_path, capsys, monkeypatch):
+    import sys
+
+    adata = synthetic_iid(batch_size=10, n_genes=10, n_batches=1, n_labels=1, seed=0)
+    adata.write_h5ad(tmp_path / "d.h5ad")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.delitem(sys.modules, "matplotlib.pyplot", raising=False)
+    assert main(["train", str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "o"), "--plots", *TINY]) == 1
+    assert "pip install 'pyro-scvi[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

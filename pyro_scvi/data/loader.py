@@ -48,6 +48,7 @@ class RegisteredData:
             library = np.asarray(get_from_registry(adata, registry, "observed_lib_size"), dtype=np.float64).reshape(-1, 1)
         else:
             library = np.asarray(counts.sum(axis=1)).reshape(-1, 1)
+        library = library.astype(np.float32)  # one rounding for every input dtype (int, float64, ...)
         # a cell without counts would get log-library -inf (NaN gradients with a Poisson likelihood):
         # it counts as 1 count, as setup_anndata warns
         self.log_library = torch.as_tensor(np.log(np.where(library > 0, library, 1.0)), dtype=torch.float32)

@@ -676,7 +676,7 @@ def _row_totals(matrix) -> np.ndarray:
 
 def _obs_column(adata, key: str) -> pd.Series:
     if key not in adata.obs:
-        raise KeyError(f"{key} not found in adata.obs.")
+        raise KeyError(f"{key} not found in adata.obs. Available columns: {[str(c) for c in adata.obs.columns]}.")
     return adata.obs[key]
 
 

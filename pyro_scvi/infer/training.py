@@ -234,25 +234,26 @@ def run_training(
             # weights (and BatchNorm statistics) at the start of the epoch: restored if the epoch goes non-finite
             snapshot = {name: value.detach().clone() for name, value in module.state_dict().items()}
             metrics = _EpochMetrics()
-            for batch in train_batches():
-                kl_weight = plan.kl_weight(epoch, step)
-                elbo.kl_weights["z"] = kl_weight
-                loss = _svi_step(svi, batch)
-                if frozen:
-                    frozen.restore()
-                metrics.add(loss, elbo.last_reconstruction, elbo.last_kl, batch.n_cells)
-                step += 1
+            try:
+                for batch in train_batches():
+                    kl_weight = plan.kl_weight(epoch, step)
+                    elbo.kl_weights["z"] = kl_weight
+                    loss = _svi_step(svi, batch)
+                    if frozen:
+                        frozen.restore()
+                    metrics.add(loss, elbo.last_reconstruction, elbo.last_kl, batch.n_cells)
+                    step += 1
+            except Exception as error:  # NaN weights or inputs trip the distributions' argument checks mid-epoch
+                if _NON_FINITE_MARK in str(error) or not _all_finite(module):
+                    module.load_state_dict(snapshot)
+                    raise FloatingPointError(_non_finite_message("values became NaN or infinite", epoch)) from error
+                raise
             values = metrics.compute("train", "train_loss")
             values["kl_weight"] = kl_weight
             if not math.isfinite(values["train_loss"]) or not _all_finite(module):
                 module.load_state_dict(snapshot)
                 what = f"loss became {values['train_loss']}" if not math.isfinite(values["train_loss"]) else "weights became non-finite"
-                raise FloatingPointError(
-                    f"The training {what} in epoch {epoch}; training stopped and the model keeps the weights of "
-                    "the last finite epoch (its history so far is kept). Likely causes: the registered layer is not "
-                    "raw counts (normalised or log data: register the raw counts with `layer=`), or the learning "
-                    "rate is too high (lower it with plan_kwargs={'lr': ...})."
-                )
+                raise FloatingPointError(_non_finite_message(what, epoch))
             if validation_batches is not None and validate_every and (epoch + 1) % validate_every == 0:
                 values.update(_validate(module, svi.model, svi.guide, validation_batches(), kl_weight))
                 if plan.reduce_lr_on_plateau and plan.lr_scheduler_metric in values:
@@ -271,6 +272,19 @@ def run_training(
         epochs.close()
         module.eval()
     return records, stop_reason
+
+
+#: how torch's distributions report a NaN/inf argument
+_NON_FINITE_MARK = "found invalid values"
+
+
+def _non_finite_message(what: str, epoch: int) -> str:
+    return (
+        f"The training {what} in epoch {epoch}; training stopped and the model keeps the weights of the last "
+        "finite epoch (its history so far is kept). Likely causes: the registered layer is not raw counts "
+        "(normalised or log data: register the raw counts with `layer=`), NaN or infinite values in the data, or "
+        "a learning rate that is too high (lower it with plan_kwargs={'lr': ...})."
+    )
 
 
 def _all_finite(module) -> bool:
