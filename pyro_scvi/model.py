@@ -941,6 +941,7 @@ class SCVI:
                 "train_indices_": to_safe(self.train_indices_),
                 "validation_indices_": to_safe(self.validation_indices_),
                 "test_indices_": to_safe(self.test_indices_),
+                "freezing_": _freezing_state(self.module),
             },
         }
         write_model_dir(dir_path, payload, prefix=prefix, overwrite=overwrite,
@@ -994,6 +995,7 @@ class SCVI:
         model.train_indices_ = attrs.get("train_indices_")
         model.validation_indices_ = attrs.get("validation_indices_")
         model.test_indices_ = attrs.get("test_indices_")
+        _restore_freezing(model.module, attrs.get("freezing_"))
         model.module.to(_resolve_device(accelerator, device))
         model.module.eval()
         return model
@@ -1034,6 +1036,28 @@ def _check_training_minibatches(module, n_train: int, batch_size: int, drop_last
             "BatchNorm cannot train: use batch_size >= 2, other training indices, more cells, or "
             "datasplitter_kwargs={'drop_last': True} (or use_batch_norm='none')."
         )
+
+
+def _freezing_state(module) -> dict:
+    """What a query model (``load_query_data``) freezes: entry masks, BatchNorm momenta, dropout rates."""
+    return {
+        "masks": {name: torch.as_tensor(mask, dtype=torch.bool).cpu() for name, mask in module.frozen_parameters.items()},
+        "batchnorm_momentum": {name: float(m.momentum) for name, m in module.named_modules()
+                               if isinstance(m, torch.nn.BatchNorm1d) and m.momentum != 0.01},
+        "dropout": {name: float(m.p) for name, m in module.named_modules() if isinstance(m, torch.nn.Dropout)},
+    }
+
+
+def _restore_freezing(module, state: dict | None) -> None:
+    """Inverse of :func:`_freezing_state` (files without it leave the module as built)."""
+    if not state:
+        return
+    module.frozen_parameters = dict(state.get("masks", {}))
+    modules = dict(module.named_modules())
+    for name, momentum in state.get("batchnorm_momentum", {}).items():
+        modules[name].momentum = momentum
+    for name, rate in state.get("dropout", {}).items():
+        modules[name].p = rate
 
 
 def _count_cells(indices) -> int:

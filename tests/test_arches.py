@@ -336,3 +336,33 @@ def test_unlabeled_query_gets_a_new_label_category():
     assert query.summary_stats["n_labels"] == 3 and query.module.log_dispersion.shape == (40, 3)
     query.train(max_epochs=1, enable_progress_bar=False)
     assert query.get_latent_representation().shape == (30, 10)
+
+
+def test_query_freezing_survives_save_and_load(tmp_path):
+    from pyro_scvi import SCVI
+    from pyro_scvi.data import synthetic_iid
+
+    reference_data = synthetic_iid(batch_size=60, n_genes=40, n_batches=2, n_labels=2, seed=0)
+    SCVI.setup_anndata(reference_data, batch_key="batch")
+    reference = SCVI(reference_data, n_hidden=16, encode_covariates=True)
+    reference.train(max_epochs=1, enable_progress_bar=False)
+    query_data = synthetic_iid(batch_size=30, n_genes=40, n_batches=1, n_labels=2, seed=1)
+    query_data.obs["batch"] = "batch_q"
+    query = SCVI.load_query_data(query_data, reference, freeze_dropout=True)
+    query.save(tmp_path / "q", save_anndata=True)
+    loaded = SCVI.load(tmp_path / "q")
+    assert set(loaded.module.frozen_parameters) == set(query.module.frozen_parameters)
+    for name, mask in query.module.frozen_parameters.items():
+        assert torch.equal(torch.as_tensor(loaded.module.frozen_parameters[name]), torch.as_tensor(mask).cpu())
+    modules = dict(loaded.module.named_modules())
+    for name, module in query.module.named_modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            assert modules[name].momentum == module.momentum
+        if isinstance(module, torch.nn.Dropout):
+            assert modules[name].p == module.p == 0.0
+    frozen_before = {k: v.clone() for k, v in loaded.module.state_dict().items()}
+    loaded.train(max_epochs=2, enable_progress_bar=False, plan_kwargs={"weight_decay": 1e-3})
+    params = dict(loaded.module.named_parameters())
+    for name, mask in loaded.module.frozen_parameters.items():
+        mask = torch.as_tensor(mask, dtype=torch.bool).expand_as(params[name])
+        assert torch.equal(params[name][mask], frozen_before[name][mask])
