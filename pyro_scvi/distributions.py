@@ -15,16 +15,27 @@ logarithms, so that losses and ELBOs are comparable number for number::
 Parameters may have different (broadcastable) shapes, e.g. a per-gene θ of shape ``(G,)`` with a
 per-cell-and-gene μ of shape ``(n, G)``. They are kept unexpanded internally so that terms that
 depend on θ alone (``lgamma(θ)``, ``log(θ+ε)``) are computed once per gene, not once per entry.
+
+Sparse-aware log-density (the fast path). UMI matrices are mostly zeros, and at x = 0 the lgamma
+terms cancel: ``log NB(0 | μ, θ) = θ·[log(θ+ε) − log(θ+μ+ε)]``. When the counts have the
+distribution's full batch shape and live on the CPU, ``log_prob`` evaluates the zero-count formula
+on every entry and the remaining terms (``x·log μ``, ``lgamma(x+θ) − lgamma(θ) − lgamma(x+1)``,
+the non-zero ZINB branch) only at the non-zero entries, then writes those into place. It is the
+same function, so values and gradients agree with the dense formula to float rounding
+(tests/test_fast_log_prob.py); :func:`dense_log_prob` switches it off. On CUDA the dense formula
+is used: finding the non-zero entries would make the host wait for the device at every step.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
-__all__ = ["NegativeBinomial", "ZeroInflatedNegativeBinomial"]
+__all__ = ["NegativeBinomial", "ZeroInflatedNegativeBinomial", "dense_log_prob"]
 
 _EPS = 1e-8
 #: upper clamp of the gamma draw before the Poisson draw (avoids overflow of torch.poisson)
@@ -60,6 +71,97 @@ def _log_nb(value, mu, theta):
         - torch.lgamma(value + 1)
     )
     return log_prob, log_nb_zero
+
+
+_SPARSE_AWARE = True
+
+
+@contextlib.contextmanager
+def dense_log_prob():
+    """Within this block ``log_prob`` uses the dense formula everywhere (for checks and timing)."""
+    global _SPARSE_AWARE
+    previous, _SPARSE_AWARE = _SPARSE_AWARE, False
+    try:
+        yield
+    finally:
+        _SPARSE_AWARE = previous
+
+
+def _use_sparse_path(value, batch_shape) -> bool:
+    return _SPARSE_AWARE and value.device.type == "cpu" and value.shape == batch_shape and value.dim() > 0
+
+
+def _non_zero_entries(value, threshold: float | None = None):
+    """The non-zero entries of ``value`` (or those ≥ ``threshold``): flat positions ``(k,)``,
+    coordinates ``(k, value.dim())`` and values ``(k,)``."""
+    coordinates = torch.nonzero(value != 0 if threshold is None else value >= threshold)  # (k, D)
+    strides = torch.empty(value.shape, device="meta").stride()  # of the contiguous layout
+    position = coordinates[:, -1]
+    for dim in range(value.dim() - 1):
+        position = position + coordinates[:, dim] * strides[dim]
+    return position, coordinates, value.reshape(-1).index_select(0, position)
+
+
+def _at(parameter, position, coordinates, batch_shape):
+    """Entries ``(k,)`` of ``parameter`` (broadcastable to ``batch_shape``) at the positions and
+    coordinates of :func:`_non_zero_entries`. ``index_select`` (whose gradient is an ``index_add``)
+    on the unexpanded parameter, e.g. a per-gene θ of shape (G,) is indexed by the gene."""
+    shape = (1,) * (len(batch_shape) - parameter.dim()) + tuple(parameter.shape)
+    if tuple(shape) == tuple(batch_shape):
+        return parameter.reshape(-1).index_select(0, position)
+    kept = [dim for dim, size in enumerate(shape) if size != 1]
+    if not kept:
+        return parameter.reshape(1).expand(position.shape)
+    if len(kept) == 1:
+        return parameter.reshape(-1).index_select(0, coordinates[:, kept[0]])
+    return parameter.expand(batch_shape).reshape(-1).index_select(0, position)
+
+
+def _log_nb_at(x, mu, theta, log_theta_eps, lgamma_theta):
+    """``(log NB(x | μ, θ), log NB(0 | μ, θ))`` elementwise for tensors of one shape ``(k,)``;
+    ``log(θ+ε)`` and ``lgamma(θ)`` are given (computed once per gene, then gathered)."""
+    log_theta_mu_eps = torch.log(theta + mu + _EPS)
+    log_nb_zero = theta * (log_theta_eps - log_theta_mu_eps)
+    log_nb = (log_nb_zero + x * (torch.log(mu + _EPS) - log_theta_mu_eps)
+              + torch.lgamma(x + theta) - lgamma_theta - torch.lgamma(x + 1))
+    return log_nb, log_nb_zero
+
+
+def _log_nb_entries(value, mu, theta, batch_shape, threshold=None):
+    """log NB(0) on every entry ``batch_shape``, and at the non-zero entries of ``value`` their
+    flat positions, coordinates, log NB(x) and log NB(0) ``(k,)``."""
+    log_theta_eps = torch.log(theta + _EPS)  # shape of θ, e.g. (G,)
+    log_nb_zero = theta * (log_theta_eps - torch.log(theta + mu + _EPS))  # batch_shape
+    position, coordinates, x = _non_zero_entries(value, threshold)
+
+    def at(parameter):
+        return _at(parameter, position, coordinates, batch_shape)
+
+    log_nb_k, log_nb_zero_k = _log_nb_at(x, at(mu), at(theta), at(log_theta_eps), at(torch.lgamma(theta)))
+    return log_nb_zero.expand(batch_shape), position, coordinates, log_nb_k, log_nb_zero_k
+
+
+def _log_nb_sparse(value, mu, theta, batch_shape):
+    """log NB(value | μ, θ) of shape ``batch_shape``: the zero-count formula everywhere, corrected
+    to the full formula at the non-zero entries."""
+    log_nb_zero, position, _, log_nb_k, log_nb_zero_k = _log_nb_entries(value, mu, theta, batch_shape)
+    return log_nb_zero.reshape(-1).index_add(0, position, log_nb_k - log_nb_zero_k).reshape(batch_shape)
+
+
+def _zinb_zero_case(log_nb_zero, logits):
+    """log ZINB(0) = softplus(log NB(0) − ℓ) − softplus(−ℓ)."""
+    return F.softplus(log_nb_zero - logits) - F.softplus(-logits)
+
+
+def _log_zinb_sparse(value, mu, theta, logits, batch_shape):
+    """log ZINB(value | μ, θ, ℓ) of shape ``batch_shape``: the zero case everywhere, corrected to
+    the non-zero case where x ≥ ε."""
+    log_nb_zero, position, coordinates, log_nb_k, log_nb_zero_k = _log_nb_entries(value, mu, theta, batch_shape, _EPS)
+    case_zero = _zinb_zero_case(log_nb_zero, logits)  # batch_shape
+    logits_k = _at(logits, position, coordinates, batch_shape)  # (k,)
+    case_non_zero = log_nb_k - F.softplus(-logits_k) - logits_k  # (k,)
+    correction = case_non_zero - _zinb_zero_case(log_nb_zero_k, logits_k)  # (k,)
+    return case_zero.expand(batch_shape).reshape(-1).index_add(0, position, correction).reshape(batch_shape)
 
 
 def _sample_nb(mu, theta, shape):
@@ -138,6 +240,8 @@ class NegativeBinomial(TorchDistribution):
         value = _value_as_float(value, self._mu)
         if self._validate_args:
             self._validate_sample(value)
+        if _use_sparse_path(value, self.batch_shape):
+            return _log_nb_sparse(value, self._mu, self._theta, self.batch_shape)
         return _log_nb(value, self._mu, self._theta)[0]
 
 
@@ -220,6 +324,8 @@ class ZeroInflatedNegativeBinomial(TorchDistribution):
         value = _value_as_float(value, self._mu)
         if self._validate_args:
             self._validate_sample(value)
+        if _use_sparse_path(value, self.batch_shape):
+            return _log_zinb_sparse(value, self._mu, self._theta, self._logits, self.batch_shape)
         log_nb, log_nb_zero = _log_nb(value, self._mu, self._theta)
         softplus_neg_logits = F.softplus(-self._logits)
         case_zero = F.softplus(log_nb_zero - self._logits) - softplus_neg_logits
