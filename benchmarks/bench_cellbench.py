@@ -14,6 +14,8 @@ Usage (from the repository root)::
 
     .venv/bin/python benchmarks/bench_cellbench.py                       # 2000 genes, 100 epochs
     .venv/bin/python benchmarks/bench_cellbench.py --n-genes 0 --epochs 20   # all 12,653 genes
+    .venv/bin/python benchmarks/bench_cellbench.py --generate 100000 --epochs 2 --mc-cells 2000
+        # a generated 100,000-cell x 2,000-gene set (4 batches, 5 cell types, ~38% non-zero)
 
 The same file is the child-process runner (``--worker pyro|scvi``); it only uses the public
 ``SCVI`` API of each package.
@@ -74,6 +76,40 @@ def load_data(h5ad: str, n_genes: int):
     return adata
 
 
+def write_generated(path: Path, n_cells: int, n_genes: int = 2000, seed: int = 0) -> None:
+    """A generated count matrix as .h5ad (CSR float32): 4 batches, 5 cell types (``cell_line``).
+
+    Poisson-gamma (NB) counts around per-type log-normal profiles with per-batch gene scaling and
+    log-normal library sizes; written in chunks of 20k cells (then stacked as CSR).
+    """
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    profiles = rng.lognormal(0.0, 1.5, (5, n_genes))
+    batch_scale = rng.lognormal(0.0, 0.3, (4, n_genes))
+    theta = rng.gamma(2.0, 1.0, n_genes)
+    cell_type = rng.integers(0, 5, n_cells)
+    batch = rng.integers(0, 4, n_cells)
+    blocks = []
+    for start in range(0, n_cells, 20000):
+        stop = min(start + 20000, n_cells)
+        profile = profiles[cell_type[start:stop]] * batch_scale[batch[start:stop]]
+        library = rng.lognormal(np.log(2500.0), 0.4, stop - start)
+        mean = library[:, None] * profile / profile.sum(1, keepdims=True)
+        counts = rng.poisson(rng.gamma(theta[None, :], mean / theta[None, :])).astype(np.float32)
+        blocks.append(sp.csr_matrix(counts))
+    X = sp.vstack(blocks, format="csr")
+    obs = pd.DataFrame({"batch": pd.Categorical([f"batch_{b}" for b in batch]),
+                        "cell_line": pd.Categorical([f"type_{t}" for t in cell_type])},
+                       index=[f"cell_{i}" for i in range(n_cells)])
+    var = pd.DataFrame(index=[f"gene_{g}" for g in range(n_genes)])
+    ad.AnnData(X, obs=obs, var=var).write_h5ad(path)
+    print(f"generated {n_cells} x {n_genes} (density {X.nnz / (n_cells * n_genes):.2f}) -> {path}")
+
+
 def worker(a: argparse.Namespace) -> None:
     import numpy as np
     import torch
@@ -127,8 +163,10 @@ def worker(a: argparse.Namespace) -> None:
     res["elbo_train"] = float(m.get_elbo(indices=tr))
     res["elbo_train_s"] = time.perf_counter() - t0
     res["peak_rss_after_elbo_mb"] = _rss_mb("VmHWM")
+    mll_cells = np.sort(val)[: a.mc_cells] if a.mc_cells else val  # the same cells on both sides
+    res["marginal_ll_cells"] = len(mll_cells)
     t0 = time.perf_counter()
-    res["marginal_ll_validation"] = float(m.get_marginal_ll(indices=val, n_mc_samples=a.mc))
+    res["marginal_ll_validation"] = float(m.get_marginal_ll(indices=mll_cells, n_mc_samples=a.mc))
     res["marginal_ll_validation_s"] = time.perf_counter() - t0
     res["mc_samples"] = a.mc
     res["peak_rss_after_marginal_ll_mb"] = _rss_mb("VmHWM")
@@ -137,8 +175,9 @@ def worker(a: argparse.Namespace) -> None:
     z = np.asarray(m.get_latent_representation())
     res["latent_s"] = time.perf_counter() - t0
     res["latent_shape"] = list(z.shape)
-    res["silhouette_cell_line"] = float(silhouette_score(z, adata.obs["cell_line"]))
-    res["silhouette_batch"] = float(silhouette_score(z, adata.obs["batch"]))
+    sample = min(len(z), 5000)  # silhouettes are O(n²): a fixed random subset of cells on large data
+    res["silhouette_cell_line"] = float(silhouette_score(z, adata.obs["cell_line"], sample_size=sample, random_state=0))
+    res["silhouette_batch"] = float(silhouette_score(z, adata.obs["batch"], sample_size=sample, random_state=0))
 
     hist = m.history or {}
     res["history_last"] = {k: float(v.iloc[-1, 0]) for k, v in hist.items() if len(v)}
@@ -162,7 +201,7 @@ def run_side(side: str, python: str, a: argparse.Namespace, tmp: Path, rep: int)
     out = tmp / f"{side}_{rep}.json"
     cmd = [python, str(Path(__file__).resolve()), "--worker", side, "--worker-out", str(out),
            "--h5ad", a.h5ad, "--n-genes", str(a.n_genes), "--epochs", str(a.epochs), "--mc", str(a.mc),
-           "--seed", str(a.seed), "--threads", str(a.threads)]
+           "--seed", str(a.seed), "--threads", str(a.threads), "--mc-cells", str(a.mc_cells)]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(a.threads),
                MKL_NUM_THREADS=str(a.threads))
     log = tmp / f"{side}_{rep}.log"
@@ -294,7 +333,8 @@ def table(summary: dict[str, dict]) -> str:
 
 
 def parent(a: argparse.Namespace) -> None:
-    out_path = Path(a.out) if a.out else HERE / "results" / f"cellbench_{a.n_genes}.json"
+    name = f"generated_{a.generate}" if a.generate else f"cellbench_{a.n_genes}"
+    out_path = Path(a.out) if a.out else HERE / "results" / f"{name}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     ok, why = (False, "--skip-peer") if a.skip_peer else scvi_available(a.scvi_python)
     if not ok:
@@ -306,6 +346,10 @@ def parent(a: argparse.Namespace) -> None:
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     order_log = []
     with tempfile.TemporaryDirectory(prefix="bench_cellbench_") as tmp:
+        if a.generate:
+            a.h5ad = str(Path(tmp) / f"generated_{a.generate}.h5ad")
+            a.n_genes = 0
+            write_generated(Path(a.h5ad), a.generate)
         for rep in range(a.repeats):
             # alternate the order each round (A B, B A, ...) so drift in machine load hits both sides
             order = sides if rep % 2 == 0 else sides[::-1]
@@ -313,7 +357,7 @@ def parent(a: argparse.Namespace) -> None:
                 runs[side].append(run_side(side, pythons[side], a, Path(tmp), rep))
                 order_log.append(SIDES[side])
     summary = summarise(runs)
-    result = {"benchmark": "cellbench_5cl", "h5ad": a.h5ad, "n_genes": a.n_genes, "epochs": a.epochs,
+    result = {"benchmark": name, "h5ad": a.h5ad, "n_genes": a.n_genes, "epochs": a.epochs,
               "mc_samples": a.mc, "seed": a.seed, "threads": a.threads, "repeats": a.repeats,
               "run_order": order_log, "machine": machine_info(), "peer_skipped": None if ok else why,
               "results": summary, "all_runs": runs}
@@ -328,7 +372,7 @@ def parent(a: argparse.Namespace) -> None:
         result["same_genes"] = p["genes_sha1"] == s["genes_sha1"]
         result["same_validation_cells"] = p["validation_sha1"] == s["validation_sha1"]
     shape = summary["pyro"]["shape"]
-    print(f"\nCellBench 5cl, {shape[0]} cells x {shape[1]} genes, {a.epochs} epochs, "
+    print(f"\n{name}: {shape[0]} cells x {shape[1]} genes, {a.epochs} epochs, "
           f"{a.threads} threads, marginal LL with {a.mc} samples, order: {', '.join(order_log)}")
     print(table(summary))
     for side, r in summary.items():
@@ -349,6 +393,9 @@ def main(argv=None) -> None:
     p.add_argument("--n-genes", type=int, default=2000, help="top-N genes by variance of log1p counts; 0 = all")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--mc", type=int, default=100, help="importance samples for get_marginal_ll")
+    p.add_argument("--mc-cells", type=int, default=0, help="marginal LL on the first N validation cells (0 = all)")
+    p.add_argument("--generate", type=int, default=0, metavar="N_CELLS",
+                   help="benchmark on a generated N_CELLS x 2000-gene set instead of --h5ad")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="rounds; the order alternates each round, s/epoch is the median")

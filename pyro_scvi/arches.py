@@ -64,6 +64,18 @@ def _reference_var_names(reference_model) -> pd.Index:
     return pd.Index([str(v) for v in np.asarray(names, dtype=object)])
 
 
+def _custom_functions(reference_model) -> dict:
+    """The reference's ``model_fn``/``guide_fn`` (see docs/custom_models.md), for the query model."""
+    if _is_model(reference_model):
+        return {k: getattr(reference_model.module, k) for k in ("model_fn", "guide_fn")
+                if getattr(reference_model.module, k, None) is not None}
+    custom = read_model_dir(reference_model, map_location="cpu")["attr_dict"].get("custom_model_") or {}
+    if custom.get("model_fn") or custom.get("guide_fn"):
+        raise ValueError("The reference was saved with custom model/guide functions: load it with "
+                         "SCVI.load(dir_path, model_fn=..., guide_fn=...) and pass the loaded model as reference_model.")
+    return {}
+
+
 def _read_reference(reference_model) -> dict[str, Any]:
     """``{"registry", "init_params", "state_dict", "var_names"}`` of a model instance or a saved directory."""
     if _is_model(reference_model):
@@ -480,7 +492,7 @@ def load_query_data(
     init_params = reference["init_params"]
     init = dict(init_params["non_kwargs"])
     init.update(init_params.get("kwargs", {}).get("kwargs", {}))
-    model = cls(adata, **init)
+    model = cls(adata, **init, **_custom_functions(reference_model))
 
     ref_cats = _covariate_cat_list(registry, init)
     state = transfer_state_dict(model.module, reference["state_dict"], ref_cats)

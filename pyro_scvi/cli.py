@@ -253,7 +253,7 @@ def read_input(path: str | Path, var_names: str = "gene_symbols"):
 
 # ============================================================================ helpers
 def _log(args, message: str) -> None:
-    if not getattr(args, "quiet", False):
+    if not getattr(args, "quiet", False) and os.environ.get("RANK", "0") == "0":  # rank 0 only under torchrun
         print(message)
 
 
@@ -369,9 +369,13 @@ def cmd_train(args) -> int:
         max_epochs=args.max_epochs, batch_size=args.batch_size, train_size=args.train_size,
         early_stopping=args.early_stopping, accelerator=args.accelerator, plan_kwargs=plan_kwargs,
         check_val_every_n_epoch=args.check_val_every if args.train_size < 1 else None,
-        enable_progress_bar=not args.quiet,
+        enable_progress_bar=not args.quiet, devices=args.devices or "auto", strategy=args.strategy,
     )
     seconds = time.perf_counter() - start
+    from .infer.distributed import is_main_process
+
+    if not is_main_process():  # data-parallel run: the other ranks hold the same model; rank 0 writes
+        return EXIT_OK
     adata.obsm[args.latent_key] = model.get_latent_representation()
     if args.normalized_layer:
         adata.layers[args.normalized_layer] = model.get_normalized_expression(
@@ -697,6 +701,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0, help="random seed (split, initialisation, minibatches)")
     fit.add_argument("--accelerator", choices=["auto", "cpu", "gpu", "cuda", "mps"], default="auto", help="device to train on")
     fit.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's)")
+    fit.add_argument("--devices", type=_positive_int, default=None,
+                     help="devices (processes) to train on; more than 1 means data-parallel (DDP): start with "
+                          "torchrun --nproc_per_node=N -m pyro_scvi train ... --devices N --strategy ddp")
+    fit.add_argument("--strategy", choices=["auto", "ddp"], default="auto",
+                     help="'ddp': data-parallel training across the processes started by torchrun (gloo on CPU, nccl on GPU)")
     output = train.add_argument_group("output")
     output.add_argument("--out", "-o", default="pyro_scvi_output", help="output directory")
     output.add_argument("--name", default=None, help="name of the output .h5ad (default: <input name>_scvi)")

@@ -312,6 +312,10 @@ def raw_count_statistics(counts, mask1: np.ndarray, mask2: np.ndarray) -> dict[s
     count) and ``raw_normalized_mean1/2`` (mean of the counts scaled to 10⁴ per cell; cells with
     no count contribute 0), each ``(G,)``.
     """
+    from .data import backed
+
+    if backed.is_backed(counts):  # on disk (backed AnnData): the same sums, streamed over the two groups
+        return backed.raw_count_statistics(counts, mask1, mask2)
     totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
     scaling = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
     if sp.issparse(counts):

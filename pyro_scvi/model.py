@@ -33,12 +33,13 @@ from .data.registry import (
     summary_stats,
     validate_registered,
 )
-from .infer.elbo import elbo_terms
-from .infer.importance import aggregate_posterior_log_weights, marginal_log_likelihood
+from .infer.elbo import elbo_parts
+from .infer.importance import aggregate_posterior_log_weights, log_importance_weights_in_passes, marginal_log_likelihood
 from .infer.posterior import observation_distribution, posterior_model_traces, posterior_sites, variational_posterior
-from .models.likelihoods import likelihood_parameters
+from .models.contract import check_model_guide, param_store_from_safe, param_store_to_safe
+from .models.likelihoods import BUILTIN_LIKELIHOODS, LIKELIHOODS, likelihood_parameters, unknown_likelihood_message
 from .infer.training import EarlyStopping, TrainingPlan, append_history, max_epochs_heuristic, run_training
-from . import arches, differential, io_scvi_tools
+from . import arches, diagnostics, differential, io_scvi_tools
 from .io import FORMAT, FORMAT_VERSION, history_to_safe, to_safe, write_model_dir
 from .io_scvi_tools import read_model_dir, write_scvi_tools_model
 from .module import SCVIModule
@@ -49,7 +50,7 @@ __all__ = ["SCVI"]
 
 _MODULE_KWARGS = (
     "log_variational", "encode_covariates", "deeply_inject_covariates", "use_batch_norm", "use_layer_norm", "var_activation",
-    "batch_representation", "batch_embedding_kwargs",
+    "batch_representation", "batch_embedding_kwargs", "z_prior", "n_prior_components", "library_prior", "dispersion_prior",
 )
 MINIFIED_TYPES = ("latent_posterior_parameters", "latent_posterior_parameters_with_counts")
 _TRAINER_KWARGS = (
@@ -72,7 +73,8 @@ class SCVI:
     dispersion
         ``"gene"`` (θ per gene), ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``.
     gene_likelihood
-        ``"zinb"``, ``"nb"``, ``"poisson"`` or ``"normal"``.
+        ``"zinb"``, ``"nb"``, ``"poisson"``, ``"normal"`` or a name added with
+        :func:`pyro_scvi.models.register_likelihood`.
     use_observed_lib_size
         Use log total counts as the library (default) or infer it with a per-batch prior.
     latent_distribution
@@ -82,7 +84,23 @@ class SCVI:
         ``use_batch_norm``, ``use_layer_norm`` (``"encoder"|"decoder"|"both"|"none"``),
         ``var_activation`` (``None``/``"exp"`` or ``"softplus"``), ``batch_representation``
         (``"one-hot"`` or ``"embedding"``) and ``batch_embedding_kwargs`` (``{"embedding_dim": 5}``).
+        Priors (:mod:`pyro_scvi.models.priors`): ``z_prior`` (``"normal"``, the default;
+        ``"mog"``: a learnable mixture of ``n_prior_components`` Gaussians, default 10; ``"vamp"``:
+        VampPrior with ``n_prior_components`` pseudo-inputs; or an ``nn.Module`` following the prior
+        protocol), ``library_prior`` (a module for the latent log-library, with
+        ``use_observed_lib_size=False``) and ``dispersion_prior`` (``None``, ``"gamma"`` or
+        ``"lognormal"``: θ becomes a global latent variable with a log-normal posterior). Prior
+        *objects* are not saved: pass them again to :meth:`load`.
+    model_fn, guide_fn
+        Optional Pyro functions ``fn(module, batch, transform_batch=None)`` that replace the built-in
+        model / guide (they reuse the networks of :attr:`module`; the contract is in
+        docs/custom_models.md). They are not saved: pass them again to :meth:`load`. To add
+        networks or parameters, subclass :class:`~pyro_scvi.SCVIModule` and set ``_module_cls``
+        on a subclass of this class instead.
     """
+
+    #: the module class built for each model (a subclass may override it)
+    _module_cls = SCVIModule
 
     #: registries of AnnData objects set up for this class, by ``uns["_scvi_uuid"]``
     _setup_registries: dict[str, dict] = {}
@@ -101,8 +119,13 @@ class SCVI:
         gene_likelihood: str = "zinb",
         use_observed_lib_size: bool = True,
         latent_distribution: str = "normal",
+        model_fn=None,
+        guide_fn=None,
         **kwargs,
     ) -> None:
+        for name, fn in (("model_fn", model_fn), ("guide_fn", guide_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be a function fn(module, batch, transform_batch=None), got {fn!r}.")
         unknown = sorted(set(kwargs) - set(_MODULE_KWARGS))
         if unknown:
             raise TypeError(f"SCVI got unexpected keyword argument(s) {unknown}; accepted extra arguments: {list(_MODULE_KWARGS)}.")
@@ -119,7 +142,7 @@ class SCVI:
             "non_kwargs": dict(n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
                                dispersion=dispersion, gene_likelihood=gene_likelihood,
                                use_observed_lib_size=use_observed_lib_size, latent_distribution=latent_distribution),
-            "kwargs": {"kwargs": dict(kwargs)},
+            "kwargs": {"kwargs": _storable_priors(kwargs)},
         }
         stats = self.summary_stats
         size_factor_registered = bool(registry["field_registries"][REGISTRY_KEYS.SIZE_FACTOR]["data_registry"])
@@ -130,7 +153,7 @@ class SCVI:
             else:  # rebuilt from a file: the saved buffers replace these placeholders
                 library_log_means, library_log_vars = np.zeros((1, stats["n_batch"])), np.ones((1, stats["n_batch"]))
         cat_state = registry["field_registries"][REGISTRY_KEYS.CAT_COVS]["state_registry"]
-        self.module = SCVIModule(
+        self.module = self._module_cls(
             n_input=stats["n_vars"], n_batch=stats["n_batch"], n_labels=stats["n_labels"],
             n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers,
             n_continuous_cov=stats.get("n_extra_continuous_covs", 0),
@@ -140,6 +163,13 @@ class SCVI:
             use_observed_lib_size=use_observed_lib_size,
             library_log_means=library_log_means, library_log_vars=library_log_vars, **kwargs,
         )
+        if model_fn is not None:
+            self.module.model_fn = model_fn
+        if guide_fn is not None:
+            self.module.guide_fn = guide_fn
+        self.module.n_train_cells = int(stats["n_cells"])  # train() sets the size of the training split
+        if adata is not None:
+            self._init_priors_from_data()
         self._instance_managers: dict[str, AnnDataManager] = {}
         if adata is not None:
             self._instance_managers[registry["_scvi_uuid"]] = AnnDataManager(adata, registry)
@@ -305,6 +335,9 @@ class SCVI:
             raise ValueError(f"minified_data_type must be one of {MINIFIED_TYPES}, got {minified_data_type!r}.")
         if self.module.latent_library:
             raise ValueError("Minification is not supported for models that do not use observed library size.")
+        if self.module.has_custom_guide:
+            raise ValueError("minify_adata needs the built-in guide, which reads the stored posterior "
+                             "(batch.latent_loc/latent_scale); this model has a custom guide.")
         adata = self._adata
         if adata is None:
             raise ValueError("This model has no AnnData to minify.")
@@ -329,6 +362,19 @@ class SCVI:
         self._instance_managers[registry["_scvi_uuid"]] = AnnDataManager(minified, registry)
         self._adata, self.registry_, self._data_cache = minified, registry, None
 
+    def _init_priors_from_data(self) -> None:
+        """Give priors with an ``init_from_data`` hook (VampPrior) a minibatch of random cells."""
+        priors = [p for p in (getattr(self.module, "z_prior", None), getattr(self.module, "library_prior", None))
+                  if hasattr(p, "init_from_data")]
+        if not priors or self._adata.uns.get(MINIFY_TYPE_KEY) == "latent_posterior_parameters":
+            return
+        _, data = self._data(None)
+        size = min(data.n_obs, max(getattr(p, "n_components", 1) for p in priors))
+        cells = np.sort(np.random.default_rng(settings.seed).choice(data.n_obs, size, replace=False))
+        batch = data.minibatch(cells, device=self.device)
+        for prior in priors:
+            prior.init_from_data(batch)
+
     def _check_not_minified(self, method: str, adata=None) -> None:
         adata = self._adata if adata is None else adata
         if adata is not None and adata.uns.get(MINIFY_TYPE_KEY) == "latent_posterior_parameters":
@@ -340,6 +386,14 @@ class SCVI:
         """Run Pyro code with this model's private parameter store."""
         with pyro.get_param_store().scope(self._param_store_state):
             yield
+
+    def get_pyro_params(self) -> dict[str, torch.Tensor]:
+        """The plain ``pyro.param`` values of this model (e.g. of a custom ``model_fn``), constrained,
+        by name. They live in the model's private parameter-store scope and are saved with it; the
+        weights of :attr:`module` are not listed (see ``module.state_dict()``)."""
+        with self._pyro_scope():
+            store = pyro.get_param_store()
+            return {name: store[name].detach() for name in list(store.keys()) if "$$$" not in name}
 
     @property
     def device(self) -> torch.device:
@@ -354,6 +408,19 @@ class SCVI:
         if isinstance(device, int):
             device = f"cuda:{device}"
         self.module.to(torch.device(device))
+
+    def _custom_parts(self) -> dict:
+        """Names of the user code this model runs (saved so that :meth:`load` can ask for it)."""
+        return {"model_fn": _function_name(self.module.model_fn), "guide_fn": _function_name(self.module.guide_fn),
+                "module_class": type(self.module).__qualname__}
+
+    def _check_custom_functions(self, batch: Minibatch | None) -> None:
+        """Trace a custom model/guide once on ``batch`` and raise ``ValueError`` naming a missing site."""
+        if batch is None:
+            return
+        self.module.eval()
+        with self._pyro_scope(), torch.no_grad():
+            check_model_guide(self.module, batch)
 
     def _check_trained(self) -> None:
         if not self.is_trained_:
@@ -405,23 +472,33 @@ class SCVI:
         ``early_stopping_min_delta``, ``early_stopping_mode``, ``early_stopping_warmup_epochs``.
         ``datamodule``: an object with ``train_dataloader()`` (and optionally ``val_dataloader()``)
         yielding dicts with scvi-tools' keys (``"X"``, ``"batch"``, ``"labels"``, ...).
+
+        Data-parallel training: ``devices=N, strategy="ddp"`` (``devices=N > 1`` alone also means
+        DDP, as in scvi-tools) in a script started with ``torchrun --nproc_per_node=N script.py``;
+        each process trains on its shard of the cells (``batch_size`` cells per process and step)
+        with gradients averaged before every optimiser step, and ends with the same weights and
+        history (see :mod:`pyro_scvi.infer.distributed`). Without torchrun this raises
+        ``ValueError`` with the command to use. Only rank 0 shows progress; save from rank 0 only.
         """
         if datamodule is None:
             self._check_not_minified("train")
         unknown = sorted(set(trainer_kwargs) - set(_TRAINER_KWARGS))
         if unknown:
             raise TypeError(f"train got unexpected keyword argument(s) {unknown}; accepted: {list(_TRAINER_KWARGS)}.")
-        if trainer_kwargs.get("strategy") not in (None, "auto"):
-            raise ValueError(f"strategy={trainer_kwargs['strategy']!r} is not available: pyro-scvi trains on a single device.")
+        from .infer.distributed import data_parallel_for
+
+        parallel = data_parallel_for(accelerator, devices, trainer_kwargs.get("strategy"))  # None: one device
+        if parallel is not None and datamodule is not None:
+            raise ValueError("A datamodule cannot be sharded across data-parallel processes; train on the registered AnnData.")
         plan = TrainingPlan(**(plan_kwargs or {}))
-        device = _resolve_device(accelerator, devices)
+        device = _resolve_device(accelerator, devices) if parallel is None else parallel.device
         self.module.to(device)
         splitter = dict(datasplitter_kwargs or {})
         drop_last = bool(splitter.pop("drop_last", False))
         external = splitter.pop("external_indexing", None)
         if splitter:
             raise TypeError(f"Unknown datasplitter_kwargs {sorted(splitter)}; accepted: drop_last, external_indexing.")
-        progress = trainer_kwargs.get("enable_progress_bar", settings.progress_bar)
+        progress = trainer_kwargs.get("enable_progress_bar", settings.progress_bar) and (parallel is None or parallel.is_main)
         check_val = trainer_kwargs.get("check_val_every_n_epoch")
         if check_val is None and (early_stopping or plan.reduce_lr_on_plateau):
             check_val = 1
@@ -439,11 +516,17 @@ class SCVI:
             if external is not None:
                 train_idx, val_idx, test_idx = (np.asarray(i, dtype=np.int64) for i in external)
             else:
+                split_seed = settings.seed if parallel is None or settings.seed is not None else parallel.shared_seed()
                 train_idx, val_idx, test_idx = split_indices(
-                    data.n_obs, train_size, validation_size, batch_size, shuffle_set_split, settings.seed, drop_last)
-            _check_training_minibatches(self.module, len(train_idx), batch_size, drop_last)
+                    data.n_obs, train_size, validation_size, batch_size, shuffle_set_split, split_seed, drop_last)
+            n_shard = len(train_idx) if parallel is None else parallel.shard_length(len(train_idx))
+            _check_training_minibatches(self.module, n_shard, batch_size, drop_last)
             train_batches = lambda: (b for _, b in data.iterate(train_idx, batch_size, True, drop_last, device, load_sparse_tensor))  # noqa: E731
-            val_batches = None if len(val_idx) == 0 else (lambda: (b for _, b in data.iterate(val_idx, batch_size, device=device, sparse=load_sparse_tensor)))  # noqa: E731
+            val_cells = val_idx if parallel is None else parallel.validation_shard(val_idx)
+            val_batches = None if len(val_idx) == 0 else (lambda: (b for _, b in data.iterate(val_cells, batch_size, device=device, sparse=load_sparse_tensor)))  # noqa: E731
+            if parallel is not None:  # this process's shard of a fresh permutation each epoch
+                train_batches = parallel.epoch_batches(train_idx, lambda order: (
+                    b for _, b in data.iterate(order, batch_size, False, drop_last, device, load_sparse_tensor)))
             n_train_cells = data.n_obs
         if early_stopping and val_batches is None:
             raise ValueError("Can't run Early Stopping with validation monitor with no validation set")
@@ -458,13 +541,24 @@ class SCVI:
                 mode=trainer_kwargs.get("early_stopping_mode", "min"),
                 warmup_epochs=trainer_kwargs.get("early_stopping_warmup_epochs", 0),
             )
+        if self.module.has_custom_model or self.module.has_custom_guide:
+            self._check_custom_functions(next(iter(train_batches()), None))
         self.train_indices_, self.validation_indices_, self.test_indices_ = train_idx, val_idx, test_idx
+        if train_idx is not None:
+            self.module.n_train_cells = _count_cells(train_idx)
+        hooks = {}
+        if parallel is not None:
+            parallel.prepare(self.module)  # rank 0's weights everywhere, shared permutation seed
+            hooks = dict(gradient_hook=parallel.average_gradients, reduce_sums=parallel.sum_across_ranks,
+                         epoch_end_hook=parallel.sync_buffers)
         try:
             with self._pyro_scope():
                 records, stop_reason = run_training(
                     self.module, train_batches, val_batches, max_epochs, plan,
-                    check_val_every_n_epoch=check_val, early_stopping=stopper, progress_bar=progress,
+                    check_val_every_n_epoch=check_val, early_stopping=stopper, progress_bar=progress, **hooks,
                 )
+            if parallel is not None:
+                parallel.finish()
         except BaseException as error:
             partial = getattr(error, "partial_history", None)
             if partial:
@@ -473,7 +567,7 @@ class SCVI:
             raise
         self.history_ = append_history(self.history_, records)
         self.is_trained_ = True
-        if stop_reason:
+        if stop_reason and (parallel is None or parallel.is_main):
             print(stop_reason)
 
     # ------------------------------------------------------------------ queries
@@ -500,6 +594,9 @@ class SCVI:
         with self._pyro_scope():
             for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
                 qz = variational_posterior(self.module.guide, batch, "z")
+                if not (hasattr(qz, "loc") and hasattr(qz, "scale")):
+                    raise TypeError(f"get_latent_representation needs a guide site 'z' with a loc and scale "
+                                    f"(e.g. Normal); the guide's is {type(qz).__name__}.")
                 locs.append(qz.loc.cpu())
                 variances.append(qz.scale.pow(2).cpu())
                 if return_dist:
@@ -537,10 +634,16 @@ class SCVI:
         out = []
         with self._pyro_scope():
             for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
-                if not self.module.latent_library:
+                if not self.module.latent_library and not self.module.has_custom_guide:
                     out.append(batch.log_library.exp().cpu())
                     continue
-                ql = variational_posterior(self.module.guide, batch, "library")
+                try:
+                    ql = variational_posterior(self.module.guide, batch, "library")
+                except KeyError:
+                    if self.module.latent_library:
+                        raise
+                    out.append(batch.log_library.exp().cpu())  # a custom guide without a latent library
+                    continue
                 log_library = ql.loc + ql.scale.pow(2) / 2 if give_mean else ql.sample()
                 out.append(log_library.exp().cpu())
         return torch.cat(out).numpy()
@@ -694,7 +797,8 @@ class SCVI:
         with self._pyro_scope():
             for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
                 (trace,) = posterior_model_traces(self.module.model, self.module.guide, batch, n_samples)
-                for key, value in likelihood_parameters(observation_distribution(trace)).items():
+                distribution = observation_distribution(trace)
+                for key, value in likelihood_parameters(distribution, self.module.gene_likelihood).items():
                     value = value.expand(n_samples, batch.n_cells, value.shape[-1])
                     chunks.setdefault(key, []).append(value.cpu())
         out = {}
@@ -758,7 +862,7 @@ class SCVI:
                     (trace,) = posterior_model_traces(self.module.model, self.module.guide, batch, n_samples, [code])
                     rate = rna_size_factor * trace.nodes["normalized_expression"]["value"]
                     rate = rate.expand(n_samples, batch.n_cells, rate.shape[-1])
-                    params = likelihood_parameters(observation_distribution(trace))
+                    params = likelihood_parameters(observation_distribution(trace), self.module.gene_likelihood)
                     if self.module.gene_likelihood in ("zinb", "nb"):
                         theta = params["dispersions"].expand_as(rate)
                         rate = torch.distributions.Gamma(theta, theta / rate).sample()
@@ -795,6 +899,9 @@ class SCVI:
     #: :func:`pyro_scvi.differential.differential_expression` (the model is its first argument).
     differential_expression = differential.differential_expression
 
+    #: :func:`pyro_scvi.diagnostics.to_arviz`: the posterior as an ``arviz.InferenceData`` (the model is its first argument).
+    to_arviz = diagnostics.to_arviz
+
     # ------------------------------------------------------------------ evaluation
     def _elbo_terms_per_cell(self, adata, indices, batch_size, dataloader, method: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-cell reconstruction loss −log p(x | z, l) and summed KL (weight 1), one draw each."""
@@ -803,9 +910,9 @@ class SCVI:
         reconstruction, kl = [], []
         with self._pyro_scope(), torch.no_grad():
             for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
-                _, rec, kls = elbo_terms(self.module.model, self.module.guide, batch)
-                reconstruction.append(sum(rec.values()))
-                kl.append(sum(kls.values(), torch.zeros_like(reconstruction[-1])))
+                parts = elbo_parts(self.module.model, self.module.guide, batch)
+                reconstruction.append(sum(parts.reconstruction.values()))
+                kl.append(sum(parts.kl.values(), torch.zeros_like(reconstruction[-1])) + parts.kl_global_per_cell)
         return torch.cat(reconstruction), torch.cat(kl)
 
     def get_elbo(self, adata=None, indices=None, batch_size=None, dataloader=None, return_mean: bool = True) -> torch.Tensor:
@@ -829,22 +936,42 @@ class SCVI:
         return {"reconstruction_loss": reconstruction.mean() if return_mean else reconstruction}
 
     def get_marginal_ll(self, adata=None, indices=None, n_mc_samples: int = 1000, batch_size=None,
-                        return_mean: bool = True, dataloader=None, n_mc_samples_per_pass: int | None = None):
+                        return_mean: bool = True, dataloader=None, n_mc_samples_per_pass: int | None = None,
+                        return_diagnostics: bool = False):
         """Importance-sampling estimate of the marginal log-likelihood ``log p(x_n)`` (negative,
         higher is better) with ``n_mc_samples`` guide draws per cell.
 
         Returns the mean over cells as a float, or a CPU tensor ``(n,)`` with ``return_mean=False``.
         Densities of the logistic-normal latent are evaluated on the Gaussian (pre-softmax) variable.
+
+        With ``return_diagnostics=True`` it returns instead a ``pandas.DataFrame`` with one row per
+        cell (index: cell names; a range with ``dataloader``) and columns ``marginal_ll`` (the same
+        estimate, from the same draws), ``pareto_k`` (PSIS k̂ of the importance weights; above 0.7
+        the estimate of that cell is unreliable) and ``ess`` (effective sample size
+        ``1 / Σ w̃²`` of the Pareto-smoothed normalised weights, out of ``n_mc_samples``);
+        ``return_mean`` is then ignored. See :func:`pyro_scvi.diagnostics.psis_diagnostics`.
         """
         self._check_trained()
         self._check_not_minified("get_marginal_ll", adata)
         self.module.eval()
-        values = []
+        values, pareto_k, ess = [], [], []
         with self._pyro_scope(), torch.no_grad():
             for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
-                values.append(marginal_log_likelihood(self.module.model, self.module.guide, batch, n_mc_samples,
-                                                      n_mc_samples_per_pass).cpu())
+                if not return_diagnostics:
+                    values.append(marginal_log_likelihood(self.module.model, self.module.guide, batch, n_mc_samples,
+                                                          n_mc_samples_per_pass).cpu())
+                    continue
+                log_weights = log_importance_weights_in_passes(self.module.model, self.module.guide, batch,
+                                                               n_mc_samples, n_mc_samples_per_pass).cpu()
+                values.append(torch.logsumexp(log_weights, dim=0) - np.log(n_mc_samples))
+                psis = diagnostics.psis_diagnostics(log_weights)
+                pareto_k.append(psis.pareto_k)
+                ess.append(psis.ess)
         values = torch.cat(values)
+        if return_diagnostics:
+            index = pd.RangeIndex(len(values), name="cell") if dataloader is not None else self._cell_names(adata, indices)
+            return pd.DataFrame({"marginal_ll": values.double().numpy(), "pareto_k": np.concatenate(pareto_k),
+                                 "ess": np.concatenate(ess)}, index=index)
         return float(values.mean()) if return_mean else values
 
     # ------------------------------------------------------------------ state
@@ -916,6 +1043,15 @@ class SCVI:
         """
         if save_anndata and self._adata is None:
             raise ValueError("save_anndata=True but this model has no AnnData.")
+        custom = self._custom_parts()
+        if scvi_tools_format and (custom["model_fn"] or custom["guide_fn"] or custom["module_class"] != "SCVIModule"
+                                  or self.module.gene_likelihood not in BUILTIN_LIKELIHOODS):
+            raise ValueError("scvi_tools_format=True needs the built-in scVI (module, model, guide and a built-in "
+                             "gene_likelihood); save this model in pyro-scvi's format instead.")
+        if scvi_tools_format and _nondefault_priors(self.module):
+            raise ValueError(f"scvi_tools_format=True cannot hold {', '.join(_nondefault_priors(self.module))}: scvi-tools' "
+                             "SCVI has only the normal z prior, the per-batch library prior and a point-estimated θ. "
+                             "Save this model in pyro-scvi's format instead (scvi_tools_format=False).")
         if scvi_tools_format:
             write_scvi_tools_model(dir_path, self.module.state_dict(), self._var_names(), {
                 "registry_": self.registry_, "init_params_": self.init_params_, "is_trained_": self.is_trained_,
@@ -942,6 +1078,8 @@ class SCVI:
                 "validation_indices_": to_safe(self.validation_indices_),
                 "test_indices_": to_safe(self.test_indices_),
                 "freezing_": _freezing_state(self.module),
+                "custom_model_": custom,
+                "pyro_params_": param_store_to_safe(self._param_store_state),
             },
         }
         write_model_dir(dir_path, payload, prefix=prefix, overwrite=overwrite,
@@ -958,9 +1096,19 @@ class SCVI:
         backup_url: str | None = None,
         datamodule=None,
         allowed_classes_names_list: list[str] | None = None,
+        model_fn=None,
+        guide_fn=None,
+        z_prior=None,
+        library_prior=None,
     ) -> "SCVI":
         """Load a model saved by :meth:`save` or by scvi-tools 1.x (``adata`` defaults to the saved
-        AnnData, if any). Nothing in the file is executed: see :mod:`pyro_scvi.io_scvi_tools`."""
+        AnnData, if any). Nothing in the file is executed: see :mod:`pyro_scvi.io_scvi_tools`.
+
+        A model saved with ``model_fn``/``guide_fn`` needs them passed again, and one saved with a
+        registered ``gene_likelihood`` needs it registered again (both are code, which the file
+        does not hold); a custom module class needs the class whose ``_module_cls`` it is. Likewise a
+        model built with a prior *object* needs a new instance of it, ``z_prior=MyPrior(...)`` or
+        ``library_prior=...``; its learnt parameters come from the file."""
         dir_path = Path(dir_path)
         model_file = dir_path / f"{prefix or ''}model.pt"
         if backup_url is not None and not model_file.exists():
@@ -988,15 +1136,20 @@ class SCVI:
             cls.register_manager(AnnDataManager(adata, transferred))
         init = dict(attrs["init_params_"]["non_kwargs"])
         init.update(attrs["init_params_"].get("kwargs", {}).get("kwargs", {}))
-        model = cls(adata, registry=None if adata is not None else registry, **init)
+        _check_loadable(cls, init, attrs.get("custom_model_") or {}, model_fn, guide_fn)
+        init.update({name: value for name, value in (("z_prior", z_prior), ("library_prior", library_prior)) if value is not None})
+        model = cls(adata, registry=None if adata is not None else registry, model_fn=model_fn, guide_fn=guide_fn, **init)
         model.module.load_state_dict(saved["model_state_dict"], strict=True)
         model.is_trained_ = bool(attrs.get("is_trained_", False))
         model.history_ = attrs.get("history_")
         model.train_indices_ = attrs.get("train_indices_")
         model.validation_indices_ = attrs.get("validation_indices_")
         model.test_indices_ = attrs.get("test_indices_")
+        if model.train_indices_ is not None:
+            model.module.n_train_cells = _count_cells(model.train_indices_)
         _restore_freezing(model.module, attrs.get("freezing_"))
         model.module.to(_resolve_device(accelerator, device))
+        model._param_store_state = param_store_from_safe(attrs.get("pyro_params_"), model.device)
         model.module.eval()
         return model
 
@@ -1038,6 +1191,62 @@ def _check_training_minibatches(module, n_train: int, batch_size: int, drop_last
         )
 
 
+#: how init_params_ records a prior object, which the file cannot hold
+_CUSTOM_PRIOR = "custom:"
+
+
+def _storable_priors(kwargs: dict) -> dict:
+    """``kwargs`` for ``init_params_``: prior objects become ``"custom:<class>"``; such a marker passed
+    back (a load without the object) is an error that says what to pass."""
+    stored = dict(kwargs)
+    for name in ("z_prior", "library_prior"):
+        value = kwargs.get(name)
+        if isinstance(value, str) and value.startswith(_CUSTOM_PRIOR):
+            raise ValueError(f"This model was built with a custom {name} object ({value[len(_CUSTOM_PRIOR):]}), which a "
+                             f"saved file cannot hold: pass a new instance again, e.g. SCVI.load(dir_path, adata, "
+                             f"{name}={value[len(_CUSTOM_PRIOR):]}(...)); its parameters are restored from the file.")
+        if isinstance(value, torch.nn.Module):
+            stored[name] = _CUSTOM_PRIOR + type(value).__qualname__
+    return stored
+
+
+def _nondefault_priors(module) -> list[str]:
+    """The priors of ``module`` that scvi-tools' SCVI does not have (empty for the reference model)."""
+    from .models.priors import LogNormalLibraryPrior, NormalPrior
+
+    found = []
+    if type(getattr(module, "z_prior", None)) not in (NormalPrior, type(None)):
+        found.append(f"z_prior={type(module.z_prior).__name__}")
+    library_prior = getattr(module, "library_prior", None)
+    if library_prior is not None and (type(library_prior) is not LogNormalLibraryPrior or library_prior.owns_parameters):
+        found.append(f"library_prior={type(library_prior).__name__}")
+    if getattr(module, "dispersion_prior", None) is not None:
+        found.append(f"dispersion_prior={module.dispersion_prior!r}")
+    return found
+
+
+def _function_name(fn) -> str | None:
+    return None if fn is None else f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _check_loadable(cls, init: dict, custom: dict, model_fn, guide_fn) -> None:
+    """Clear errors for the code a saved model needs and the file cannot hold."""
+    likelihood = init.get("gene_likelihood", "zinb")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"The saved model uses gene_likelihood={likelihood!r}, which is not registered in this "
+                         f"session: call pyro_scvi.models.register_likelihood({likelihood!r}, ...) before "
+                         f"{cls.__name__}.load. " + unknown_likelihood_message(likelihood))
+    for name, given in (("model_fn", model_fn), ("guide_fn", guide_fn)):
+        if custom.get(name) and given is None:
+            raise ValueError(f"The model was saved with a custom {name} ({custom[name]}); functions are not saved: "
+                             f"pass it again, {cls.__name__}.load(dir_path, adata, {name}=...).")
+    saved_class = custom.get("module_class")
+    if saved_class and saved_class != cls._module_cls.__qualname__:
+        raise ValueError(f"The model was saved with the module class {saved_class!r}, but {cls.__name__} builds "
+                         f"{cls._module_cls.__qualname__!r}: load it with the SCVI subclass whose _module_cls is "
+                         f"{saved_class}.")
+
+
 def _freezing_state(module) -> dict:
     """What a query model (``load_query_data``) freezes: entry masks, BatchNorm momenta, dropout rates."""
     return {
@@ -1075,12 +1284,14 @@ def _resolve_device(accelerator: str = "auto", devices="auto") -> torch.device:
         raise ValueError(f"accelerator={accelerator!r} but CUDA is not available; use accelerator='cpu'.")
     if isinstance(devices, (list, tuple)):
         if len(devices) != 1:
-            raise ValueError(f"devices={devices!r}: pyro-scvi trains on a single device; pass one index.")
+            raise ValueError(f"devices={devices!r}: this runs on a single device; pass one index (data-parallel "
+                             "training is train(devices=N, strategy='ddp') under torchrun).")
         devices = devices[0]
     if devices in ("auto", 1, None, "1") or devices == -1 and not use_cuda:
         index = 0
     elif isinstance(devices, int) and devices > 1:
-        raise ValueError(f"devices={devices}: pyro-scvi trains on a single device.")
+        raise ValueError(f"devices={devices}: this runs on a single device (data-parallel training is "
+                         "train(devices=N, strategy='ddp') under torchrun).")
     elif isinstance(devices, str) and devices.startswith("cuda"):
         return torch.device(devices)
     else:

@@ -8,14 +8,18 @@ two models never share weights.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
+import pyro
+import pyro.distributions as dist
 import torch
 from torch import nn
 
 from .data.minibatch import Minibatch
 from .guides.scvi import scvi_guide
-from .models.likelihoods import LIKELIHOODS, expression_likelihood
+from .models.likelihoods import get_likelihood
+from .models.priors import LogNormalLibraryPrior, dispersion_prior_distribution, make_z_prior
 from .models.scvi import scvi_model
 from .nn import ExpressionDecoder, GaussianEncoder
 
@@ -45,6 +49,12 @@ class SCVIModule(nn.Module):
     * ``batch_embedding`` (``nn.Embedding(B, 5)``) when ``batch_representation="embedding"``
     * buffers ``library_log_means`` / ``library_log_vars`` ``(1, B)``: the per-batch prior of the
       log-library when it is latent
+    * ``z_prior`` / ``library_prior``: prior modules (:mod:`pyro_scvi.models.priors`); ``z_prior``
+      is ``"normal"``, ``"mog"``, ``"vamp"`` (``n_prior_components`` components) or a module
+    * with ``dispersion_prior`` (``"gamma"``/``"lognormal"``) θ is a global latent variable:
+      ``log_dispersion`` and ``log_dispersion_log_scale`` are then the location and log-scale of
+      its log-normal variational posterior, and ``n_train_cells`` (set by ``SCVI.train``) the
+      number of cells its KL is spread over (see :meth:`cells_plate`)
     """
 
     def __init__(
@@ -73,10 +83,14 @@ class SCVIModule(nn.Module):
         var_activation=None,
         batch_representation: str = "one-hot",
         batch_embedding_kwargs: dict | None = None,
+        z_prior="normal",
+        n_prior_components: int = 10,
+        library_prior: nn.Module | None = None,
+        dispersion_prior: str | None = None,
     ) -> None:
         super().__init__()
         _check_choice("dispersion", dispersion, DISPERSIONS)
-        _check_choice("gene_likelihood", gene_likelihood, tuple(LIKELIHOODS))
+        get_likelihood(gene_likelihood)  # ValueError listing the registered names and how to add one
         _check_choice("latent_distribution", latent_distribution, LATENT_DISTRIBUTIONS)
         _check_choice("use_batch_norm", use_batch_norm, NORM_PLACEMENTS)
         _check_choice("use_layer_norm", use_layer_norm, NORM_PLACEMENTS)
@@ -103,6 +117,7 @@ class SCVIModule(nn.Module):
         cat_list = ([] if n_embedding else [self.n_batch]) + list(n_cats_per_cov or [])
         encoder_cats = cat_list if encode_covariates else None
         n_input_encoder = n_input + ((n_continuous_cov + n_embedding) if encode_covariates else 0)
+        self.n_input_encoder = n_input_encoder
         bn_encoder = use_batch_norm in ("encoder", "both")
         bn_decoder = use_batch_norm in ("decoder", "both")
         ln_encoder = use_layer_norm in ("encoder", "both")
@@ -131,19 +146,85 @@ class SCVIModule(nn.Module):
                 raise ValueError("A latent library size needs library_log_means and library_log_vars, shape (1, n_batch).")
             self.register_buffer("library_log_means", torch.as_tensor(library_log_means, dtype=torch.float32).reshape(1, -1))
             self.register_buffer("library_log_vars", torch.as_tensor(library_log_vars, dtype=torch.float32).reshape(1, -1))
+        # priors (pyro_scvi.models.priors): of z, of the latent log-library, hyper-prior of θ
+        self.z_prior = make_z_prior(z_prior, n_latent, n_prior_components)
+        if library_prior is not None and self.use_observed_lib_size:
+            raise ValueError("library_prior needs a latent library: build the model with use_observed_lib_size=False.")
+        if self.use_observed_lib_size:
+            self.library_prior = None
+        else:
+            self.library_prior = LogNormalLibraryPrior() if library_prior is None else library_prior
+        self.dispersion_prior = dispersion_prior
+        if dispersion_prior is not None:
+            if self.log_dispersion is None or not get_likelihood(gene_likelihood).dispersion:
+                raise ValueError(f"dispersion_prior={dispersion_prior!r} needs a per-gene θ: dispersion 'gene', 'gene-batch' "
+                                 f"or 'gene-label' and a likelihood with a dispersion (got {dispersion!r}, {gene_likelihood!r}).")
+            dispersion_prior_distribution(dispersion_prior, tuple(self.log_dispersion.shape))  # checks the name
+            self.log_dispersion_log_scale = nn.Parameter(torch.full_like(self.log_dispersion, math.log(0.1)))
+        #: number of training cells; with a global latent the "cells" plate has this size (see cells_plate)
+        self.n_train_cells: int | None = None
+        for prior in (self.z_prior, self.library_prior):
+            if prior is not None and hasattr(prior, "attach"):
+                prior.attach(self)
         #: parameter name → boolean mask of entries that training must not change (query mapping)
         self.frozen_parameters: dict[str, torch.Tensor] = {}
 
     # -- the probabilistic program ---------------------------------------------------------------
+    #: user functions ``fn(module, batch, transform_batch=None)`` replacing the built-in model / guide
+    #: (set by ``SCVI(..., model_fn=, guide_fn=)``; see docs/custom_models.md)
+    model_fn = None
+    guide_fn = None
+
     def model(self, batch: Minibatch, transform_batch: int | None = None):
         """The generative model p(x, z, l) on ``batch`` (see :func:`pyro_scvi.models.scvi_model`)."""
+        if self.model_fn is not None:
+            return self.model_fn(self, batch, transform_batch=transform_batch)
         return scvi_model(self, batch, transform_batch=transform_batch)
 
     def guide(self, batch: Minibatch, transform_batch: int | None = None):
         """The amortised posterior q(z, l | x) (see :func:`pyro_scvi.guides.scvi_guide`)."""
+        if self.guide_fn is not None:
+            return self.guide_fn(self, batch, transform_batch=transform_batch)
         return scvi_guide(self, batch, transform_batch=transform_batch)
 
+    @property
+    def has_custom_model(self) -> bool:
+        """Whether the model is user code (``model_fn`` or an overridden :meth:`model`)."""
+        return self.model_fn is not None or type(self).model is not SCVIModule.model
+
+    @property
+    def has_custom_guide(self) -> bool:
+        """Whether the guide is user code (``guide_fn`` or an overridden :meth:`guide`)."""
+        return self.guide_fn is not None or type(self).guide is not SCVIModule.guide
+
     # -- pieces the model and guide use ----------------------------------------------------------
+    # -- priors and global latent variables -----------------------------------------------------
+    @property
+    def has_global_latents(self) -> bool:
+        """Whether the model has a latent site outside the ``"cells"`` plate (θ with ``dispersion_prior``)."""
+        return self.dispersion_prior is not None
+
+    def cells_plate(self, batch: Minibatch) -> pyro.plate:
+        """The ``"cells"`` plate (dim −1) of ``batch``, shared by model and guide.
+
+        With a global latent and ``n_train_cells = N`` set, the plate has size ``N`` and the ``n``
+        cells of the minibatch as its subsample, so Pyro scales per-cell terms by ``N / n`` and the
+        minibatch ELBO estimates the full-data one (see :class:`~pyro_scvi.infer.elbo.CellMeanELBO`).
+        """
+        n = batch.n_cells
+        if not self.has_global_latents or not self.n_train_cells:
+            return pyro.plate("cells", n, dim=-1)
+        return pyro.plate("cells", self.n_train_cells, subsample=torch.arange(n, device=batch.batch_index.device), dim=-1)
+
+    def dispersion_hyperprior(self) -> dist.Distribution:
+        """p(θ): batch shape ``(G,)``, event shape ``()`` or ``(B|L,)`` (see :data:`~pyro_scvi.models.priors.DISPERSION_PRIORS`)."""
+        return dispersion_prior_distribution(self.dispersion_prior, tuple(self.log_dispersion.shape), self.log_dispersion.device)
+
+    def dispersion_posterior(self) -> dist.Distribution:
+        """q(θ) = LogNormal(log_dispersion, exp(log_dispersion_log_scale)), mean-field; shapes as the prior's."""
+        q = dist.LogNormal(self.log_dispersion, self.log_dispersion_log_scale.exp())
+        return q.to_event(self.log_dispersion.dim() - 1)
+
     @property
     def latent_library(self) -> bool:
         """Whether the log-library is a latent variable (``use_observed_lib_size=False``)."""
@@ -186,8 +267,17 @@ class SCVIModule(nn.Module):
         h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return h, self._categorical(batch, batch_index)
 
-    def inverse_dispersion(self, hidden: torch.Tensor, batch_index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """θ > 0: ``(G,)`` for ``gene``, ``(n, G)`` for ``gene-batch``/``gene-label``, ``(…, n, G)`` for ``gene-cell``."""
+    def inverse_dispersion(self, hidden: torch.Tensor, batch_index: torch.Tensor, labels: torch.Tensor,
+                           theta: torch.Tensor | None = None) -> torch.Tensor:
+        """θ > 0: ``(G,)`` for ``gene``, ``(n, G)`` for ``gene-batch``/``gene-label``, ``(…, n, G)`` for ``gene-cell``.
+
+        ``theta``: a draw of the global θ site (``dispersion_prior``), ``(…, G)`` or ``(…, G, B|L)``;
+        then ``(…, 1, G)`` or ``(…, n, G)``."""
+        if theta is not None:
+            if self.dispersion == "gene":
+                return theta.unsqueeze(-2)
+            codes = (batch_index if self.dispersion == "gene-batch" else labels).reshape(-1)
+            return theta.transpose(-1, -2)[..., codes, :]
         if self.dispersion == "gene":
             return self.log_dispersion.exp()
         if self.dispersion == "gene-batch":
@@ -196,8 +286,12 @@ class SCVIModule(nn.Module):
             return self.log_dispersion.T[labels.reshape(-1)].exp()
         return self.decoder.dispersion_head(hidden).exp()
 
-    def likelihood(self, mean: torch.Tensor, hidden: torch.Tensor, batch_index: torch.Tensor, labels: torch.Tensor):
-        """The count distribution of each gene in each cell (batch shape (…, n, G))."""
-        theta = None if self.gene_likelihood == "poisson" else self.inverse_dispersion(hidden, batch_index, labels)
-        logits = self.decoder.zero_inflation_head(hidden) if self.gene_likelihood == "zinb" else None
-        return expression_likelihood(self.gene_likelihood, mean, theta, logits)
+    def likelihood(self, mean: torch.Tensor, hidden: torch.Tensor, batch_index: torch.Tensor, labels: torch.Tensor,
+                   theta: torch.Tensor | None = None):
+        """The count distribution of each gene in each cell (batch shape (…, n, G)), built by the
+        registered likelihood ``gene_likelihood`` from the heads it declares it needs (``theta``: a
+        draw of the global θ site, see :meth:`inverse_dispersion`)."""
+        spec = get_likelihood(self.gene_likelihood)
+        theta = self.inverse_dispersion(hidden, batch_index, labels, theta) if spec.dispersion else None
+        logits = self.decoder.zero_inflation_head(hidden) if spec.zero_inflation else None
+        return spec(mean, theta, logits)

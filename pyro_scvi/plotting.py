@@ -16,6 +16,9 @@ SVG, ... by the file's suffix)::
   :meth:`~pyro_scvi.SCVI.differential_expression` table.
 * :func:`plot_posterior_predictive`: observed against posterior-predictive per-gene mean and
   fraction of zeros, with 90% intervals over the predictive draws.
+* :func:`plot_coefficient_of_variation`, :func:`plot_zero_fraction`, :func:`plot_calibration`:
+  the panels of a :class:`pyro_scvi.diagnostics.PosteriorPredictiveCheck` (observed against
+  generated CV per cell or gene and zeros per gene; coverage of the predictive intervals).
 
 matplotlib is imported only when a function is called: ``pip install 'pyro-scvi[plot]'``.
 Without a display (no ``DISPLAY``/``WAYLAND_DISPLAY`` and no ``MPLBACKEND``) the non-interactive
@@ -34,10 +37,13 @@ import pandas as pd
 
 __all__ = [
     "embed_latent",
+    "plot_calibration",
+    "plot_coefficient_of_variation",
     "plot_latent",
     "plot_posterior_predictive",
     "plot_training_history",
     "plot_volcano",
+    "plot_zero_fraction",
     "posterior_predictive_summary",
     "save_figure",
     "volcano_coordinates",
@@ -370,4 +376,62 @@ def plot_posterior_predictive(observed, samples, ax=None, interval: float = 0.9,
         axis.set_ylabel(f"predicted {label}")
         axis.legend(loc="upper left", fontsize=8)
     fig.suptitle(title or f"Posterior predictive check ({np.asarray(stats['predicted_mean']).shape[1]} draws)")
+    return fig
+
+
+# ---------------------------------------------------------------------------- criticism (pyro_scvi.diagnostics)
+def _observed_vs_generated(observed, generated, ax, label: str, log: bool, title: str | None):
+    """Scatter of one statistic, observed (x) against generated (y), with y = x and the agreement
+    (Pearson r, mean absolute error) in the legend."""
+    from .diagnostics import agreement
+
+    fig, ax = _figure_and_axes(ax, figsize=(4.8, 4.5))
+    x, y = np.asarray(observed, dtype=float), np.asarray(generated, dtype=float)
+    finite = np.isfinite(x) & np.isfinite(y)
+    if log:
+        finite &= (x > 0) & (y > 0)
+    x, y = x[finite], y[finite]
+    scores = agreement(x, y)
+    ax.scatter(x, y, s=6, alpha=0.5, linewidths=0,
+               label=f"Pearson r = {scores['pearson']:.3f}, MAE = {scores['mae']:.3g} (n = {x.size})")
+    both = np.concatenate([x, y])
+    bounds = (both.min(), both.max()) if both.size else ((1e-2, 1.0) if log else (0.0, 1.0))
+    ax.plot(bounds, bounds, color="0.3", linestyle="--", linewidth=1, label="y = x")
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel(f"observed {label}")
+    ax.set_ylabel(f"generated {label}")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title or f"Posterior predictive check: {label}")
+    return fig
+
+
+def plot_coefficient_of_variation(observed, generated, kind: str = "cell", ax=None, title: str | None = None):
+    """Observed against generated coefficient of variation, one point per cell (``kind="cell"``,
+    CV over genes) or per gene (``kind="gene"``, CV over cells), log axes; NaN entries (zero
+    mean) are left out. Returns the Figure."""
+    return _observed_vs_generated(observed, generated, ax, f"CV per {kind}", log=True, title=title)
+
+
+def plot_zero_fraction(observed, generated, ax=None, title: str | None = None):
+    """Observed against generated fraction of zero counts, one point per gene. Returns the Figure."""
+    return _observed_vs_generated(observed, generated, ax, "fraction of zeros per gene", log=False, title=title)
+
+
+def plot_calibration(levels, coverage, ax=None, title: str | None = None):
+    """Coverage of the central posterior-predictive intervals against their nominal level, with
+    the diagonal of a calibrated model and the calibration error (mean squared gap) in the
+    legend. Returns the Figure."""
+    fig, ax = _figure_and_axes(ax, figsize=(4.8, 4.5))
+    levels, coverage = np.asarray(levels, dtype=float), np.asarray(coverage, dtype=float)
+    error = float(np.mean((coverage - levels) ** 2))
+    ax.plot([0, 1], [0, 1], color="0.3", linestyle="--", linewidth=1, label="calibrated")
+    ax.plot(levels, coverage, marker="o", label=f"model (calibration error {error:.2g})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("nominal level of the central interval")
+    ax.set_ylabel("fraction of observed counts inside")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title or "Posterior predictive calibration")
     return fig

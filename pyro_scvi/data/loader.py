@@ -1,7 +1,9 @@
 """From a registered AnnData to minibatches, and the train/validation/test split.
 
 ``RegisteredData`` keeps the count matrix as it is in the AnnData (dense or CSR, never densified
-as a whole) and the per-cell covariates as tensors; a minibatch densifies only its own rows.
+as a whole) and the per-cell covariates as tensors; a minibatch densifies only its own rows. A
+backed AnnData (``anndata.read_h5ad(path, backed="r")``) keeps its counts on disk: minibatches are
+read from the file (see :mod:`pyro_scvi.data.backed`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from . import backed
 from .minibatch import Minibatch
 from .registry import REGISTRY_KEYS, get_from_registry
 
@@ -42,10 +45,14 @@ class RegisteredData:
         if sp.issparse(counts) and not sp.isspmatrix_csr(counts) and not isinstance(counts, sp.csr_array):
             counts = sp.csr_matrix(counts)
         self.counts = counts
+        #: row reader of a count matrix kept on disk (backed AnnData), else ``None``
+        self.backed = backed.BackedCounts(counts) if backed.is_backed(counts) else None
         self.n_obs, self.n_vars = counts.shape
         minified = "latent_qzm" in registry["field_registries"]
         if minified:  # the library was recorded before the counts were dropped
             library = np.asarray(get_from_registry(adata, registry, "observed_lib_size"), dtype=np.float64).reshape(-1, 1)
+        elif self.backed is not None:  # chunked pass over the file (shared with setup's checks)
+            library = backed.row_totals(counts).reshape(-1, 1)
         else:
             library = np.asarray(counts.sum(axis=1)).reshape(-1, 1)
         library = library.astype(np.float32)  # one rounding for every input dtype (int, float64, ...)
@@ -67,20 +74,16 @@ class RegisteredData:
 
     def counts_of(self, indices: np.ndarray, sparse: bool = False) -> torch.Tensor:
         """Counts of the given cells as a dense float32 ``(n, G)`` tensor (or a sparse COO tensor)."""
-        rows = self.counts[indices]
-        if sp.issparse(rows):
-            if sparse:
-                rows = sp.coo_matrix(rows)
-                coordinates = torch.as_tensor(np.vstack([rows.row, rows.col]), dtype=torch.int64)
-                values = torch.as_tensor(rows.data, dtype=torch.float32)
-                return torch.sparse_coo_tensor(coordinates, values, size=rows.shape, check_invariants=False)
-            rows = rows.toarray()
-        return torch.as_tensor(np.asarray(rows, dtype=np.float32))
+        rows = self.counts[indices] if self.backed is None else self.backed.read_rows(indices)
+        return _rows_as_tensor(rows, sparse)
 
-    def minibatch(self, indices: np.ndarray, device: torch.device | str = "cpu", sparse: bool = False) -> Minibatch:
+    def minibatch(
+        self, indices: np.ndarray, device: torch.device | str = "cpu", sparse: bool = False, rows=None
+    ) -> Minibatch:
         """The minibatch of cells ``indices`` (in that order) on ``device``.
 
         With ``sparse=True`` the counts travel to the device as a sparse tensor and are densified there.
+        ``rows``: the counts of these cells when already read (SciPy sparse or dense).
         """
         indices = np.asarray(indices)
         index = torch.as_tensor(indices, dtype=torch.int64)
@@ -88,7 +91,8 @@ class RegisteredData:
         def pick(t):
             return None if t is None else t[index]
 
-        x = self.counts_of(indices, sparse=sparse).to(device)
+        counts = self.counts_of(indices, sparse=sparse) if rows is None else _rows_as_tensor(rows, sparse)
+        x = counts.to(device)
         if sparse:
             x = x.to_dense()
         batch = Minibatch(
@@ -113,14 +117,36 @@ class RegisteredData:
         device: torch.device | str = "cpu",
         sparse: bool = False,
     ) -> Iterator[tuple[np.ndarray, Minibatch]]:
-        """Yield ``(cell indices, minibatch)`` over ``indices``; shuffled with torch's global RNG."""
+        """Yield ``(cell indices, minibatch)`` over ``indices``; shuffled with torch's global RNG.
+
+        For counts on disk (backed AnnData) a shuffled epoch is shuffled by blocks of contiguous
+        cells (:func:`pyro_scvi.data.backed.block_shuffled`: every cell once, same minibatch sizes,
+        less mixed minibatches); without shuffling each minibatch's cells are read in increasing order
+        and returned in the requested order.
+        """
         indices = np.asarray(indices)
+        if shuffle and self.backed is not None:
+            for chunk, rows in backed.block_shuffled(self.backed, indices, batch_size, drop_last):
+                yield chunk, self.minibatch(chunk, device=device, sparse=sparse, rows=rows)
+            return
         if shuffle:
             indices = indices[torch.randperm(len(indices)).numpy()]
         stop = len(indices) - (len(indices) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
             chunk = indices[start : start + batch_size]
             yield chunk, self.minibatch(chunk, device=device, sparse=sparse)
+
+
+def _rows_as_tensor(rows, sparse: bool = False) -> torch.Tensor:
+    """Rows of a count matrix (SciPy sparse or dense) as a dense float32 tensor (or a sparse COO tensor)."""
+    if sp.issparse(rows):
+        if sparse:
+            rows = sp.coo_matrix(rows)
+            coordinates = torch.as_tensor(np.vstack([rows.row, rows.col]), dtype=torch.int64)
+            values = torch.as_tensor(rows.data, dtype=torch.float32)
+            return torch.sparse_coo_tensor(coordinates, values, size=rows.shape, check_invariants=False)
+        rows = rows.toarray()
+    return torch.as_tensor(np.asarray(rows, dtype=np.float32))
 
 
 def _log_total(x: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from . import backed as _backed
+
 __all__ = [
     "REGISTRY_KEYS",
     "SCVI_TOOLS_VERSION",
@@ -549,6 +551,18 @@ def _value_blocks(matrix) -> Iterator[np.ndarray]:
 
 def _check_counts(matrix, layer: str | None) -> None:
     """Raise on NaN, infinite or negative values; warn on non-integer values. Every value is checked."""
+    if _backed.is_backed(matrix):  # on disk: one chunked pass (its totals also serve later checks)
+        found = _backed.scan(matrix)
+        if not (np.issubdtype(found.dtype, np.number) or found.dtype == np.bool_):
+            raise ValueError(f"{_matrix_name(layer)} has dtype {found.dtype}; scVI needs numeric counts.")
+        summary = (found.n_nan, found.n_inf, found.minimum, found.non_integer)
+    else:
+        summary = _count_summary(matrix, layer)
+    _report_counts(*summary, layer)
+
+
+def _count_summary(matrix, layer: str | None) -> tuple[int, int, float, bool]:
+    """Numbers of NaN and infinite values, smallest finite value, whether some value is not an integer."""
     n_nan = n_inf = 0
     minimum = np.inf
     non_integer = False
@@ -567,7 +581,10 @@ def _check_counts(matrix, layer: str | None) -> None:
                     continue
             non_integer = non_integer or bool(np.any(block != np.floor(block)))
         minimum = min(minimum, float(block.min()))
+    return n_nan, n_inf, minimum, non_integer
 
+
+def _report_counts(n_nan: int, n_inf: int, minimum: float, non_integer: bool, layer: str | None) -> None:
     problems = []
     if n_nan:
         problems.append(f"NaN values ({n_nan} entries)")
@@ -585,7 +602,7 @@ def _check_counts(matrix, layer: str | None) -> None:
             f"{_matrix_name(layer, quoted=False)} does not contain unnormalized count data. "
             "Are you sure this is what you want?",
             UserWarning,
-            stacklevel=4,
+            stacklevel=5,  # _report_counts < _check_counts < _register_layer < setup_registry
         )
 
 
@@ -658,6 +675,8 @@ def _warn_if_not_csr(matrix, layer: str | None) -> None:
 
 def _row_totals(matrix) -> np.ndarray:
     """Total counts of every row as float64, without densifying the whole matrix."""
+    if _backed.is_backed(matrix):  # on disk: chunked, remembered from setup's scan
+        return _backed.row_totals(matrix)
     if sp.issparse(matrix) or isinstance(matrix, np.ndarray):
         return np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
     n_rows, n_cols = matrix.shape

@@ -4,6 +4,7 @@ For each cell n::
 
     q(z_n | x_n) = Normal(μ_z(x_n), σ_z(x_n))     (pre-softmax for the logistic-normal latent)
     q(l_n | x_n) = Normal(μ_l(x_n), σ_l(x_n))     only when the log-library is latent
+    q(θ_g)       = LogNormal(m_g, s_g)            only with a dispersion hyper-prior (global, mean-field)
 
 The encoders read ``log1p(x_n)`` (``log_variational``) and, with ``encode_covariates=True``, the
 continuous covariates and the one-hot batch and categorical covariates. On minified data (counts
@@ -22,7 +23,11 @@ def scvi_guide(module, batch, transform_batch: int | None = None):
     """q(z, l | x) for one minibatch; takes the model's arguments (``transform_batch`` is unused:
     the encoder always sees the cell's own batch)."""
     pyro.module("scvi", module)
-    with pyro.plate("cells", batch.n_cells, dim=-1):
+    if module.dispersion_prior is not None:
+        with pyro.plate("genes", module.n_input, dim=-1):
+            pyro.sample("inverse_dispersion", module.dispersion_posterior())  # (G,) or (G, B|L)
+
+    with module.cells_plate(batch):
         if batch.latent_loc is not None:  # minified data: the stored posterior
             z_loc, z_scale = batch.latent_loc, batch.latent_scale  # (n, d) each
         else:

@@ -6,6 +6,10 @@ For each cell, with K draws (z_k, l_k) ~ q(z, l | x)::
     log p̂(x) = logsumexp_k log w_k − log K
 
 Draws are vectorised with a ``"particles"`` plate, in passes small enough to bound memory.
+
+Global latent sites (outside the ``"cells"`` plate, e.g. θ with a dispersion hyper-prior) are not
+integrated out: model and guide are conditioned on their variational posterior mean θ̂ = E_q[θ],
+so the estimate is ``log p(x_n | θ̂)`` and the weights hold per-cell terms only.
 """
 
 from __future__ import annotations
@@ -16,19 +20,38 @@ import torch
 from pyro import plate, poutine
 
 from ..data.minibatch import Minibatch
-from .elbo import traces
+from pyro.poutine.util import prune_subsample_sites
+
+from .elbo import cell_frame, traces
 from .posterior import variational_posterior
 
-__all__ = ["log_importance_weights", "marginal_log_likelihood", "aggregate_posterior_log_weights"]
+__all__ = ["log_importance_weights", "log_importance_weights_in_passes", "marginal_log_likelihood", "aggregate_posterior_log_weights",
+           "global_posterior_means"]
 
 #: elements of the largest (samples × cells × genes) tensor one pass may create
 MAX_PASS_ELEMENTS = 2**22
 
 
 def _sample_sites(trace):
+    """The per-cell sample sites of a trace (global sites and plate subsample sites left out)."""
     for site in trace.nodes.values():
-        if site["type"] == "sample" and not site["infer"].get("_deterministic", False):
+        if site["type"] == "sample" and not site["infer"].get("_deterministic", False) and cell_frame(site) is not None:
             yield site
+
+
+def global_posterior_means(guide, batch: Minibatch) -> dict[str, torch.Tensor]:
+    """``{site: E_q[value]}`` for the latent sites of the guide outside the ``"cells"`` plate (``{}`` if none)."""
+    trace = prune_subsample_sites(poutine.trace(guide).get_trace(batch))
+    return {name: site["fn"].mean.detach() for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and cell_frame(site) is None}
+
+
+def _at_global_means(model, guide, batch: Minibatch):
+    """Model and guide conditioned on the posterior means of the global sites (unchanged if none)."""
+    means = global_posterior_means(guide, batch)
+    if not means:
+        return model, guide
+    return poutine.condition(model, data=means), poutine.condition(guide, data=means)
 
 
 def log_importance_weights(model, guide, batch: Minibatch, n_samples: int, **kwargs) -> torch.Tensor:
@@ -43,12 +66,14 @@ def log_importance_weights(model, guide, batch: Minibatch, n_samples: int, **kwa
     return log_weight.expand(n_samples, batch.n_cells)
 
 
-def marginal_log_likelihood(model, guide, batch: Minibatch, n_samples: int = 1000, samples_per_pass: int | None = None,
-                            n_genes: int | None = None) -> torch.Tensor:
-    """Importance-sampling estimate of ``log p(x_n)`` for each cell of ``batch``: ``(n,)``.
+def log_importance_weights_in_passes(model, guide, batch: Minibatch, n_samples: int = 1000,
+                                     samples_per_pass: int | None = None, n_genes: int | None = None) -> torch.Tensor:
+    """All ``n_samples`` log importance weights ``log p(x, z, l) − log q(z, l | x)`` of each cell of
+    ``batch``: ``(S, n)``, drawn in passes (see :func:`marginal_log_likelihood` for the pass size).
 
-    ``samples_per_pass`` defaults to as many draws as keep one pass under
-    :data:`MAX_PASS_ELEMENTS` elements (``n_genes`` is the width of the count matrix).
+    These are the weights behind :func:`marginal_log_likelihood` (which is ``logsumexp`` over the
+    first axis minus ``log S`` of this tensor, from the same random draws); the PSIS diagnostics of
+    :mod:`pyro_scvi.diagnostics` read them.
     """
     if n_samples < 1:
         raise ValueError(f"n_mc_samples must be ≥ 1, got {n_samples}.")
@@ -56,11 +81,23 @@ def marginal_log_likelihood(model, guide, batch: Minibatch, n_samples: int = 100
         width = n_genes or (batch.x.shape[-1] if batch.x is not None else 1)
         samples_per_pass = max(1, MAX_PASS_ELEMENTS // max(1, batch.n_cells * width))
     samples_per_pass = min(samples_per_pass, n_samples)
+    model, guide = _at_global_means(model, guide, batch)
     chunks = []
     for start in range(0, n_samples, samples_per_pass):
         k = min(samples_per_pass, n_samples - start)
         chunks.append(log_importance_weights(model, guide, batch, k))
-    return torch.logsumexp(torch.cat(chunks, dim=0), dim=0) - math.log(n_samples)
+    return torch.cat(chunks, dim=0)
+
+
+def marginal_log_likelihood(model, guide, batch: Minibatch, n_samples: int = 1000, samples_per_pass: int | None = None,
+                            n_genes: int | None = None) -> torch.Tensor:
+    """Importance-sampling estimate of ``log p(x_n)`` for each cell of ``batch``: ``(n,)``.
+
+    ``samples_per_pass`` defaults to as many draws as keep one pass under
+    :data:`MAX_PASS_ELEMENTS` elements (``n_genes`` is the width of the count matrix).
+    """
+    log_weights = log_importance_weights_in_passes(model, guide, batch, n_samples, samples_per_pass, n_genes)
+    return torch.logsumexp(log_weights, dim=0) - math.log(n_samples)
 
 
 def aggregate_posterior_log_weights(model, guide, z: torch.Tensor, anchors: Minibatch, log_evidence: torch.Tensor,
@@ -74,6 +111,7 @@ def aggregate_posterior_log_weights(model, guide, z: torch.Tensor, anchors: Mini
     ``log_evidence`` is ``log p(x_a)`` ``(A,)`` (see :func:`marginal_log_likelihood`). Returns ``(M,)``.
     """
     posterior = variational_posterior(guide, anchors, "z")  # loc, scale (A, d)
+    model, _ = _at_global_means(model, guide, anchors)
     n_anchors, width = anchors.n_cells, anchors.x.shape[-1]
     chunk = max(1, MAX_PASS_ELEMENTS // max(1, n_anchors * width))
     out = []
@@ -84,8 +122,18 @@ def aggregate_posterior_log_weights(model, guide, z: torch.Tensor, anchors: Mini
             values["library"] = anchors.log_library.expand(m, n_anchors, 1)
         with plate("particles", m, dim=-2):
             trace = poutine.trace(poutine.condition(model, data=values)).get_trace(anchors)
+        _check_only_conditioned_latents(trace, values)
         log_joint = trace.nodes["x"]["fn"].log_prob(anchors.x) + trace.nodes["z"]["fn"].log_prob(values["z"])  # (m, A)
         log_q = posterior.log_prob(values["z"]).sum(-1)  # (m, A)
         out.append(torch.logsumexp(log_joint - log_evidence, dim=-1) - torch.logsumexp(log_q, dim=-1))
     return torch.cat(out)
 
+
+def _check_only_conditioned_latents(trace, values: dict) -> None:
+    """Importance weights of z need p(x | z) in closed form: no other per-cell latent may be drawn."""
+    others = [site["name"] for site in _sample_sites(trace)
+              if not site["is_observed"] and site["name"] not in values
+              and any(frame.name == "cells" for frame in site["cond_indep_stack"])]
+    if others:
+        raise ValueError(f"weights='importance' needs p(x | z) in closed form, but the model has the further per-cell "
+                         f"latent site(s) {others}; use weights='uniform' with this model.")

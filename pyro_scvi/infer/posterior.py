@@ -8,6 +8,7 @@ from pyro import plate, poutine
 from pyro.distributions import Independent
 
 from ..data.minibatch import Minibatch
+from ..models.contract import missing_site_message
 
 __all__ = ["variational_posterior", "posterior_model_traces", "posterior_sites", "observation_distribution"]
 
@@ -25,7 +26,7 @@ def variational_posterior(guide, batch: Minibatch, site: str = "z"):
     """
     trace = poutine.trace(guide).get_trace(batch)
     if site not in trace.nodes:
-        raise KeyError(f"The guide has no sample site {site!r}.")
+        raise KeyError(missing_site_message("guide", site))
     return _base(trace.nodes[site]["fn"])
 
 
@@ -52,7 +53,7 @@ def posterior_sites(model, guide, batch: Minibatch, n_samples: int, sites: list[
         out = {}
         for name in sites:
             if name not in model_trace.nodes:
-                raise KeyError(f"The model has no site {name!r}.")
+                raise KeyError(missing_site_message("model", name))
             value = model_trace.nodes[name]["value"]
             out[name] = value if value.dim() >= 3 else value.expand(n_samples, *value.shape[-2:])
         results.append(out)
@@ -61,4 +62,6 @@ def posterior_sites(model, guide, batch: Minibatch, n_samples: int, sites: list[
 
 def observation_distribution(model_trace, site: str = "x"):
     """The likelihood of ``site`` in a model trace, without ``Independent`` wrappers."""
+    if site not in model_trace.nodes:
+        raise KeyError(missing_site_message("model", site))
     return _base(model_trace.nodes[site]["fn"])

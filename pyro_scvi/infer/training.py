@@ -22,7 +22,8 @@ from pyro.infer import SVI
 from tqdm.auto import tqdm
 
 from ..data.minibatch import Minibatch
-from .elbo import CellMeanELBO, elbo_terms
+from .elbo import CellMeanELBO, elbo_parts
+from .optim import JointOptimizer
 
 __all__ = ["TrainingPlan", "EarlyStopping", "FrozenEntries", "kl_weight_at", "max_epochs_heuristic", "run_training", "append_history"]
 
@@ -73,16 +74,15 @@ class TrainingPlan:
         if self.min_kl_weight > self.max_kl_weight:
             raise ValueError(f"min_kl_weight ({self.min_kl_weight}) must not exceed max_kl_weight ({self.max_kl_weight}).")
 
-    def make_optimizer(self):
-        """A Pyro optimiser (per-parameter torch optimisers, optionally behind ReduceLROnPlateau)."""
+    def make_optimizer(self) -> JointOptimizer:
+        """One torch Adam/AdamW over all parameters, optionally behind ReduceLROnPlateau."""
         torch_optim = torch.optim.Adam if self.optimizer == "Adam" else torch.optim.AdamW
         optim_args = {"lr": self.lr, "eps": self.eps, "weight_decay": self.weight_decay}
-        if not self.reduce_lr_on_plateau:
-            return pyro.optim.PyroOptim(torch_optim, optim_args)
-        return pyro.optim.ReduceLROnPlateau({
-            "optimizer": torch_optim, "optim_args": optim_args, "mode": "min", "factor": self.lr_factor,
-            "patience": self.lr_patience, "threshold": self.lr_threshold, "threshold_mode": "abs", "min_lr": self.lr_min,
-        })
+        plateau = None
+        if self.reduce_lr_on_plateau:
+            plateau = {"mode": "min", "factor": self.lr_factor, "patience": self.lr_patience,
+                       "threshold": self.lr_threshold, "threshold_mode": "abs", "min_lr": self.lr_min}
+        return JointOptimizer(torch_optim, optim_args, plateau)
 
     def kl_weight(self, epoch: int, step: int) -> float:
         return kl_weight_at(epoch, step, self.n_epochs_kl_warmup, self.n_steps_kl_warmup, self.min_kl_weight, self.max_kl_weight)
@@ -132,23 +132,27 @@ class _EpochMetrics:
         self.loss = 0.0
         self.reconstruction = 0.0
         self.kl_local = 0.0
+        self.kl_global = 0.0
 
-    def add(self, loss: torch.Tensor, reconstruction: dict, kl: dict, n_cells: int) -> None:
+    def add(self, loss: torch.Tensor, reconstruction: dict, kl: dict, n_cells: int, kl_global=0.0) -> None:
+        """``kl_global``: the global KL per cell of this step (``Σ KL_global / N``)."""
         self.n_cells += n_cells
         self.loss = self.loss + loss.detach() * n_cells
         self.reconstruction = self.reconstruction + sum((t.sum() for t in reconstruction.values()), 0.0)
         self.kl_local = self.kl_local + sum((t.sum() for t in kl.values()), 0.0)
+        self.kl_global = self.kl_global + kl_global * n_cells
 
-    def compute(self, split: str, loss_name: str) -> dict[str, float]:
-        n = max(self.n_cells, 1)
-        values = torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in (self.loss, self.reconstruction, self.kl_local)])
-        loss, rec, kl = (values / n).tolist()
+    def compute(self, split: str, loss_name: str, reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in (self.loss, self.reconstruction, self.kl_local, self.kl_global, self.n_cells)])
+        if reduce_sums is not None:  # data-parallel: sums and cell counts over all processes
+            values = reduce_sums(values)
+        loss, rec, kl, kl_global = (values[:4] / max(float(values[4]), 1.0)).tolist()
         return {
             loss_name: loss,
-            f"elbo_{split}": rec + kl,
+            f"elbo_{split}": rec + kl + kl_global,
             f"reconstruction_loss_{split}": rec,
             f"kl_local_{split}": kl,
-            f"kl_global_{split}": 0.0,
+            f"kl_global_{split}": kl_global,
         }
 
 
@@ -181,15 +185,15 @@ class FrozenEntries:
             parameter.copy_(torch.where(mask, value, parameter))
 
 
-def _validate(module, model, guide, batches: Iterable[Minibatch], kl_weight: float) -> dict[str, float]:
+def _validate(module, model, guide, batches: Iterable[Minibatch], kl_weight: float, reduce_sums=None) -> dict[str, float]:
     module.eval()
     metrics = _EpochMetrics()
     with torch.no_grad():
         for batch in batches:
-            loss, reconstruction, kl = elbo_terms(model, guide, batch, kl_weights={"z": kl_weight})
-            metrics.add(loss, reconstruction, kl, batch.n_cells)
+            parts = elbo_parts(model, guide, batch, kl_weights={"z": kl_weight})
+            metrics.add(parts.loss, parts.reconstruction, parts.kl, batch.n_cells, parts.kl_global_per_cell)
     module.train()
-    return metrics.compute("validation", "validation_loss")
+    return metrics.compute("validation", "validation_loss", reduce_sums)
 
 
 def run_training(
@@ -201,6 +205,9 @@ def run_training(
     check_val_every_n_epoch: int | None = None,
     early_stopping: EarlyStopping | None = None,
     progress_bar: bool = True,
+    gradient_hook: Callable[[], None] | None = None,
+    reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    epoch_end_hook: Callable[[], None] | None = None,
 ) -> tuple[dict[str, list], str | None]:
     """Train ``module`` (its ``model``/``guide``) with SVI inside the caller's param-store scope.
 
@@ -212,6 +219,11 @@ def run_training(
     as ``exc.partial_history``. When an epoch ends with a non-finite loss or non-finite weights,
     the weights of the start of that epoch are restored and ``FloatingPointError`` is raised
     (finiteness is checked once per epoch, never per step).
+
+    Data-parallel hooks (see :mod:`pyro_scvi.infer.distributed`): ``gradient_hook()`` runs after
+    each backward pass, before the optimiser step (gradient averaging); ``reduce_sums(t)`` maps the
+    float64 vector ``[loss, reconstruction, kl, n_cells]`` of per-epoch sums to its sum over the
+    processes; ``epoch_end_hook()`` runs after each training epoch, before validation.
     """
     elbo = CellMeanELBO()
     optim = plan.make_optimizer()
@@ -238,24 +250,26 @@ def run_training(
                 for batch in train_batches():
                     kl_weight = plan.kl_weight(epoch, step)
                     elbo.kl_weights["z"] = kl_weight
-                    loss = _svi_step(svi, batch)
+                    loss = _svi_step(svi, batch, gradient_hook)
                     if frozen:
                         frozen.restore()
-                    metrics.add(loss, elbo.last_reconstruction, elbo.last_kl, batch.n_cells)
+                    metrics.add(loss, elbo.last_reconstruction, elbo.last_kl, batch.n_cells, elbo.last_kl_global)
                     step += 1
             except Exception as error:  # NaN weights or inputs trip the distributions' argument checks mid-epoch
                 if _NON_FINITE_MARK in str(error) or not _all_finite(module):
                     module.load_state_dict(snapshot)
                     raise FloatingPointError(_non_finite_message("values became NaN or infinite", epoch)) from error
                 raise
-            values = metrics.compute("train", "train_loss")
+            values = metrics.compute("train", "train_loss", reduce_sums)
             values["kl_weight"] = kl_weight
             if not math.isfinite(values["train_loss"]) or not _all_finite(module):
                 module.load_state_dict(snapshot)
                 what = f"loss became {values['train_loss']}" if not math.isfinite(values["train_loss"]) else "weights became non-finite"
                 raise FloatingPointError(_non_finite_message(what, epoch))
+            if epoch_end_hook is not None:
+                epoch_end_hook()
             if validation_batches is not None and validate_every and (epoch + 1) % validate_every == 0:
-                values.update(_validate(module, svi.model, svi.guide, validation_batches(), kl_weight))
+                values.update(_validate(module, svi.model, svi.guide, validation_batches(), kl_weight, reduce_sums))
                 if plan.reduce_lr_on_plateau and plan.lr_scheduler_metric in values:
                     optim.step(values[plan.lr_scheduler_metric])
             if plan.reduce_lr_on_plateau:
@@ -293,22 +307,22 @@ def _all_finite(module) -> bool:
     return bool(torch.stack(checks).all()) if checks else True
 
 
-def _svi_step(svi: SVI, batch: Minibatch) -> torch.Tensor:
+def _svi_step(svi: SVI, batch: Minibatch, gradient_hook: Callable[[], None] | None = None) -> torch.Tensor:
     """``SVI.step`` without reading the loss back to the host: returns the loss as a tensor."""
     with pyro.poutine.trace(param_only=True) as param_capture:
         loss = svi.loss_and_grads(svi.model, svi.guide, batch)
-    params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
+    if gradient_hook is not None:  # e.g. average the gradients across data-parallel processes
+        gradient_hook()
+    params = list(dict.fromkeys(site["value"].unconstrained() for site in param_capture.trace.nodes.values()))
     svi.optim(params)
-    pyro.infer.util.zero_grads(params)
+    for param in params:  # drop the gradients (cheaper than zero-filling them; Adam skips None)
+        param.grad = None
     return loss
 
 
 def _current_lr(optim, default: float) -> float:
-    for scheduler in getattr(optim, "optim_objs", {}).values():
-        inner = getattr(scheduler, "optimizer", None)
-        if inner is not None:
-            return float(inner.param_groups[0]["lr"])
-    return default
+    lr = getattr(optim, "lr", None)
+    return default if lr is None else lr
 
 
 def append_history(history: dict[str, pd.DataFrame] | None, records: dict[str, list]) -> dict[str, pd.DataFrame]:

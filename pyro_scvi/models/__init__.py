@@ -1,6 +1,16 @@
-"""Generative model functions and the likelihood registry."""
+"""Generative model functions, the likelihood registry and the priors."""
 
-from .likelihoods import LIKELIHOODS, expression_likelihood
+from .likelihoods import (
+    LIKELIHOODS,
+    LikelihoodSpec,
+    expression_likelihood,
+    get_likelihood,
+    register_likelihood,
+    unregister_likelihood,
+)
+from .priors import LogNormalLibraryPrior, MixtureOfGaussiansPrior, NormalPrior, VampPrior
 from .scvi import scvi_model
 
-__all__ = ["scvi_model", "LIKELIHOODS", "expression_likelihood"]
+__all__ = ["scvi_model", "LIKELIHOODS", "LikelihoodSpec", "expression_likelihood", "get_likelihood",
+           "register_likelihood", "unregister_likelihood",
+           "NormalPrior", "MixtureOfGaussiansPrior", "VampPrior", "LogNormalLibraryPrior"]

@@ -2,9 +2,11 @@
 
 For each cell n with batch s_n::
 
-    z_n ~ Normal(0, I)                                  latent state, d dimensions
+    θ_g  ~ Gamma / LogNormal hyper-prior                only with ``dispersion_prior`` (global, "genes" plate)
+    z_n ~ p(z)                                          latent state, d dimensions: Normal(0, I) by
+                                                        default, or a mixture (module.z_prior)
     l_n  = log Σ_g x_ng        (observed library, the default)
-      or ~ Normal(m_{s_n}, v_{s_n})                     (latent log-library, per-batch prior)
+      or ~ Normal(m_{s_n}, v_{s_n})                     (latent log-library, module.library_prior)
     ρ_n  = softmax(f(z_n, s_n))                         normalized expression over G genes
     x_ng ~ ZINB(mean = exp(l_n)·ρ_ng, θ_g, π_ng)        or NB / Poisson / Normal
 
@@ -14,7 +16,6 @@ With ``latent_distribution="ln"`` the decoder sees ``softmax(z_n)`` (logistic-no
 from __future__ import annotations
 
 import pyro
-import pyro.distributions as dist
 
 __all__ = ["scvi_model"]
 
@@ -33,21 +34,23 @@ def scvi_model(module, batch, transform_batch: int | None = None):
         cell instead of its own (counterfactual expression).
     """
     pyro.module("scvi", module)
-    n, d = batch.n_cells, module.n_latent
-    batch_index = batch.batch_index if transform_batch is None else batch.with_batch(transform_batch).batch_index
-    zeros = batch.log_library.new_zeros((n, d))
+    counterfactual = batch if transform_batch is None else batch.with_batch(transform_batch)
+    batch_index = counterfactual.batch_index  # (n, 1)
 
-    with pyro.plate("cells", n, dim=-1):
-        z = pyro.sample("z", dist.Normal(zeros, 1.0).to_event(1))  # (n, d)
+    theta = None
+    if module.dispersion_prior is not None:  # global latent θ, its KL spread over the training cells
+        with pyro.plate("genes", module.n_input, dim=-1):
+            theta = pyro.sample("inverse_dispersion", module.dispersion_hyperprior())  # (G,) or (G, B|L)
+
+    with module.cells_plate(batch):  # n cells (a subsample of n_train_cells when θ is global)
+        z = pyro.sample("z", module.z_prior(batch))  # (n, d)
 
         if module.use_size_factor:
             log_library = batch.size_factor.log()  # (n, 1)
         elif module.use_observed_lib_size:
             log_library = batch.log_library  # (n, 1)
         else:
-            prior_loc = module.library_log_means[0, batch_index]  # (n, 1)
-            prior_scale = module.library_log_vars[0, batch_index].sqrt()  # (n, 1)
-            log_library = pyro.sample("library", dist.Normal(prior_loc, prior_scale).to_event(1))  # (n, 1)
+            log_library = pyro.sample("library", module.library_prior(counterfactual))  # (n, 1)
 
         decoder_input, covariates = module.decoder_input(z, batch, batch_index)  # (n, d [+ C + E]), [(n, 1), ...]
         hidden = module.decoder(decoder_input, *covariates)  # (n, H)
@@ -56,5 +59,5 @@ def scvi_model(module, batch, transform_batch: int | None = None):
         pyro.deterministic("normalized_expression", rho, event_dim=1)
         pyro.deterministic("mean", mean, event_dim=1)
 
-        likelihood = module.likelihood(mean, hidden, batch_index, batch.labels)  # batch shape (n, G)
+        likelihood = module.likelihood(mean, hidden, batch_index, batch.labels, theta)  # batch shape (n, G)
         return pyro.sample("x", likelihood.to_event(1), obs=batch.x)  # (n, G)

@@ -1,0 +1,343 @@
+"""Data-parallel training over ``torch.distributed`` processes started by ``torchrun``.
+
+How to run it: put the usual training code in a script, call ``model.train(devices=N,
+strategy="ddp")`` and start the script once per device with torchrun::
+
+    torchrun --nproc_per_node=N my_script.py            # N processes on this machine
+    torchrun --nproc_per_node=N -m pyro_scvi train data.h5ad --devices N --strategy ddp
+
+Every process builds the same model and calls ``train``; training then works as PyTorch's
+``DistributedDataParallel`` does:
+
+* the processes join one process group (``gloo`` on CPU, ``nccl`` on CUDA, where process
+  ``LOCAL_RANK`` uses GPU ``LOCAL_RANK``); rank 0's initial weights and buffers are broadcast
+  so every rank starts identical;
+* each epoch every rank draws the same seeded permutation of the training cells, pads it (by
+  wrapping around, as ``DistributedSampler`` does) to a multiple of the number of processes and
+  takes every ``world_size``-th cell from its rank on: equal shards, so every rank runs the same
+  number of steps. Step ``k`` of the ``N`` ranks together sees cells ``perm[k·N·b : (k+1)·N·b]``
+  (``b`` = ``batch_size`` per process), so N-process training follows one-process training with
+  ``batch_size = N·b`` over the same permutation;
+* after each backward pass the gradients are averaged across the ranks (one all-reduce of a
+  flattened buffer per dtype) before the optimiser step, so the ranks' weights stay identical;
+* the per-epoch sums behind the history (train and validation ELBO terms and cell counts) are
+  summed across ranks, so every rank records the same history, and early stopping, the learning
+  rate schedule and the non-finite checks decide the same way on every rank;
+* BatchNorm uses per-process batch statistics (no ``SyncBatchNorm``); its running statistics are
+  broadcast from rank 0 at the end of each epoch (the effect of DDP's ``broadcast_buffers``);
+* rank ``r > 0`` reseeds its torch RNG (from a seed rank 0 draws) so that the ranks' Monte-Carlo
+  noise and dropout masks are independent.
+
+After training every rank holds the same weights; only rank 0 shows a progress bar. Saving is
+the caller's job: write files from rank 0 only (``is_main_process()``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import warnings
+from itertools import count
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DataParallel",
+    "data_parallel_for",
+    "launched_by_torchrun",
+    "launch_instructions",
+    "is_main_process",
+    "shard_order",
+    "STRATEGIES",
+]
+
+#: values of ``train(strategy=...)``
+STRATEGIES = ("auto", "ddp")
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process was started by ``torchrun`` (its rendezvous variables are set)."""
+    return all(name in os.environ for name in _TORCHRUN_ENV)
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a data-parallel run and in an ordinary single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def launch_instructions(n: int | str = "N") -> str:
+    """How to start ``n`` data-parallel processes."""
+    return (
+        f"start one process per device with torchrun, e.g. `torchrun --nproc_per_node={n} your_script.py` "
+        f"(the script calls model.train(devices={n}, strategy='ddp')) or `torchrun --nproc_per_node={n} "
+        f"-m pyro_scvi train DATA.h5ad --devices {n} --strategy ddp`"
+    )
+
+
+def _count_devices(devices) -> int | None:
+    """Number of devices asked for; ``None`` for "auto" / -1 (take what the launch gives)."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if devices in ("auto", None, -1, "-1"):
+        return None
+    if isinstance(devices, str) and devices.startswith("cuda"):
+        return 1
+    try:
+        n = int(devices)
+    except (TypeError, ValueError):
+        raise ValueError(f"devices={devices!r} is not a number of devices, a list of device indices or 'auto'.") from None
+    return max(n, 1)  # 0 (or a device index below 1): one device, as _resolve_device reads it
+
+
+def data_parallel_for(accelerator: str, devices, strategy: str | None) -> "DataParallel | None":
+    """The data-parallel setup that ``train(accelerator, devices, strategy)`` asks for, or ``None``.
+
+    * ``strategy="auto"`` (default) with one device (or ``"auto"``): ordinary single-device
+      training, ``None``.
+    * ``strategy="ddp"``, or ``devices=N > 1`` (which, as in scvi-tools / Lightning, means DDP):
+      data-parallel training when the process was launched by torchrun (or a process group is
+      already initialised) with ``N`` processes; ``ValueError`` with the torchrun command otherwise.
+    * ``strategy="ddp"`` with one device and no torchrun: the data-parallel code path with one
+      process (no process group); useful to check that ``N`` processes with ``batch_size=b``
+      match one process with ``batch_size=N·b``.
+    """
+    strategy = "auto" if strategy is None else strategy
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"strategy={strategy!r} is not available: use 'auto' (one device) or 'ddp' (data-parallel training; "
+            f"{launch_instructions()})."
+        )
+    n = _count_devices(devices)
+    grouped = dist.is_available() and dist.is_initialized()
+    launched = grouped or launched_by_torchrun()
+    if strategy == "auto" and (n is None or n == 1):
+        if launched and _world_size() > 1:
+            warnings.warn(
+                f"This process is one of {_world_size()} started by torchrun, but train() was called without "
+                "strategy='ddp': every process trains its own copy of the model on all cells. Pass "
+                f"devices={_world_size()}, strategy='ddp' for data-parallel training.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return None
+    if not launched:
+        if n is None or n == 1:
+            return DataParallel(rank=0, world_size=1, device=_single_device(accelerator, devices))
+        raise ValueError(
+            f"devices={devices!r} trains data-parallel (DDP) with {n} processes, which pyro-scvi does not spawn "
+            f"itself: {launch_instructions(n)}."
+        )
+    world_size = _world_size()
+    if n is not None and n != world_size:
+        raise ValueError(
+            f"devices={devices!r} but {world_size} process(es) were started (WORLD_SIZE={world_size}): pass "
+            f"devices={world_size} or start {n} processes ({launch_instructions(n)})."
+        )
+    return DataParallel.from_environment(accelerator, devices if isinstance(devices, (list, tuple)) else None)
+
+
+def _world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _use_cuda(accelerator: str) -> bool:
+    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        raise ValueError(f"accelerator={accelerator!r} is not one of 'auto', 'cpu', 'gpu', 'cuda'.")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"accelerator={accelerator!r} but CUDA is not available; use accelerator='cpu'.")
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def _single_device(accelerator: str, devices) -> torch.device:
+    if isinstance(devices, str) and devices.startswith("cuda"):
+        return torch.device(devices)
+    if not _use_cuda(accelerator):
+        return torch.device("cpu")
+    index = devices[0] if isinstance(devices, (list, tuple)) else 0
+    return torch.device(f"cuda:{int(index)}")
+
+
+def shard_order(indices: np.ndarray, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
+    """This rank's cells for one epoch, in minibatch order.
+
+    A permutation of ``indices`` seeded by ``seed + epoch`` (the same on every rank), padded by
+    wrapping around to a multiple of ``world_size``, then every ``world_size``-th entry from
+    ``rank`` on. All shards have ``ceil(n / world_size)`` cells.
+    """
+    indices = np.asarray(indices)
+    n = len(indices)
+    generator = torch.Generator().manual_seed(int(seed) + int(epoch))
+    order = indices[torch.randperm(n, generator=generator).numpy()]
+    total = math.ceil(n / world_size) * world_size
+    if total > n:
+        order = np.concatenate([order, np.resize(order, total - n)])
+    return order[rank::world_size]
+
+
+def _by_dtype(tensors: Iterable[torch.Tensor]) -> dict[torch.dtype, list[torch.Tensor]]:
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault(tensor.dtype, []).append(tensor)
+    return groups
+
+
+class DataParallel:
+    """One rank of a data-parallel run: its device, collectives and data shard.
+
+    Build it with :func:`data_parallel_for`. With ``world_size == 1`` every collective is a no-op.
+    """
+
+    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
+        self.rank, self.world_size, self.device = int(rank), int(world_size), torch.device(device)
+        #: seed of the per-epoch permutations, agreed by :meth:`prepare`
+        self.seed = 0
+        self._parameters: list[torch.nn.Parameter] = []
+        self._module: torch.nn.Module | None = None
+
+    @classmethod
+    def from_environment(cls, accelerator: str = "auto", device_indices=None) -> "DataParallel":
+        """Join (or reuse) the process group of a torchrun launch and pick this rank's device."""
+        if not dist.is_available():
+            raise RuntimeError("torch.distributed is not available in this build of PyTorch.")
+        if dist.is_initialized():
+            use_cuda = dist.get_backend() == "nccl" or _use_cuda(accelerator)
+        else:
+            use_cuda = _use_cuda(accelerator)
+        if use_cuda:
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            index = int(device_indices[local_rank]) if device_indices else local_rank
+            if index >= torch.cuda.device_count():
+                raise ValueError(
+                    f"Process with LOCAL_RANK={local_rank} needs GPU {index} but only {torch.cuda.device_count()} "
+                    "are visible: start at most one process per GPU (torchrun --nproc_per_node)."
+                )
+            device = torch.device(f"cuda:{index}")
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            atexit.register(_destroy_process_group)
+        return cls(dist.get_rank(), dist.get_world_size(), device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def _comm_device(self) -> torch.device:
+        """Where collectives' tensors must live (CUDA for NCCL)."""
+        return self.device if self.world_size > 1 and dist.get_backend() == "nccl" else torch.device("cpu")
+
+    # -- collectives --------------------------------------------------------------------------
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank."""
+        if self.world_size == 1:
+            return int(value)
+        tensor = torch.tensor([int(value)], dtype=torch.int64, device=self._comm_device)
+        dist.broadcast(tensor, src=0)
+        return int(tensor.item())
+
+    def shared_seed(self) -> int:
+        """A seed drawn from rank 0's torch RNG (every rank draws, so their RNGs advance alike)."""
+        return self.broadcast_int(int(torch.randint(0, 2**62, (1,)).item()))
+
+    @torch.no_grad()
+    def broadcast_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Overwrite ``tensors`` in place with rank 0's values (one broadcast per dtype)."""
+        if self.world_size == 1:
+            return
+        for group in _by_dtype(tensors).values():
+            flat = torch.cat([t.detach().reshape(-1).to(self._comm_device) for t in group])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for tensor in group:
+                tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+                offset += tensor.numel()
+
+    def broadcast_module(self, module: torch.nn.Module, buffers_only: bool = False) -> None:
+        """Rank 0's parameters (unless ``buffers_only``) and buffers on every rank."""
+        tensors = list(module.buffers()) if buffers_only else list(module.parameters()) + list(module.buffers())
+        self.broadcast_tensors(t for t in tensors if t is not None)
+
+    @torch.no_grad()
+    def average_gradients(self) -> None:
+        """Replace each gradient of the prepared module by its mean over the ranks.
+
+        One all-reduce per dtype over a flattened buffer. The buffer layout is fixed (every
+        parameter that requires a gradient, in module order; a missing gradient counts as zeros
+        and stays missing), so ranks always agree on it.
+        """
+        if self.world_size == 1:
+            return
+        for group in _by_dtype(self._parameters).values():
+            grads = [p.grad for p in group]
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(group, grads)])
+            flat = flat.to(self._comm_device)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= self.world_size
+            offset = 0
+            for parameter, grad in zip(group, grads):
+                if grad is not None:
+                    grad.copy_(flat[offset : offset + parameter.numel()].view_as(grad))
+                offset += parameter.numel()
+
+    def sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum of ``values`` over the ranks (a new tensor on ``values``' device)."""
+        if self.world_size == 1:
+            return values
+        reduced = values.detach().to(self._comm_device, copy=True)
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        return reduced.to(values.device)
+
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) on every rank."""
+        if self._module is not None:
+            self.broadcast_module(self._module, buffers_only=True)
+
+    # -- training set-up ----------------------------------------------------------------------
+    def prepare(self, module: torch.nn.Module) -> None:
+        """Before training ``module``: identical start on every rank, agreed permutation seed,
+        and independent Monte-Carlo noise per rank."""
+        self._module = module
+        self._parameters = [p for p in module.parameters() if p.requires_grad]
+        self.broadcast_module(module)
+        self.seed = self.shared_seed()
+        if self.rank > 0:
+            torch.manual_seed((self.seed + 104_729 * self.rank) % 2**63)
+
+    def finish(self) -> None:
+        """After training: rank 0's buffers everywhere. The weights need no sync: averaged
+        gradients keep them identical (the tests check this bitwise)."""
+        self.sync_buffers()
+
+    def shard_length(self, n_cells: int) -> int:
+        return math.ceil(n_cells / self.world_size)
+
+    def epoch_batches(self, indices: np.ndarray, make_batches: Callable[[np.ndarray], Iterable]) -> Callable[[], Iterator]:
+        """A ``train_batches`` factory for ``run_training``: each call is the next epoch over this
+        rank's shard; ``make_batches(order)`` turns the ordered cells into minibatches."""
+        epochs = count()
+
+        def batches():
+            return iter(make_batches(shard_order(indices, self.seed, next(epochs), self.rank, self.world_size)))
+
+        return batches
+
+    def validation_shard(self, indices: np.ndarray) -> np.ndarray:
+        """This rank's part of the validation cells (unpadded: only sums are reduced)."""
+        return np.asarray(indices)[self.rank :: self.world_size]
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
