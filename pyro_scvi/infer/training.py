@@ -241,50 +241,53 @@ def run_training(
 
     module.train()
     epochs = tqdm(range(max_epochs), desc="Training", unit="epoch", disable=not progress_bar, leave=True)
-    try:
-        for epoch in epochs:
-            # weights (and BatchNorm statistics) at the start of the epoch: restored if the epoch goes non-finite
-            snapshot = {name: value.detach().clone() for name, value in module.state_dict().items()}
-            metrics = _EpochMetrics()
-            try:
-                for batch in train_batches():
-                    kl_weight = plan.kl_weight(epoch, step)
-                    elbo.kl_weights["z"] = kl_weight
-                    loss = _svi_step(svi, batch, gradient_hook)
-                    if frozen:
-                        frozen.restore()
-                    metrics.add(loss, elbo.last_reconstruction, elbo.last_kl, batch.n_cells, elbo.last_kl_global)
-                    step += 1
-            except Exception as error:  # NaN weights or inputs trip the distributions' argument checks mid-epoch
-                if _NON_FINITE_MARK in str(error) or not _all_finite(module):
+    # Argument checks of distributions are a pass over each tensor plus a host sync (on CUDA) per
+    # site and step; training runs without them and checks finiteness once per epoch instead.
+    with pyro.validation_enabled(False):
+        try:
+            for epoch in epochs:
+                # weights (and BatchNorm statistics) at the start of the epoch: restored if the epoch goes non-finite
+                snapshot = {name: value.detach().clone() for name, value in module.state_dict().items()}
+                metrics = _EpochMetrics()
+                try:
+                    for batch in train_batches():
+                        kl_weight = plan.kl_weight(epoch, step)
+                        elbo.kl_weights["z"] = kl_weight
+                        loss = _svi_step(svi, batch, gradient_hook)
+                        if frozen:
+                            frozen.restore()
+                        metrics.add(loss, elbo.last_reconstruction, elbo.last_kl, batch.n_cells, elbo.last_kl_global)
+                        step += 1
+                except Exception as error:  # NaN weights or inputs trip the distributions' argument checks mid-epoch
+                    if _NON_FINITE_MARK in str(error) or not _all_finite(module):
+                        module.load_state_dict(snapshot)
+                        raise FloatingPointError(_non_finite_message("values became NaN or infinite", epoch)) from error
+                    raise
+                values = metrics.compute("train", "train_loss", reduce_sums)
+                values["kl_weight"] = kl_weight
+                if not math.isfinite(values["train_loss"]) or not _all_finite(module):
                     module.load_state_dict(snapshot)
-                    raise FloatingPointError(_non_finite_message("values became NaN or infinite", epoch)) from error
-                raise
-            values = metrics.compute("train", "train_loss", reduce_sums)
-            values["kl_weight"] = kl_weight
-            if not math.isfinite(values["train_loss"]) or not _all_finite(module):
-                module.load_state_dict(snapshot)
-                what = f"loss became {values['train_loss']}" if not math.isfinite(values["train_loss"]) else "weights became non-finite"
-                raise FloatingPointError(_non_finite_message(what, epoch))
-            if epoch_end_hook is not None:
-                epoch_end_hook()
-            if validation_batches is not None and validate_every and (epoch + 1) % validate_every == 0:
-                values.update(_validate(module, svi.model, svi.guide, validation_batches(), kl_weight, reduce_sums))
-                if plan.reduce_lr_on_plateau and plan.lr_scheduler_metric in values:
-                    optim.step(values[plan.lr_scheduler_metric])
-            if plan.reduce_lr_on_plateau:
-                values["lr-" + plan.optimizer] = _current_lr(optim, plan.lr)
-            record(epoch, values)
-            epochs.set_postfix(loss=f"{values['train_loss']:.4g}", refresh=False)
-            if early_stopping is not None and early_stopping.should_stop(epoch, values):
-                stop_reason = early_stopping.reason
-                break
-    except BaseException as error:
-        error.partial_history = records
-        raise
-    finally:
-        epochs.close()
-        module.eval()
+                    what = f"loss became {values['train_loss']}" if not math.isfinite(values["train_loss"]) else "weights became non-finite"
+                    raise FloatingPointError(_non_finite_message(what, epoch))
+                if epoch_end_hook is not None:
+                    epoch_end_hook()
+                if validation_batches is not None and validate_every and (epoch + 1) % validate_every == 0:
+                    values.update(_validate(module, svi.model, svi.guide, validation_batches(), kl_weight, reduce_sums))
+                    if plan.reduce_lr_on_plateau and plan.lr_scheduler_metric in values:
+                        optim.step(values[plan.lr_scheduler_metric])
+                if plan.reduce_lr_on_plateau:
+                    values["lr-" + plan.optimizer] = _current_lr(optim, plan.lr)
+                record(epoch, values)
+                epochs.set_postfix(loss=f"{values['train_loss']:.4g}", refresh=False)
+                if early_stopping is not None and early_stopping.should_stop(epoch, values):
+                    stop_reason = early_stopping.reason
+                    break
+        except BaseException as error:
+            error.partial_history = records
+            raise
+        finally:
+            epochs.close()
+            module.eval()
     return records, stop_reason
 
 
