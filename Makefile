@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean strip-notebooks
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_cellbench.py
+
+# notebooks are committed without outputs (tests/test_notebooks.py checks it)
+strip-notebooks: setup
+	$(BIN)/python notebooks/strip_outputs.py
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

@@ -13,11 +13,35 @@ import pyro.optim
 import pytest
 import torch
 
+import pyro_scvi.distributions as distributions
 from pyro_scvi import SCVI
 from pyro_scvi.data.loader import RegisteredData
 from pyro_scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial, dense_log_prob
 from pyro_scvi.infer.elbo import elbo_terms
 from pyro_scvi.infer.optim import JointOptimizer
+
+
+@pytest.fixture(autouse=True)
+def _always_sparse(monkeypatch):
+    """Take the sparse-aware path whatever the density, so every comparison below exercises it."""
+    monkeypatch.setattr(distributions, "SPARSE_DENSITY_THRESHOLD", 1.01)
+
+
+def test_the_sparse_path_is_chosen_by_density_device_and_shape(monkeypatch):
+    monkeypatch.setattr(distributions, "SPARSE_DENSITY_THRESHOLD", 0.5)
+    calls = []
+    real = distributions._log_zinb_sparse
+    monkeypatch.setattr(distributions, "_log_zinb_sparse", lambda *a: calls.append(1) or real(*a))
+    mu, theta, logits = torch.ones(4, 10), torch.ones(10), torch.zeros(4, 10)
+    sparse_counts = torch.zeros(4, 10)
+    sparse_counts[:, 0] = 3.0  # 10% non-zero
+    ZeroInflatedNegativeBinomial(mu, theta, logits).log_prob(sparse_counts)
+    assert len(calls) == 1
+    ZeroInflatedNegativeBinomial(mu, theta, logits).log_prob(torch.ones(4, 10))  # 100% non-zero: dense
+    ZeroInflatedNegativeBinomial(mu, theta, logits).log_prob(sparse_counts[0])  # broadcast value: dense
+    with dense_log_prob():
+        ZeroInflatedNegativeBinomial(mu, theta, logits).log_prob(sparse_counts)
+    assert len(calls) == 1
 
 
 def _counts(shape, density, generator):
