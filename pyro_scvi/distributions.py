@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
+from .pochhammer import is_integer_valued, log_factorial, log_pochhammer
+
 __all__ = ["NegativeBinomial", "ZeroInflatedNegativeBinomial", "dense_log_prob"]
 
 _EPS = 1e-8
@@ -64,28 +66,42 @@ def _log_nb(value, mu, theta):
     """
     log_theta_mu_eps = torch.log(theta + mu + _EPS)
     log_nb_zero = theta * (torch.log(theta + _EPS) - log_theta_mu_eps)
-    log_prob = (
-        log_nb_zero
-        + value * (torch.log(mu + _EPS) - log_theta_mu_eps)
-        + torch.lgamma(value + theta)
-        - torch.lgamma(theta)
-        - torch.lgamma(value + 1)
-    )
+    log_prob = log_nb_zero + value * (torch.log(mu + _EPS) - log_theta_mu_eps) + _count_terms(value, theta)
     return log_prob, log_nb_zero
 
 
-_SPARSE_AWARE = True
+def _per_gene(theta, n_genes: int):
+    """θ as a ``(G,)`` tensor when it is one value per gene (shape ``(G,)``, ``(1, G)``, …), else None."""
+    if theta.shape[-1:] != (n_genes,) or any(size != 1 for size in theta.shape[:-1]):
+        return None
+    return theta.reshape(n_genes)
+
+
+def _count_terms(value, theta):
+    """``lgamma(x + θ) − lgamma(θ) − lgamma(x + 1)`` on the broadcast shape of ``value`` and ``θ``:
+    by per-gene lookup tables (:mod:`pyro_scvi.pochhammer`) for whole-number counts on the CPU with
+    one θ per gene (genes on the last dim), else by lgamma."""
+    n_genes = value.shape[-1] if value.dim() else 0
+    if _FAST_PATHS and value.device.type == "cpu" and theta.dim() and theta.shape[-1] == n_genes:
+        per_gene = _per_gene(theta, n_genes)
+        if per_gene is not None and is_integer_valued(value):
+            return log_pochhammer(value, per_gene) - log_factorial(value)
+    return torch.lgamma(value + theta) - torch.lgamma(theta) - torch.lgamma(value + 1)
+
+
+_FAST_PATHS = True
 
 
 @contextlib.contextmanager
 def dense_log_prob():
-    """Within this block ``log_prob`` uses the dense formula everywhere (for checks and timing)."""
-    global _SPARSE_AWARE
-    previous, _SPARSE_AWARE = _SPARSE_AWARE, False
+    """Within this block ``log_prob`` uses the plain dense formula with lgamma everywhere (no sparse
+    path, no lookup tables), for checks and timing."""
+    global _FAST_PATHS
+    previous, _FAST_PATHS = _FAST_PATHS, False
     try:
         yield
     finally:
-        _SPARSE_AWARE = previous
+        _FAST_PATHS = previous
 
 
 #: the sparse-aware path pays off below this fraction of non-zero counts (measured on CellBench:
@@ -94,7 +110,7 @@ SPARSE_DENSITY_THRESHOLD = 0.5
 
 
 def _use_sparse_path(value, batch_shape) -> bool:
-    if not (_SPARSE_AWARE and value.device.type == "cpu" and value.shape == batch_shape and value.dim() > 0):
+    if not (_FAST_PATHS and value.device.type == "cpu" and value.shape == batch_shape and value.dim() > 0):
         return False
     return int(torch.count_nonzero(value)) < SPARSE_DENSITY_THRESHOLD * value.numel()
 
@@ -125,13 +141,13 @@ def _at(parameter, position, coordinates, batch_shape):
     return parameter.expand(batch_shape).reshape(-1).index_select(0, position)
 
 
-def _log_nb_at(x, mu, theta, log_theta_eps, lgamma_theta):
+def _log_nb_at(x, mu, theta, log_theta_eps, count_terms):
     """``(log NB(x | μ, θ), log NB(0 | μ, θ))`` elementwise for tensors of one shape ``(k,)``;
-    ``log(θ+ε)`` and ``lgamma(θ)`` are given (computed once per gene, then gathered)."""
+    ``log(θ+ε)`` (computed once per gene, then gathered) and the count terms
+    ``lgamma(x+θ) − lgamma(θ) − lgamma(x+1)`` are given."""
     log_theta_mu_eps = torch.log(theta + mu + _EPS)
     log_nb_zero = theta * (log_theta_eps - log_theta_mu_eps)
-    log_nb = (log_nb_zero + x * (torch.log(mu + _EPS) - log_theta_mu_eps)
-              + torch.lgamma(x + theta) - lgamma_theta - torch.lgamma(x + 1))
+    log_nb = log_nb_zero + x * (torch.log(mu + _EPS) - log_theta_mu_eps) + count_terms
     return log_nb, log_nb_zero
 
 
@@ -145,7 +161,13 @@ def _log_nb_entries(value, mu, theta, batch_shape, threshold=None):
     def at(parameter):
         return _at(parameter, position, coordinates, batch_shape)
 
-    log_nb_k, log_nb_zero_k = _log_nb_at(x, at(mu), at(theta), at(log_theta_eps), at(torch.lgamma(theta)))
+    theta_k = at(theta)
+    per_gene = _per_gene(theta, batch_shape[-1])
+    if per_gene is not None and is_integer_valued(x):  # lookup tables indexed by the gene of each entry
+        count_terms = log_pochhammer(x, per_gene, coordinates[:, -1]) - log_factorial(x)
+    else:
+        count_terms = torch.lgamma(x + theta_k) - at(torch.lgamma(theta)) - torch.lgamma(x + 1)
+    log_nb_k, log_nb_zero_k = _log_nb_at(x, at(mu), theta_k, at(log_theta_eps), count_terms)
     return log_nb_zero.expand(batch_shape), position, coordinates, log_nb_k, log_nb_zero_k
 
 
@@ -179,6 +201,21 @@ def _sample_nb(mu, theta, shape):
             concentration=theta.expand(shape), rate=(theta / mu).expand(shape), validate_args=False
         ).sample()
         return torch.poisson(gamma.clamp(max=_MAX_GAMMA_RATE))
+
+
+def _expand_parameters(batch_shape: torch.Size, *parameters):
+    """``expand`` keeps the parameters as they are (they broadcast to the new ``batch_shape``), so a
+    per-gene θ stays ``(G,)`` inside Pyro's plates and its per-gene terms stay per gene."""
+    for parameter in parameters:
+        if torch.broadcast_shapes(parameter.shape, batch_shape) != batch_shape:
+            raise ValueError(f"Cannot expand parameters of shape {tuple(parameter.shape)} to batch shape {tuple(batch_shape)}.")
+    return parameters
+
+
+def _broadcast(log_prob, value, batch_shape):
+    """``log_prob`` expanded to the shape torch promises: ``broadcast(value.shape, batch_shape)``."""
+    shape = torch.broadcast_shapes(value.shape, batch_shape)
+    return log_prob if log_prob.shape == shape else log_prob.expand(shape)
 
 
 def _repr(dist):
@@ -231,8 +268,7 @@ class NegativeBinomial(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(NegativeBinomial, _instance)
         batch_shape = torch.Size(batch_shape)
-        new._mu = self._mu.expand(batch_shape)
-        new._theta = self._theta.expand(batch_shape)
+        new._mu, new._theta = _expand_parameters(batch_shape, self._mu, self._theta)
         super(NegativeBinomial, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -250,7 +286,7 @@ class NegativeBinomial(TorchDistribution):
             self._validate_sample(value)
         if _use_sparse_path(value, self.batch_shape):
             return _log_nb_sparse(value, self._mu, self._theta, self.batch_shape)
-        return _log_nb(value, self._mu, self._theta)[0]
+        return _broadcast(_log_nb(value, self._mu, self._theta)[0], value, self.batch_shape)
 
 
 class ZeroInflatedNegativeBinomial(TorchDistribution):
@@ -311,9 +347,7 @@ class ZeroInflatedNegativeBinomial(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(ZeroInflatedNegativeBinomial, _instance)
         batch_shape = torch.Size(batch_shape)
-        new._mu = self._mu.expand(batch_shape)
-        new._theta = self._theta.expand(batch_shape)
-        new._logits = self._logits.expand(batch_shape)
+        new._mu, new._theta, new._logits = _expand_parameters(batch_shape, self._mu, self._theta, self._logits)
         super(ZeroInflatedNegativeBinomial, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -338,4 +372,4 @@ class ZeroInflatedNegativeBinomial(TorchDistribution):
         softplus_neg_logits = F.softplus(-self._logits)
         case_zero = F.softplus(log_nb_zero - self._logits) - softplus_neg_logits
         case_non_zero = log_nb - softplus_neg_logits - self._logits
-        return torch.where(value < _EPS, case_zero, case_non_zero)
+        return _broadcast(torch.where(value < _EPS, case_zero, case_non_zero), value, self.batch_shape)

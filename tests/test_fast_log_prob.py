@@ -21,13 +21,15 @@ from pyro_scvi.infer.elbo import elbo_terms
 from pyro_scvi.infer.optim import JointOptimizer
 
 
-@pytest.fixture(autouse=True)
-def _always_sparse(monkeypatch):
-    """Take the sparse-aware path whatever the density, so every comparison below exercises it."""
-    monkeypatch.setattr(distributions, "SPARSE_DENSITY_THRESHOLD", 1.01)
+@pytest.fixture(autouse=True, params=["sparse", "dense-tables"])
+def fast_path(request, monkeypatch):
+    """Run every comparison twice: always on the sparse-aware path (whatever the density), and
+    always on the dense layout (with the per-gene lookup tables where they apply)."""
+    monkeypatch.setattr(distributions, "SPARSE_DENSITY_THRESHOLD", 1.01 if request.param == "sparse" else 0.0)
+    return request.param
 
 
-def test_the_sparse_path_is_chosen_by_density_device_and_shape(monkeypatch):
+def test_the_sparse_path_is_chosen_by_density_device_and_shape(monkeypatch, fast_path):
     monkeypatch.setattr(distributions, "SPARSE_DENSITY_THRESHOLD", 0.5)
     calls = []
     real = distributions._log_zinb_sparse

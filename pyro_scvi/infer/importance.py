@@ -28,8 +28,9 @@ from .posterior import variational_posterior
 __all__ = ["log_importance_weights", "log_importance_weights_in_passes", "marginal_log_likelihood", "aggregate_posterior_log_weights",
            "global_posterior_means"]
 
-#: elements of the largest (samples × cells × genes) tensor one pass may create
-MAX_PASS_ELEMENTS = 2**22
+#: elements of the largest (samples × cells × genes) tensor one pass may create (2M floats: 8 MB per
+#: tensor, ~100 MB for all the temporaries of a pass)
+MAX_PASS_ELEMENTS = 2**21
 
 
 def _sample_sites(trace):
