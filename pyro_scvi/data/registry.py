@@ -538,9 +538,12 @@ def _matrix_name(layer: str | None, quoted: bool = True) -> str:
 
 
 def _value_blocks(matrix) -> Iterator[np.ndarray]:
-    """All values that can be non-zero, in blocks: a sparse matrix's stored values, a dense matrix's rows."""
+    """All values that can be non-zero, in blocks of about ``_CHUNK_ELEMENTS`` (so that the checks'
+    temporaries stay small): slices of a sparse matrix's stored values, a dense matrix's rows."""
     if sp.issparse(matrix):
-        yield np.asarray(matrix.data)
+        data = np.asarray(matrix.data)
+        for start in range(0, max(len(data), 1), _CHUNK_ELEMENTS):
+            yield data[start : start + _CHUNK_ELEMENTS]
         return
     n_rows, n_cols = matrix.shape
     step = max(1, _CHUNK_ELEMENTS // max(1, n_cols))
