@@ -2,8 +2,8 @@
 
 ``pyro.optim.PyroOptim`` creates one torch optimiser per parameter, so a step of scVI (27
 parameter tensors) runs 27 optimiser steps, each with its own Python overhead. Adam and AdamW
-are elementwise, so one optimiser over all parameters takes exactly the same steps;
-:class:`JointOptimizer` does that with torch's multi-tensor (``foreach``) implementation, and
+are elementwise, so one optimiser over all parameters takes the same steps; :class:`JointOptimizer`
+does that with torch's fused implementation (one kernel for all tensors, CPU and CUDA), and
 optionally drives a ``ReduceLROnPlateau`` scheduler. ``pyro.infer.SVI`` accepts it like any
 ``PyroOptim``.
 """
@@ -37,8 +37,8 @@ class JointOptimizer(pyro.optim.PyroOptim):
     def _add(self, params: list[torch.Tensor]) -> None:
         if self.optimizer is None:
             args = dict(self.pt_optim_args)
-            if "foreach" not in args and all(p.device.type == "cpu" for p in params):
-                args["foreach"] = True  # torch picks the per-tensor loop on CPU by default
+            if "foreach" not in args and "fused" not in args and all(p.is_floating_point() for p in params):
+                args["fused"] = True  # one kernel over all tensors (torch picks a per-tensor loop on CPU)
             groups = [{"params": params}]
             if self._pending_state is not None:  # rebuild the saved parameter groups (same order)
                 sizes = [len(group["params"]) for group in self._pending_state["optimizer"]["param_groups"]]
