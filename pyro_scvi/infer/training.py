@@ -16,7 +16,6 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 import pyro
-import pyro.optim
 import torch
 from pyro.infer import SVI
 from tqdm.auto import tqdm
