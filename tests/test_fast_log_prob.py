@@ -1,6 +1,6 @@
 """The fast paths of training give the plain path's numbers.
 
-* The sparse-aware NB/ZINB log-density (lgamma terms only at non-zero counts) against the dense
+* The fused CPU kernel (:mod:`pyro_scvi.fused`), the sparse-aware NB/ZINB log-density (lgamma terms only at non-zero counts) against the dense
   formula: values and gradients to float32 precision, for every parameter shape the model uses.
 * The single joint Adam against Pyro's one-optimiser-per-parameter ``PyroOptim``.
 * A whole ELBO step of the model (loss and every parameter gradient) with and without the fast path.
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import pyro_scvi.distributions as distributions
+from pyro_scvi import fused
 from pyro_scvi import SCVI
 from pyro_scvi.data.loader import RegisteredData
 from pyro_scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial, dense_log_prob
@@ -21,15 +22,22 @@ from pyro_scvi.infer.elbo import elbo_terms
 from pyro_scvi.infer.optim import JointOptimizer
 
 
-@pytest.fixture(autouse=True, params=["sparse", "dense-tables"])
+@pytest.fixture(autouse=True, params=["fused", "sparse", "dense-tables"])
 def fast_path(request, monkeypatch):
-    """Run every comparison twice: always on the sparse-aware path (whatever the density), and
-    always on the dense layout (with the per-gene lookup tables where they apply)."""
+    """Run every comparison three times: on the fused kernel where it applies, and without it
+    always on the sparse-aware path (whatever the density), and always on the dense layout (with
+    the per-gene lookup tables where they apply)."""
+    if request.param == "fused":
+        if not fused.available():
+            pytest.skip(f"fused kernel unavailable: {fused.unavailable_reason()}")
+    else:
+        monkeypatch.setattr(fused, "available", lambda: False)
     monkeypatch.setattr(distributions, "SPARSE_DENSITY_THRESHOLD", 1.01 if request.param == "sparse" else 0.0)
     return request.param
 
 
 def test_the_sparse_path_is_chosen_by_density_device_and_shape(monkeypatch, fast_path):
+    monkeypatch.setattr(fused, "available", lambda: False)  # the sparse path is the fallback of the fused kernel
     monkeypatch.setattr(distributions, "SPARSE_DENSITY_THRESHOLD", 0.5)
     calls = []
     real = distributions._log_zinb_sparse
