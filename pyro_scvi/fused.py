@@ -205,4 +205,7 @@ def nb_log_prob(value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor,
     if not supports(value, mu, theta, logits):
         raise ValueError("nb_log_prob takes float32 CPU tensors: counts, μ (and logits) of one shape (..., G) "
                          "and θ of that shape or of one value per gene.")
+    if not torch.is_grad_enabled():  # values only: the kernel then skips the derivatives
+        mu, theta = mu.detach(), theta.detach()
+        logits = None if logits is None else logits.detach()
     return _NBLogProb.apply(value.detach(), mu, theta, logits)

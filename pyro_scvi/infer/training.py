@@ -228,6 +228,7 @@ def run_training(
     optim = plan.make_optimizer()
     svi = SVI(module.model, module.guide, optim, loss=elbo)
     frozen = FrozenEntries(module, getattr(module, "frozen_parameters", {}))
+    step_parameters = _StepParameters()
     records: dict[str, list] = {}
     stop_reason = None
     step = 0
@@ -252,7 +253,7 @@ def run_training(
                     for batch in train_batches():
                         kl_weight = plan.kl_weight(epoch, step)
                         elbo.kl_weights["z"] = kl_weight
-                        loss = _svi_step(svi, batch, gradient_hook)
+                        loss = _svi_step(svi, batch, gradient_hook, step_parameters)
                         if frozen:
                             frozen.restore()
                         metrics.add(loss, elbo.last_reconstruction, elbo.last_kl, batch.n_cells, elbo.last_kl_global)
@@ -309,13 +310,34 @@ def _all_finite(module) -> bool:
     return bool(torch.stack(checks).all()) if checks else True
 
 
-def _svi_step(svi: SVI, batch: Minibatch, gradient_hook: Callable[[], None] | None = None) -> torch.Tensor:
+class _StepParameters:
+    """The unconstrained parameters an SVI step optimises: those of the param store.
+
+    Training runs inside a param-store scope private to one model, so its store holds exactly the
+    parameters its model and guide register (``pyro.module``/``pyro.param``); those a step does not
+    use have no gradient and the optimiser leaves them alone. The list is rebuilt only when the
+    store grows, which spares a parameter-recording trace around every step.
+    """
+
+    def __init__(self) -> None:
+        self._size = -1
+        self._params: list[torch.Tensor] = []
+
+    def __call__(self) -> list[torch.Tensor]:
+        store = pyro.get_param_store()
+        if len(store) != self._size:
+            self._params = list(dict.fromkeys(value for _, value in store.named_parameters()))
+            self._size = len(store)
+        return self._params
+
+
+def _svi_step(svi: SVI, batch: Minibatch, gradient_hook: Callable[[], None] | None = None,
+              step_parameters: _StepParameters | None = None) -> torch.Tensor:
     """``SVI.step`` without reading the loss back to the host: returns the loss as a tensor."""
-    with pyro.poutine.trace(param_only=True) as param_capture:
-        loss = svi.loss_and_grads(svi.model, svi.guide, batch)
+    loss = svi.loss_and_grads(svi.model, svi.guide, batch)
     if gradient_hook is not None:  # e.g. average the gradients across data-parallel processes
         gradient_hook()
-    params = list(dict.fromkeys(site["value"].unconstrained() for site in param_capture.trace.nodes.values()))
+    params = (step_parameters or _StepParameters())()
     svi.optim(params)
     for param in params:  # drop the gradients (cheaper than zero-filling them; Adam skips None)
         param.grad = None
