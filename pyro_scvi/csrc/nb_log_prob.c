@@ -17,7 +17,8 @@
  * and the derivatives of the result with respect to mu, theta and l.
  *
  * lgamma (in double precision) and digamma are evaluated by the recurrence up to z >= 8 and the
- * Stirling series there (truncation error below 3e-10), branch-free so that the loop vectorises.
+ * Stirling series there (truncation error below 3e-10), branch-free so that the loop vectorises;
+ * lgamma(x + 1) = log x! is read from a table for whole counts below LOG_FACTORIAL_SIZE.
  */
 #include <math.h>
 #include <stdint.h>
@@ -25,6 +26,21 @@
 
 #define EPS 1e-8f
 #define HALF_LOG_2PI 0.91893853320467274
+#define LOG_FACTORIAL_SIZE 1024
+
+/* log k! for whole counts k < LOG_FACTORIAL_SIZE (filled on the first call) */
+static double log_factorial[LOG_FACTORIAL_SIZE];
+static int log_factorial_ready = 0;
+
+static void fill_log_factorial(void)
+{
+    double sum = 0.0;
+    for (int k = 0; k < LOG_FACTORIAL_SIZE; ++k) {
+        sum += k > 0 ? log((double)k) : 0.0;
+        log_factorial[k] = sum;
+    }
+    log_factorial_ready = 1;
+}
 
 /* lgamma(y) for y > 0, in double precision: lgamma(x + θ) − lgamma(θ) − lgamma(x + 1) cancels
  * to a small number from terms near x·log x, so float32 would lose digits on large counts. */
@@ -78,9 +94,32 @@ typedef struct {
     int64_t row_begin, row_end;
 } Job;
 
+/* The log-density of one entry with lgamma(x + 1) by the series: for the entries the table
+ * does not cover (counts above its size or fractional). */
+static float entry_log_prob(float xv, float m, float th, float log_th, double lgamma_th, const float *logit)
+{
+    const float a = logf(th + m + EPS);
+    const float lz = th * (log_th - a);
+    const float counts = (float)(log_gamma(xv + th) - lgamma_th - log_gamma(xv + 1.0f));
+    const float nb = lz + xv * (logf(m + EPS) - a) + counts;
+    if (logit == NULL)
+        return nb;
+    float sp_neg, sig_neg, sp_u, sig_u;
+    softplus_sigmoid(-*logit, &sp_neg, &sig_neg);
+    softplus_sigmoid(lz - *logit, &sp_u, &sig_u);
+    return xv < EPS ? sp_u - sp_neg : nb - sp_neg - *logit;
+}
+
+static inline int in_log_factorial_table(float xv)
+{
+    return (xv <= (float)(LOG_FACTORIAL_SIZE - 1)) & (xv == floorf(xv));
+}
+
 /*
  * One row (cell) of G entries. The flags are compile-time constants at each call site, so every
- * combination is its own branch-free loop that the compiler vectorises.
+ * combination is its own branch-free loop that the compiler vectorises. log x! comes from the
+ * table; a scalar pass then redoes the log-density of the entries outside it, if any (their
+ * derivatives do not involve log x!).
  */
 static inline __attribute__((always_inline)) void
 row_kernel(int64_t G, const float *restrict x, const float *restrict mu, const float *restrict theta,
@@ -108,7 +147,8 @@ row_kernel(int64_t G, const float *restrict x, const float *restrict mu, const f
         const float inv_thm = 1.0f / (th + m + EPS);
         const float a = logf(th + m + EPS);
         const float lz = th * (log_th - a);
-        const float counts = (float)(log_gamma(xv + th) - lgamma_th - log_gamma(xv + 1.0f));
+        const int k = (int)fminf(xv, (float)(LOG_FACTORIAL_SIZE - 1)); /* x >= 0 */
+        const float counts = (float)(log_gamma(xv + th) - lgamma_th - log_factorial[k]);
         const float nb = lz + xv * (logf(m + EPS) - a) + counts;
         const float dlz_dmu = -th * inv_thm;
         const float dlz_dth = (log_th - a) + th * (inv_th - inv_thm);
@@ -133,6 +173,19 @@ row_kernel(int64_t G, const float *restrict x, const float *restrict mu, const f
                 d_theta[g] = dnb_dth;
             }
         }
+    }
+    int outside_table = 0;
+    for (int64_t g = 0; g < G; ++g)
+        outside_table |= !in_log_factorial_table(x[g]);
+    if (!outside_table)
+        return;
+    for (int64_t g = 0; g < G; ++g) {
+        if (in_log_factorial_table(x[g]))
+            continue;
+        const float th = theta[g];
+        const float log_th = per_gene ? gene_log_theta[g] : logf(th + EPS);
+        const double lgamma_th = per_gene ? gene_lgamma[g] : log_gamma(th);
+        lp[g] = entry_log_prob(x[g], mu[g], th, log_th, lgamma_th, zero_inflated ? logits + g : NULL);
     }
 }
 
@@ -176,6 +229,8 @@ int nb_log_prob(int64_t n_rows, int64_t n_cols, const float *x, const float *mu,
                 int64_t theta_row_stride, const float *logits, float *log_prob, float *d_mu,
                 float *d_theta, float *d_logits, int n_threads)
 {
+    if (!log_factorial_ready)
+        fill_log_factorial();
     void *gene_terms = NULL;
     Job base = {n_rows, n_cols, x, mu, theta, theta_row_stride, logits, log_prob, d_mu, d_theta,
                 d_logits, NULL, NULL, NULL, NULL, 0, n_rows};
