@@ -490,3 +490,20 @@ def test_gradients_match_central_differences_of_the_float64_formula(kernel, zero
         tolerance = 8 * EPS32 * scales[index + 1] + 1e-6 * difference.abs() + 1e-12
         error = (got[index + 1] - difference).abs()
         assert (error <= tolerance).all(), (index, got[index + 1].tolist(), difference.tolist())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -5.0, 1e12, 3e9, 1023.0, 1024.0, 1023.5])
+def test_counts_outside_the_log_factorial_table_are_handled(kernel, bad):
+    """Counts the log x! table does not cover (NaN, inf, negative, huge, fractional, the table's
+    edge) neither index outside it nor change the other entries; finite ones equal the formula."""
+    value = torch.full((3, 37), bad)
+    value[:, 1] = 2.0
+    mu, theta, logits = torch.full((3, 37), 3.0), torch.full((37,), 1.5), torch.zeros(3, 37)
+    for args in ((mu, theta, logits), (mu, theta)):
+        got = fused.nb_log_prob(value, *args)
+        with dense_log_prob():
+            make = ZeroInflatedNegativeBinomial if len(args) == 3 else NegativeBinomial
+            want = make(*(a.double() for a in args), validate_args=False).log_prob(value.double())
+        finite = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(got), finite) or not finite.all()
+        torch.testing.assert_close(got[finite].double(), want[finite], rtol=1e-5, atol=1e-4)

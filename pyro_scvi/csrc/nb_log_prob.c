@@ -147,7 +147,10 @@ row_kernel(int64_t G, const float *restrict x, const float *restrict mu, const f
         const float inv_thm = 1.0f / (th + m + EPS);
         const float a = logf(th + m + EPS);
         const float lz = th * (log_th - a);
-        const int k = (int)fminf(xv, (float)(LOG_FACTORIAL_SIZE - 1)); /* x >= 0 */
+        /* table index, clamped as an integer: a negative, huge or NaN x must not index out of
+         * the table (those entries are redone or are NaN anyway) */
+        const int whole = (int)xv;
+        const int k = whole < 0 ? 0 : (whole > LOG_FACTORIAL_SIZE - 1 ? LOG_FACTORIAL_SIZE - 1 : whole);
         const float counts = (float)(log_gamma(xv + th) - lgamma_th - log_factorial[k]);
         const float nb = lz + xv * (logf(m + EPS) - a) + counts;
         const float dlz_dmu = -th * inv_thm;
