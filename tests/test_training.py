@@ -226,3 +226,23 @@ def test_frozen_entries_stay_bitwise_fixed_with_weight_decay(adata):
     assert not torch.equal(weight[~mask], before_weight[~mask])
     assert torch.equal(model.module.log_dispersion, before_theta)
     assert not torch.equal(model.module.decoder.scale_head[0].weight, before_other)
+
+
+def test_all_finite_finds_one_bad_entry_and_tolerates_huge_finite_weights():
+    from pyro_scvi.infer.training import _all_finite, _snapshot
+
+    module = torch.nn.Linear(300, 200)
+    with torch.no_grad():
+        module.weight.fill_(3e38)  # float32 sums would overflow to inf; float64 sums do not
+    assert _all_finite(module)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with torch.no_grad():
+            module.weight[7, 11] = bad
+        assert not _all_finite(module)
+        with torch.no_grad():
+            module.weight[7, 11] = 1.0
+    first = _snapshot(module, None)
+    with torch.no_grad():
+        module.bias.add_(1.0)
+    second = _snapshot(module, first)
+    assert second is first and torch.equal(second["bias"], module.bias)

@@ -15,6 +15,11 @@ from typing import Iterable
 import pyro.optim
 import torch
 
+# torch.optim.Optimizer.__init__ imports torch._dynamo on its first call (~0.7 s on a 2-core CPU),
+# which would land inside the first train(); import it with the package instead, as Lightning
+# (and so scvi-tools) does.
+import torch._dynamo  # noqa: E402,F401
+
 __all__ = ["JointOptimizer"]
 
 
