@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -112,6 +113,9 @@ def _load() -> ctypes.CDLL | None:
             library = ctypes.CDLL(str(target))
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             _reason = f"could not build or load the fused kernel ({error})"
+            warnings.warn(f"pyro_scvi: {_reason}; the NB/ZINB log-density falls back to the slower torch "
+                          "formula. Install a C compiler (e.g. gcc) or set $CC to use the fused kernel.",
+                          RuntimeWarning, stacklevel=3)
             return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         library.nb_log_prob.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]

@@ -308,11 +308,14 @@ def _non_finite_message(what: str, epoch: int) -> str:
 def _all_finite(module) -> bool:
     """Whether every floating-point parameter and buffer of ``module`` is finite (one host sync).
 
-    A float64 sum of a float32 tensor cannot overflow, and is NaN or infinite exactly when an
-    entry is: one reduction per tensor instead of an elementwise ``isfinite`` pass.
+    A tensor's sum is finite when all its entries are, so one reduction per tensor settles the
+    usual case; only when a sum is not finite (a NaN or inf entry, or an overflowing sum of
+    finite ones) are that model's entries checked one by one.
     """
-    sums = [t.sum(dtype=torch.float64) for t in module.state_dict().values() if t.is_floating_point()]
-    return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
+    tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
+    if not tensors or bool(torch.isfinite(torch.stack([t.sum() for t in tensors])).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _snapshot(module, previous: dict | None) -> dict:
