@@ -16,14 +16,20 @@ Parameters may have different (broadcastable) shapes, e.g. a per-gene θ of shap
 per-cell-and-gene μ of shape ``(n, G)``. They are kept unexpanded internally so that terms that
 depend on θ alone (``lgamma(θ)``, ``log(θ+ε)``) are computed once per gene, not once per entry.
 
-Sparse-aware log-density (the fast path). UMI matrices are mostly zeros, and at x = 0 the lgamma
+Fast paths. On float32 CPU tensors whose counts, μ and logits share one shape, ``log_prob`` calls
+the fused kernel of :mod:`pyro_scvi.fused`: one vectorised C pass computes the log-density and its
+derivatives in μ, θ and the logits (compiled on first use; the same function, tested against this
+module's formula in float64). Where it does not apply (CUDA, float64, broadcast μ, no C compiler)
+the torch formula below is used, with the sparse-aware variant on sparse CPU data.
+
+Sparse-aware log-density. UMI matrices are mostly zeros, and at x = 0 the lgamma
 terms cancel: ``log NB(0 | μ, θ) = θ·[log(θ+ε) − log(θ+μ+ε)]``. When the counts have the
 distribution's full batch shape, live on the CPU and fewer than :data:`SPARSE_DENSITY_THRESHOLD`
 of them are non-zero, ``log_prob`` evaluates the zero-count formula
 on every entry and the remaining terms (``x·log μ``, ``lgamma(x+θ) − lgamma(θ) − lgamma(x+1)``,
 the non-zero ZINB branch) only at the non-zero entries, then writes those into place. It is the
 same function, so values and gradients agree with the dense formula to float rounding
-(tests/test_fast_log_prob.py); :func:`dense_log_prob` switches it off. On CUDA the dense formula
+(tests/test_fast_log_prob.py); :func:`dense_log_prob` switches it and the fused kernel off. On CUDA the dense formula
 is used: finding the non-zero entries would make the host wait for the device at every step.
 """
 
@@ -95,8 +101,8 @@ _FAST_PATHS = True
 
 @contextlib.contextmanager
 def dense_log_prob():
-    """Within this block ``log_prob`` uses the plain dense formula with lgamma everywhere (no sparse
-    path, no lookup tables), for checks and timing."""
+    """Within this block ``log_prob`` uses the plain dense formula with lgamma everywhere (no fused
+    kernel, no sparse path, no lookup tables), for checks and timing."""
     global _FAST_PATHS
     previous, _FAST_PATHS = _FAST_PATHS, False
     try:
