@@ -241,6 +241,8 @@ def test_all_finite_finds_one_bad_entry_and_tolerates_huge_finite_weights():
         assert not _all_finite(module)
         with torch.no_grad():
             module.weight[7, 11] = 1.0
+    module.register_buffer("counts_f64", torch.ones(3, dtype=torch.float64))  # mixed dtypes
+    assert _all_finite(module)
     first = _snapshot(module, None)
     with torch.no_grad():
         module.bias.add_(1.0)

@@ -1,7 +1,7 @@
 """Stochastic variational inference for scVI: KL warm-up, validation, early stopping, history.
 
-The loop is ``pyro.infer.SVI`` with :class:`~pyro_scvi.infer.elbo.CellMeanELBO` and Pyro's Adam
-(or AdamW). Per-epoch metrics are accumulated as tensors on the training device and read once
+The loop is ``pyro.infer.SVI`` with :class:`~pyro_scvi.infer.elbo.CellMeanELBO` and one torch
+Adam (or AdamW) over all parameters (:class:`~pyro_scvi.infer.optim.JointOptimizer`). Per-epoch metrics are accumulated as tensors on the training device and read once
 per epoch, so no step waits for the host. History keys and signs follow scvi-tools: ``elbo_*``
 are *negative* ELBOs (positive numbers, lower is better).
 """
@@ -313,7 +313,7 @@ def _all_finite(module) -> bool:
     finite ones) are that model's entries checked one by one.
     """
     tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
-    if not tensors or bool(torch.isfinite(torch.stack([t.sum() for t in tensors])).all()):
+    if not tensors or bool(torch.isfinite(torch.stack([t.sum().float() for t in tensors])).all()):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
