@@ -118,8 +118,9 @@ SPARSE_DENSITY_THRESHOLD = 0.5
 
 def _fused_log_prob(value, batch_shape, mu, theta, logits=None):
     """log NB / log ZINB from the fused CPU kernel (:mod:`pyro_scvi.fused`), or ``None`` where it
-    does not apply (fast paths off, CUDA, float64, broadcast μ or logits, no compiler)."""
-    if not _FAST_PATHS or mu.shape != batch_shape or not value.dim():
+    does not apply (fast paths off, CUDA, float64, broadcast μ or logits, no compiler, or counts
+    that require a gradient: the kernel differentiates in the parameters only)."""
+    if not _FAST_PATHS or mu.shape != batch_shape or not value.dim() or value.requires_grad:
         return None
     if value.shape != batch_shape:
         if torch.broadcast_shapes(value.shape, batch_shape) != batch_shape:

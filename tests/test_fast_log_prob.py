@@ -206,3 +206,23 @@ def test_reduce_lr_on_plateau_lowers_the_learning_rate():
     for metric in (1.0, 2.0, 3.0):
         optim.step(metric)
     assert optim.lr == pytest.approx(0.25)
+
+
+def test_counts_that_require_a_gradient_get_it_on_every_path():
+    # the fused kernel differentiates in the parameters only; counts with requires_grad take the
+    # torch formula, so d log p / d x is the dense one
+    generator = torch.Generator().manual_seed(5)
+    mu = torch.rand(4, 6, generator=generator) * 5 + 0.1
+    theta = torch.rand(6, generator=generator) + 0.5
+    logits = torch.randn(4, 6, generator=generator)
+    grads = []
+    for dense in (False, True):
+        value = (torch.rand(4, 6, generator=torch.Generator().manual_seed(9)) * 4 + 0.5).requires_grad_()
+        if dense:
+            with dense_log_prob():
+                ZeroInflatedNegativeBinomial(mu, theta, logits, validate_args=False).log_prob(value).sum().backward()
+        else:
+            ZeroInflatedNegativeBinomial(mu, theta, logits, validate_args=False).log_prob(value).sum().backward()
+        grads.append(value.grad)
+    assert grads[0] is not None and torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1])
