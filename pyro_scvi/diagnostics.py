@@ -85,9 +85,14 @@ def _numpy(array, dtype=np.float64) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- posterior draws
-def _predictive_traces(model, guide, batch, n_samples: int):
+def _predictive_traces(model, guide, batch, n_samples: int, global_trace=None):
     """``(model_trace, guide_trace)``: ``n_samples`` guide draws per cell (``"particles"`` plate)
-    and the model replayed on them with its observation sampled rather than observed."""
+    and the model replayed on them with its observation sampled rather than observed.
+
+    ``global_trace``: a trace of the guide's global sites whose draws this minibatch reuses (so
+    that draw ``s`` of a global latent is one value for every cell)."""
+    if global_trace is not None:
+        guide = poutine.replay(guide, trace=global_trace)
     with plate("particles", n_samples, dim=-2):
         guide_trace = poutine.trace(guide).get_trace(batch)
         model_trace = poutine.trace(poutine.replay(poutine.uncondition(model), trace=guide_trace)).get_trace(batch)
@@ -151,8 +156,8 @@ def to_arviz(model, adata=None, indices=None, n_samples: int = 100, batch_size: 
       softmax of ``latent_distribution="ln"``) and, when the library is latent, ``library``
       ``(chain, draw, cell)``, the log-library; any other latent site of a custom guide likewise.
       A global latent site (outside the ``"cells"`` plate, e.g. ``inverse_dispersion`` with a
-      ``dispersion_prior``) has dims ``(chain, draw, gene, ...)``: the draws made with the first
-      minibatch (each minibatch draws it anew).
+      ``dispersion_prior``) has dims ``(chain, draw, gene, ...)``; draw ``s`` is one value for all
+      cells (every minibatch reuses the draws made with the first).
     * ``posterior_predictive``: counts ``x`` ``(chain, draw, cell, gene)`` drawn from p(x̃ | z, l)
       at the same draws (int32 for count likelihoods, float32 otherwise).
     * ``log_likelihood``: ``x`` ``(chain, draw, cell)``: log p(x_n | z, l) summed over genes, so
@@ -191,13 +196,14 @@ def to_arviz(model, adata=None, indices=None, n_samples: int = 100, batch_size: 
     batch_codes = np.empty(n_cells, dtype=np.int64)
     label_codes = np.empty(n_cells, dtype=np.int64)
     offset = 0
+    global_trace = None  # the first minibatch's draws of the global latents, reused by the others
     with model._pyro_scope(), torch.no_grad():
         for _, batch in model._minibatches(adata, indices, batch_size):
             m = batch.n_cells
             rows = slice(offset, offset + m)
-            model_trace, guide_trace = _predictive_traces(module.model, module.guide, batch, n_samples)
+            model_trace, guide_trace = _predictive_traces(module.model, module.guide, batch, n_samples, global_trace)
             for name, (value, global_dims) in _latent_values(guide_trace, n_samples, m).items():
-                if global_dims is not None:  # global: the draws of the first minibatch
+                if global_dims is not None:
                     if name not in latent:
                         latent[name] = value.cpu().numpy().astype(np.float32)
                         dims[name] = global_dims
@@ -206,6 +212,10 @@ def to_arviz(model, adata=None, indices=None, n_samples: int = 100, batch_size: 
                 if name not in latent:
                     latent[name] = np.empty((n_samples, n_cells, *value.shape[2:]), dtype=np.float32)
                 latent[name][:, rows] = value.cpu().numpy()
+            if global_trace is None and global_sites:
+                global_trace = poutine.Trace()
+                for name in global_sites:
+                    global_trace.add_node(name, **guide_trace.nodes[name])
             draws, cell_log_lik, discrete = _observation(model_trace, batch.x, n_samples)
             dtype = np.int32 if discrete else np.float32
             if observed is None:

@@ -110,6 +110,34 @@ def test_to_arviz_global_latent_site(adata):
     assert result.log_likelihood["x"].shape == (1, 4, 100)
 
 
+def test_to_arviz_uses_one_draw_of_a_global_latent_for_all_minibatches(adata, monkeypatch):
+    """Draw s of the latent dispersion is the same value for the cells of every minibatch, so
+    each draw of the posterior (and its log-likelihood) is one joint sample."""
+    import pyro_scvi.diagnostics as diagnostics
+
+    settings.seed = 0
+    adata = adata[:100].copy()
+    SCVI.setup_anndata(adata, batch_key="batch")
+    model = SCVI(adata, n_hidden=16, n_latent=3, gene_likelihood="nb", dispersion_prior="lognormal")
+    model.train(max_epochs=1, enable_progress_bar=False)
+    used = []
+    real = diagnostics._predictive_traces
+
+    def spy(*args, **kwargs):
+        model_trace, guide_trace = real(*args, **kwargs)
+        used.append((model_trace.nodes["inverse_dispersion"]["value"], guide_trace.nodes["inverse_dispersion"]["value"]))
+        return model_trace, guide_trace
+
+    monkeypatch.setattr(diagnostics, "_predictive_traces", spy)
+    result = model.to_arviz(n_samples=4, batch_size=32)
+    assert len(used) == 4  # 100 cells in minibatches of 32
+    first_model, first_guide = used[0]
+    for model_value, guide_value in used[1:]:
+        assert torch.equal(guide_value, first_guide) and torch.equal(model_value, first_model)
+    stored = result.posterior["inverse_dispersion"].values[0]  # (draw, gene)
+    np.testing.assert_allclose(stored, first_guide.reshape(4, -1).numpy(), rtol=1e-6)
+
+
 def test_loo_runs_and_relates_to_the_log_likelihood(idata):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ArviZ warns about high Pareto k
