@@ -18,7 +18,9 @@
  *
  * lgamma (in double precision) and digamma are evaluated by the recurrence up to z >= SHIFT and the
  * Stirling series there (truncation error below 3e-10), branch-free so that the loop vectorises;
- * lgamma(x + 1) = log x! is read from a table for whole counts below LOG_FACTORIAL_SIZE.
+ * lgamma(x + 1) = log x! is read from a table for whole counts below LOG_FACTORIAL_SIZE, and a
+ * scalar pass redoes the log-density of the rare other entries (larger or fractional counts).
+ * Rows are split over OpenMP threads; in a process running torch, libgomp.so.1 is torch's.
  */
 #include <math.h>
 #include <stdint.h>
