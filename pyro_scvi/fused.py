@@ -23,6 +23,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "nb_log_prob", "supports", "library_path"]
+__all__ = ["available", "expected", "unavailable_reason", "nb_log_prob", "supports", "library_path"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "nb_log_prob.c"
 #: compile flags; -ffast-math lets the compiler call libmvec's vector log/exp
@@ -122,6 +123,13 @@ def _load() -> ctypes.CDLL | None:
         library.nb_log_prob.restype = ctypes.c_int
         _library = library
         return library
+
+
+def expected() -> bool:
+    """Whether this machine should be able to build the kernel: Linux on x86-64 with the C
+    compiler (``$CC`` or ``cc``) on the PATH."""
+    supported = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+    return supported and shutil.which(_compiler()) is not None
 
 
 def available() -> bool:
