@@ -51,7 +51,7 @@ def test_identical_records_pass():
     assert verdict(copy.deepcopy(record), record).ok
 
 
-@pytest.mark.parametrize("change", ["gradient", "kl_weight", "loss", "missing_gradient", "weights", "counter"])
+@pytest.mark.parametrize("change", ["gradient", "kl_weight", "loss", "missing_gradient", "later_gradient", "counter"])
 def test_a_semantic_difference_fails(change):
     theirs = make_record()
     ours = copy.deepcopy(theirs)
@@ -63,8 +63,8 @@ def test_a_semantic_difference_fails(change):
         ours["steps"][0]["loss"] *= 1 + 1e-4
     elif change == "missing_gradient":
         del ours["first_grads"]["px_r"]
-    elif change == "weights":
-        ours["snapshots"][N_STEPS]["px_r"] = ours["snapshots"][N_STEPS]["px_r"] * 1.01
+    elif change == "later_gradient":  # the step from the reference's weights after 5 steps differs
+        ours["forced_grads"][5] = dict(ours["forced_grads"][5], px_r=ours["forced_grads"][5]["px_r"] * (1 + 1e-3))
     elif change == "counter":
         ours["snapshots"][1]["encoder.fc_layers.Layer 0.1.num_batches_tracked"] = torch.tensor(2)
     assert not verdict(ours, theirs).ok
@@ -80,14 +80,13 @@ def test_round_off_in_a_zero_gradient_passes_but_a_real_one_does_not():
     assert not verdict(ours, theirs).ok
 
 
-def test_late_drift_passes_only_when_every_step_agrees_and_the_reference_is_as_chaotic():
+def test_late_drift_passes_only_when_every_step_agrees_from_the_same_state():
     theirs = make_record()
     ours = copy.deepcopy(theirs)
     ours["snapshots"][N_STEPS]["px_r"] = ours["snapshots"][N_STEPS]["px_r"] * 1.05  # 5 % apart after the last step
-    assert not verdict(ours, theirs, 1e-4).ok  # the reference is stable: semantics
-    report = verdict(ours, theirs, 0.03)  # the reference parts from itself too
+    report = verdict(ours, theirs, 1e-4)  # every step from the reference's weights gives the same gradient: chaos
     assert report.ok and any("round-off amplified" in row[4] for row in report.rows)
-    ours["forced_grads"][20] = {k: v * 1.01 for k, v in ours["forced_grads"][20].items()}  # but a step differs
+    ours["forced_grads"][20] = {k: v * 1.01 for k, v in ours["forced_grads"][20].items()}  # one step differs: semantics
     assert not verdict(ours, theirs, 0.03).ok
     ours = copy.deepcopy(theirs)
     ours["snapshots"][10]["px_r"] = ours["snapshots"][10]["px_r"] * 1.001  # apart within the first 20 steps
