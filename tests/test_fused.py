@@ -248,7 +248,10 @@ def _derivative_outputs(call):
 @pytest.mark.parametrize("zero_inflated", [True, False], ids=["zinb", "nb"])
 def test_values_only_path_gives_the_values_of_the_gradient_path(spy, zero_inflated):
     """Without parameters that require grad the kernel skips the derivatives (NULL outputs) and
-    the values are those of the gradient path (to 1 ulp: the two are separately compiled loops)."""
+    the values are those of the gradient path, to a few ulps: the two are separately compiled loops,
+    which the compiler may vectorise at different widths, so they can call different libmvec
+    variants of log/exp (each within 4 ulp); on an AVX-512 Xeon (gcc 12) they differ by up to 10
+    ulp where θ ≫ μ makes θ·log(θ/(θ+μ)) cancel, and by 1 ulp on an AVX2 EPYC."""
     generator = torch.Generator().manual_seed(5)
     value, mu, theta, logits = _wide_inputs((11, 37), generator, (37,))
     logits = logits if zero_inflated else None
@@ -262,7 +265,7 @@ def test_values_only_path_gives_the_values_of_the_gradient_path(spy, zero_inflat
     assert _derivative_outputs(spy.calls[1]) == (False, False, False)
     assert not values_only.requires_grad and not under_no_grad.requires_grad
     for got in (values_only, under_no_grad):
-        torch.testing.assert_close(got, with_grad.detach(), rtol=EPS32, atol=0)
+        torch.testing.assert_close(got, with_grad.detach(), rtol=16 * EPS32, atol=16 * EPS32)
     # a parameter that requires grad alone switches the derivatives on
     fused.nb_log_prob(value, mu, theta.clone().requires_grad_(), logits)
     assert _derivative_outputs(spy.calls[-1])[:2] == (True, True)
