@@ -112,9 +112,9 @@ def snapshot_steps(n_steps: int, every: int = 10) -> list[int]:
 # The recorder, shared by both sides (the child imports this file with scvi-tools' Python)
 # ------------------------------------------------------------------------------------------------
 class Recorder:
-    """Wraps ``Normal.rsample`` and ``Adam.step`` to record (or replay) one training run.
+    """Wraps ``Normal.rsample``, ``F.dropout`` and ``Adam.step`` to record (or replay) one training run.
 
-    ``replay``: a record of the other side; its ε are returned by ``rsample`` instead of fresh draws.
+    ``replay``: a record of the other side; its ε and dropout masks are used instead of fresh draws.
     ``names``: maps a parameter to its name in scvi-tools' state dict; ``state``: returns the
     module's state dict in scvi-tools' names.
     """
@@ -609,6 +609,7 @@ def main() -> int:
     parser.add_argument("--dropout", type=float, default=0.1, help="dropout_rate of both models (the default 0.1; masks are replayed)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--scvi-python", default=DEFAULT_SCVI_PYTHON)
+    parser.add_argument("--keep", metavar="DIR", help="write the data, specs and both records to DIR instead of a temporary folder")
     parser.add_argument("--worker", choices=("scvi", "pyro"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -641,8 +642,8 @@ def main() -> int:
           f"{args.threads} thread(s) per side")
     all_ok = True
     with tempfile.TemporaryDirectory(prefix="training_equivalence_") as tmp:
-        if os.environ.get("EQUIV_KEEP"):
-            tmp = os.environ["EQUIV_KEEP"]
+        if args.keep:  # keep the records (torch.save'd dicts) for a closer look
+            tmp = args.keep
             os.makedirs(tmp, exist_ok=True)
         tmp = Path(tmp)
         adata_path = tmp / "data.h5ad"
