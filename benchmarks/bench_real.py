@@ -193,7 +193,8 @@ def train_worker(a: argparse.Namespace) -> None:
         sys.path.insert(0, str(REPO))
         import pyro
         import pyro_scvi
-        from pyro_scvi import SCVI, fused, settings
+        from pyro_scvi import SCVI, settings
+from pyro_scvi.distributions import fused
 
         settings.seed = a.seed
         versions = {"pyro_scvi": pyro_scvi.__version__, "pyro": pyro.__version__}

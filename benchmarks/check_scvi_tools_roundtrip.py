@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 
 from pyro_scvi import SCVI  # noqa: E402
 from pyro_scvi.data import synthetic_iid  # noqa: E402
-from pyro_scvi.io import from_safe, read_model_file  # noqa: E402
-from pyro_scvi.io_scvi_tools import read_scvi_tools_model, write_scvi_tools_model  # noqa: E402
+from pyro_scvi.io.native import from_safe, read_model_file  # noqa: E402
+from pyro_scvi.io.scvi_tools import read_scvi_tools_model, write_scvi_tools_model  # noqa: E402
 
 FIXTURE = REPO.parent / "shared" / "fixtures" / "scvi_tools_cellbench5"
 

@@ -302,7 +302,7 @@ def run_pyro_scvi(spec: dict) -> None:
 
     from pyro_scvi.data.loader import RegisteredData
     from pyro_scvi.infer.elbo import CellMeanELBO
-    from pyro_scvi.io_scvi_tools import to_scvi_tools_state_dict
+    from pyro_scvi.io.scvi_tools import to_scvi_tools_state_dict
 
     torch.set_num_threads(spec["threads"])
     theirs = torch.load(spec["record"], weights_only=False)
@@ -370,7 +370,7 @@ def forced_gradients(model, theirs: dict, recorder: Recorder, initial: dict) -> 
     import pyro
 
     from pyro_scvi.infer.elbo import CellMeanELBO
-    from pyro_scvi.io_scvi_tools import from_scvi_tools_state_dict
+    from pyro_scvi.io.scvi_tools import from_scvi_tools_state_dict
 
     module = model.module
     _, data = model._data(None)
@@ -624,7 +624,7 @@ def main() -> int:
     import torch
 
     from pyro_scvi.data.loader import split_indices
-    from pyro_scvi.io_scvi_tools import to_scvi_tools_state_dict
+    from pyro_scvi.io.scvi_tools import to_scvi_tools_state_dict
 
     if not Path(args.scvi_python).exists():
         print(f"{args.scvi_python} is missing: install scvi-tools in its own venv (see benchmarks/README.md).")

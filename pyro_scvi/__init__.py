@@ -3,8 +3,8 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from . import data
-from .model import SCVI
-from .module import SCVIModule
+from .api import SCVI
+from .models.module import SCVIModule
 from .settings import settings
 
 try:

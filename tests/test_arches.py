@@ -12,10 +12,10 @@ import torch
 from scipy import sparse
 
 from pyro_scvi import SCVI, settings
-from pyro_scvi.arches import load_query_data, prepare_query_anndata, prepare_query_mudata, query_freeze_masks
+from pyro_scvi.api.reference_mapping import load_query_data, prepare_query_anndata, prepare_query_mudata, query_freeze_masks
 from pyro_scvi.data import synthetic_iid
 from pyro_scvi.metrics import silhouette_score
-from pyro_scvi.nn import FCLayers
+from pyro_scvi.models.networks import FCLayers
 
 torch.set_num_threads(2)
 

@@ -13,7 +13,7 @@ from pyro_scvi.data.minibatch import Minibatch
 from pyro_scvi.distributions import ZeroInflatedNegativeBinomial
 from pyro_scvi.infer.elbo import CellMeanELBO, elbo_terms
 from pyro_scvi.infer.importance import marginal_log_likelihood
-from pyro_scvi.module import SCVIModule
+from pyro_scvi.models.module import SCVIModule
 
 
 def _batch(n=16, G=12, B=2, seed=0):

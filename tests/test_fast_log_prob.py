@@ -1,6 +1,6 @@
 """The fast paths of training give the plain path's numbers.
 
-* The fused CPU kernel (:mod:`pyro_scvi.fused`), the sparse-aware NB/ZINB log-density (lgamma terms only at non-zero counts) against the dense
+* The fused CPU kernel (:mod:`pyro_scvi.distributions.fused`), the sparse-aware NB/ZINB log-density (lgamma terms only at non-zero counts) against the dense
   formula: values and gradients to float32 precision, for every parameter shape the model uses.
 * The single joint Adam against Pyro's one-optimiser-per-parameter ``PyroOptim``.
 * A whole ELBO step of the model (loss and every parameter gradient) with and without the fast path.
@@ -13,8 +13,8 @@ import pyro.optim
 import pytest
 import torch
 
-import pyro_scvi.distributions as distributions
-from pyro_scvi import fused
+import pyro_scvi.distributions.negative_binomial as distributions
+from pyro_scvi.distributions import fused
 from pyro_scvi import SCVI
 from pyro_scvi.data.loader import RegisteredData
 from pyro_scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial, dense_log_prob

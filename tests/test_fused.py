@@ -1,4 +1,4 @@
-"""The fused NB / ZINB kernel (:mod:`pyro_scvi.fused`, ``csrc/nb_log_prob.c``) on its own.
+"""The fused NB / ZINB kernel (:mod:`pyro_scvi.distributions.fused`, ``csrc/nb_log_prob.c``) on its own.
 
 ``tests/test_fast_log_prob.py`` checks the distributions' fast paths on small, tame inputs; here
 the kernel is checked directly: values and gradients against a float64 reference of the torch
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_scvi import fused
+from pyro_scvi.distributions import fused
 from pyro_scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial, dense_log_prob
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -402,7 +402,7 @@ def test_without_a_compiler_log_prob_falls_back_to_the_torch_formula(tmp_path):
     result = _run_python(
         """
         import torch
-        from pyro_scvi import fused
+        from pyro_scvi.distributions import fused
         from pyro_scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial, dense_log_prob
         assert fused.available() is False
         print("REASON", fused.unavailable_reason())
@@ -439,7 +439,7 @@ def test_first_use_builds_the_library_into_the_cache_folder(kernel, tmp_path):
     result = _run_python(
         """
         import torch, numpy as np
-        from pyro_scvi import fused
+        from pyro_scvi.distributions import fused
         print("BEFORE", fused.library_path().exists())
         assert fused.available(), fused.unavailable_reason()
         assert fused.unavailable_reason() is None

@@ -1,4 +1,4 @@
-"""Reading and writing scvi-tools save directories (pyro_scvi.io_scvi_tools).
+"""Reading and writing scvi-tools save directories (pyro_scvi.io.scvi_tools).
 
 The scvi-tools fixture (a default SCVI saved by scvi-tools 1.4.2 and its latent outputs) lives in
 ``../shared/fixtures``; tests that need it are skipped when it is absent. The others build their
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from pyro_scvi import SCVI
 from pyro_scvi.data import synthetic_iid
-from pyro_scvi.io import from_safe
-from pyro_scvi.io_scvi_tools import (
+from pyro_scvi.io.native import from_safe
+from pyro_scvi.io.scvi_tools import (
     read_model_dir,
     ALLOWED_GLOBALS,
     convert_legacy_save,
@@ -38,7 +38,7 @@ from pyro_scvi.io_scvi_tools import (
     view_setup_args,
     write_scvi_tools_model,
 )
-from pyro_scvi.module import SCVIModule
+from pyro_scvi.models.module import SCVIModule
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 CELLBENCH = FIXTURES / "scvi_tools_cellbench5"
@@ -118,7 +118,7 @@ def cellbench_raw():
     """The fixture file as stored (scvi-tools names), read through the same safe loader."""
     if not (CELLBENCH / "model" / "model.pt").exists():
         pytest.skip(f"scvi-tools fixture not found at {CELLBENCH} (shared fixtures are absent)")
-    from pyro_scvi.io_scvi_tools import _safe_torch_load
+    from pyro_scvi.io.scvi_tools import _safe_torch_load
 
     return _safe_torch_load(CELLBENCH / "model" / "model.pt")
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_scvi.module import SCVIModule
-from pyro_scvi.nn import FCLayers, GaussianEncoder
+from pyro_scvi.models.module import SCVIModule
+from pyro_scvi.models.networks import FCLayers, GaussianEncoder
 
 
 def test_fc_layers_slots_and_batchnorm_settings():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.special import gammaln
 
-from pyro_scvi.pochhammer import TABLE_SIZE, is_integer_valued, log_factorial, log_pochhammer
+from pyro_scvi.distributions.pochhammer import TABLE_SIZE, is_integer_valued, log_factorial, log_pochhammer
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pyro_scvi.data.minibatch import Minibatch
 from pyro_scvi.infer.elbo import elbo_parts, traces
 from pyro_scvi.infer.importance import marginal_log_likelihood
 from pyro_scvi.models.priors import LogNormalLibraryPrior, MixtureOfGaussiansPrior, NormalPrior, VampPrior
-from pyro_scvi.module import SCVIModule
+from pyro_scvi.models.module import SCVIModule
 
 
 def _batch(n=16, G=12, B=2, seed=0, identical=False):

@@ -624,12 +624,12 @@ def _check_same_var_names(adata, expected) -> None:
             f"The AnnData has the model's genes in a different order (first difference at position {first}: "
             f"{received[first]!r} where the model has {expected[first]!r}); the counts would be read against the "
             "wrong genes. Reorder the genes first: `adata = adata[:, model.adata.var_names].copy()` (or "
-            "`pyro_scvi.arches.prepare_query_anndata(adata, model)`)."
+            "`SCVI.prepare_query_anndata(adata, model)`)."
         )
     raise ValueError(
         f"The AnnData's genes are not the model's: {len(missing)} of the model's genes are missing "
         f"(e.g. {list(missing[:5])}) and {len(unseen)} genes are unknown to the model (e.g. {list(unseen[:5])}). "
-        "Subset and order the genes as the model's, e.g. with `pyro_scvi.arches.prepare_query_anndata(adata, model)` "
+        "Subset and order the genes as the model's, e.g. with `SCVI.prepare_query_anndata(adata, model)` "
         "(which fills missing genes with zeros)."
     )
 

@@ -1,7 +1,7 @@
 """What a custom model/guide pair must provide for the ``SCVI`` API (see docs/custom_models.md).
 
 Both are called as ``fn(module, batch, transform_batch=None)`` with the model's
-:class:`~pyro_scvi.module.SCVIModule` and a :class:`~pyro_scvi.data.Minibatch` of ``n`` cells.
+:class:`~pyro_scvi.models.module.SCVIModule` and a :class:`~pyro_scvi.data.Minibatch` of ``n`` cells.
 
 ==========================  =========================================  ===========================
 site (in plate "cells",      kind, shape                                needed by

@@ -13,7 +13,7 @@ with the counterfactual batch codes under ``transform_batch``.
 
 Two optional hooks:
 
-* ``attach(module)``: called once by :class:`~pyro_scvi.module.SCVIModule` after it built its
+* ``attach(module)``: called once by :class:`~pyro_scvi.models.module.SCVIModule` after it built its
   networks, so a prior can read them (``VampPrior`` uses ``module.z_encoder``; the default library
   prior reads the per-batch buffers). A prior object belongs to one module: pass a fresh instance
   to each model.

@@ -26,7 +26,7 @@ def scvi_model(module, batch, transform_batch: int | None = None):
     Parameters
     ----------
     module
-        :class:`pyro_scvi.module.SCVIModule` holding the decoder and the dispersion.
+        :class:`pyro_scvi.models.module.SCVIModule` holding the decoder and the dispersion.
     batch
         :class:`pyro_scvi.data.Minibatch` of ``n`` cells; ``batch.x=None`` samples the counts.
     transform_batch

@@ -18,7 +18,7 @@ the arrays come back as ordinary ``np.ndarray``. Pre-0.15 saves (``model_params.
 are read with a restricted unpickler that enforces the same allow-list, and
 :func:`convert_legacy_save` rewrites them in the current layout.
 
-Our module (:class:`pyro_scvi.module.SCVIModule`) has scvi-tools' layer layout under descriptive
+Our module (:class:`pyro_scvi.models.module.SCVIModule`) has scvi-tools' layer layout under descriptive
 names; :func:`to_scvi_tools_state_dict` / :func:`from_scvi_tools_state_dict` translate::
 
     log_dispersion                       <-> px_r
@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import FORMAT, from_safe, history_from_safe
+from .native import FORMAT, from_safe, history_from_safe
 
 __all__ = [
     "ALLOWED_GLOBALS",
@@ -140,7 +140,7 @@ def _rename(state_dict: Mapping[str, Any], ours_to_theirs: bool, drop: tuple[str
 
 
 def to_scvi_tools_state_dict(state_dict: Mapping[str, Any]) -> OrderedDict:
-    """Rename a :class:`~pyro_scvi.module.SCVIModule` state dict to scvi-tools' ``VAE`` names.
+    """Rename a :class:`~pyro_scvi.models.module.SCVIModule` state dict to scvi-tools' ``VAE`` names.
 
     Values are passed through unchanged; a key with no scvi-tools counterpart raises ``ValueError``.
     """
@@ -592,7 +592,7 @@ def _missing_model_error(dir_path, prefix: str | None) -> ValueError:
         return ValueError(
             f"Failed to load model file at {path}: no such file, but {legacy.name} is there, so this looks like "
             "a save from scvi-tools < 0.15. Convert it first with "
-            "`pyro_scvi.io_scvi_tools.convert_legacy_save(dir_path, output_dir_path)`."
+            "`pyro_scvi.io.scvi_tools.convert_legacy_save(dir_path, output_dir_path)`."
         )
     return ValueError(
         f"Failed to load model file at {path}: no such file. If attempting to load a saved model from "

@@ -21,10 +21,10 @@ import pyro
 import scipy.sparse as sp
 import torch
 
-from .data.loader import RegisteredData, minibatch_from_dict, split_indices
-from .data.manager import AnnDataManager
-from .data.minibatch import Minibatch
-from .data.registry import (
+from ..data.loader import RegisteredData, minibatch_from_dict, split_indices
+from ..data.manager import AnnDataManager
+from ..data.minibatch import Minibatch
+from ..data.registry import (
     MINIFY_TYPE_KEY,
     REGISTRY_KEYS,
     format_registry,
@@ -33,18 +33,20 @@ from .data.registry import (
     summary_stats,
     validate_registered,
 )
-from .infer.elbo import elbo_parts
-from .infer.importance import aggregate_posterior_log_weights, log_importance_weights_in_passes, marginal_log_likelihood
-from .infer.posterior import observation_distribution, posterior_model_traces, posterior_sites, variational_posterior
-from .models.contract import check_model_guide, param_store_from_safe, param_store_to_safe
-from .models.likelihoods import BUILTIN_LIKELIHOODS, LIKELIHOODS, likelihood_parameters, unknown_likelihood_message
-from .infer.training import EarlyStopping, TrainingPlan, append_history, max_epochs_heuristic, run_training
-from . import arches, diagnostics, differential, io_scvi_tools
-from .io import FORMAT, FORMAT_VERSION, history_to_safe, to_safe, write_model_dir
-from .io_scvi_tools import read_model_dir, write_scvi_tools_model
-from .module import SCVIModule
-from .nn import resolve_activation
-from .settings import settings
+from ..infer.elbo import elbo_parts
+from ..infer.importance import aggregate_posterior_log_weights, log_importance_weights_in_passes, marginal_log_likelihood
+from ..infer.posterior import observation_distribution, posterior_model_traces, posterior_sites, variational_posterior
+from ..models.contract import check_model_guide, param_store_from_safe, param_store_to_safe
+from ..models.likelihoods import BUILTIN_LIKELIHOODS, LIKELIHOODS, likelihood_parameters, unknown_likelihood_message
+from ..infer.training import EarlyStopping, TrainingPlan, append_history, max_epochs_heuristic, run_training
+from .. import diagnostics, differential
+from ..io import scvi_tools as io_scvi_tools
+from . import reference_mapping as arches
+from ..io.native import FORMAT, FORMAT_VERSION, history_to_safe, to_safe, write_model_dir
+from ..io.scvi_tools import read_model_dir, write_scvi_tools_model
+from ..models.module import SCVIModule
+from ..models.networks import resolve_activation
+from ..settings import settings
 
 __all__ = ["SCVI"]
 
@@ -485,7 +487,7 @@ class SCVI:
         unknown = sorted(set(trainer_kwargs) - set(_TRAINER_KWARGS))
         if unknown:
             raise TypeError(f"train got unexpected keyword argument(s) {unknown}; accepted: {list(_TRAINER_KWARGS)}.")
-        from .infer.distributed import data_parallel_for
+        from ..infer.distributed import data_parallel_for
 
         parallel = data_parallel_for(accelerator, devices, trainer_kwargs.get("strategy"))  # None: one device
         if parallel is not None and datamodule is not None:
@@ -890,7 +892,7 @@ class SCVI:
                 for _, batch in self._minibatches(adata, indices, batch_size)]
         return torch.cat(rows).numpy()
 
-    #: scArches reference mapping (see :mod:`pyro_scvi.arches`)
+    #: scArches reference mapping (see :mod:`pyro_scvi.api.reference_mapping`)
     prepare_query_anndata = staticmethod(arches.prepare_query_anndata)
     prepare_query_mudata = staticmethod(arches.prepare_query_mudata)
     load_query_data = classmethod(arches.load_query_data)
@@ -1102,7 +1104,7 @@ class SCVI:
         library_prior=None,
     ) -> "SCVI":
         """Load a model saved by :meth:`save` or by scvi-tools 1.x (``adata`` defaults to the saved
-        AnnData, if any). Nothing in the file is executed: see :mod:`pyro_scvi.io_scvi_tools`.
+        AnnData, if any). Nothing in the file is executed: see :mod:`pyro_scvi.io.scvi_tools`.
 
         A model saved with ``model_fn``/``guide_fn`` needs them passed again, and one saved with a
         registered ``gene_likelihood`` needs it registered again (both are code, which the file
@@ -1212,7 +1214,7 @@ def _storable_priors(kwargs: dict) -> dict:
 
 def _nondefault_priors(module) -> list[str]:
     """The priors of ``module`` that scvi-tools' SCVI does not have (empty for the reference model)."""
-    from .models.priors import LogNormalLibraryPrior, NormalPrior
+    from ..models.priors import LogNormalLibraryPrior, NormalPrior
 
     found = []
     if type(getattr(module, "z_prior", None)) not in (NormalPrior, type(None)):

@@ -17,7 +17,7 @@ per-cell-and-gene μ of shape ``(n, G)``. They are kept unexpanded internally so
 depend on θ alone (``lgamma(θ)``, ``log(θ+ε)``) are computed once per gene, not once per entry.
 
 Fast paths. On float32 CPU tensors whose counts, μ and logits share one shape, ``log_prob`` calls
-the fused kernel of :mod:`pyro_scvi.fused`: one vectorised C pass computes the log-density and its
+the fused kernel of :mod:`pyro_scvi.distributions.fused`: one vectorised C pass computes the log-density and its
 derivatives in μ, θ and the logits (compiled on first use; the same function, tested against this
 module's formula in float64). Where it does not apply (CUDA, float64, broadcast μ, no C compiler)
 the torch formula below is used, with the sparse-aware variant on sparse CPU data.
@@ -86,7 +86,7 @@ def _per_gene(theta, n_genes: int):
 
 def _count_terms(value, theta):
     """``lgamma(x + θ) − lgamma(θ) − lgamma(x + 1)`` on the broadcast shape of ``value`` and ``θ``:
-    by per-gene lookup tables (:mod:`pyro_scvi.pochhammer`) for whole-number counts on the CPU with
+    by per-gene lookup tables (:mod:`pyro_scvi.distributions.pochhammer`) for whole-number counts on the CPU with
     one θ per gene (genes on the last dim), else by lgamma."""
     n_genes = value.shape[-1] if value.dim() else 0
     if _FAST_PATHS and value.device.type == "cpu" and theta.dim() and theta.shape[-1] == n_genes:
@@ -117,7 +117,7 @@ SPARSE_DENSITY_THRESHOLD = 0.5
 
 
 def _fused_log_prob(value, batch_shape, mu, theta, logits=None):
-    """log NB / log ZINB from the fused CPU kernel (:mod:`pyro_scvi.fused`), or ``None`` where it
+    """log NB / log ZINB from the fused CPU kernel (:mod:`pyro_scvi.distributions.fused`), or ``None`` where it
     does not apply (fast paths off, CUDA, float64, broadcast μ or logits, no compiler, or counts
     that require a gradient: the kernel differentiates in the parameters only)."""
     if not _FAST_PATHS or mu.shape != batch_shape or not value.dim() or value.requires_grad:

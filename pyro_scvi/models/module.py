@@ -16,12 +16,12 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .data.minibatch import Minibatch
-from .guides.scvi import scvi_guide
-from .models.likelihoods import get_likelihood
-from .models.priors import LogNormalLibraryPrior, dispersion_prior_distribution, make_z_prior
-from .models.scvi import scvi_model
-from .nn import ExpressionDecoder, GaussianEncoder
+from ..data.minibatch import Minibatch
+from ..guides.scvi import scvi_guide
+from .likelihoods import get_likelihood
+from .priors import LogNormalLibraryPrior, dispersion_prior_distribution, make_z_prior
+from .scvi import scvi_model
+from .networks import ExpressionDecoder, GaussianEncoder
 
 __all__ = ["SCVIModule", "DISPERSIONS", "LATENT_DISTRIBUTIONS", "NORM_PLACEMENTS"]
 

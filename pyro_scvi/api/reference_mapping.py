@@ -29,12 +29,12 @@ import torch
 from scipy import sparse
 from torch import nn
 
-from .data.registry import REGISTRY_KEYS, setup_registry, summary_stats
-from .io_scvi_tools import read_model_dir
-from .nn import FCLayers
+from ..data.registry import REGISTRY_KEYS, setup_registry, summary_stats
+from ..io.scvi_tools import read_model_dir
+from ..models.networks import FCLayers
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import SCVI
+    from .scvi import SCVI
 
 __all__ = ["prepare_query_anndata", "prepare_query_mudata", "load_query_data", "query_freeze_masks"]
 
@@ -442,7 +442,7 @@ def load_query_data(
     ``transfer_batch=False`` refuses query batches unknown to the reference. ``freeze_classifier``
     is accepted for API compatibility (SCVI has no classifier). The returned model is untrained.
     """
-    from .model import _resolve_device
+    from .scvi import _resolve_device
 
     if datamodule is not None:
         raise ValueError("load_query_data maps an AnnData: pass adata= (datamodule= is for training a built model).")

@@ -12,7 +12,7 @@ as tagged lists, and the history as plain columns::
 
 The directory is written to a temporary sibling and renamed into place, so a failed save never
 leaves a half-written model and never destroys the previous one. Reading (ours and scvi-tools'
-files, without executing code) is :func:`pyro_scvi.io_scvi_tools.read_model_dir`.
+files, without executing code) is :func:`pyro_scvi.io.scvi_tools.read_model_dir`.
 """
 
 from __future__ import annotations
