@@ -147,7 +147,7 @@ def train(path: str, threads: int, query: bool) -> dict:
     out["elbo_train"] = float(model.history["elbo_train"].values[-1, 0])
     out["peak_rss_mb"]["after_epoch"] = _rss_mb()
     out["still_backed"] = bool(adata.isbacked)
-    _, data = model._data(None)
+    _, data = model.registered_data()
     out["mean_counts_per_cell"] = float(np.exp(data.log_library.numpy()).mean())
 
     if query:

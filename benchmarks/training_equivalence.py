@@ -373,7 +373,7 @@ def forced_gradients(model, theirs: dict, recorder: Recorder, initial: dict) -> 
     from pyro_scvi.io.scvi_tools import from_scvi_tools_state_dict
 
     module = model.module
-    _, data = model._data(None)
+    _, data = model.registered_data()
     out = {}
     for s in sorted(theirs["grads_at"]):
         if s >= len(theirs["steps"]):
@@ -386,7 +386,7 @@ def forced_gradients(model, theirs: dict, recorder: Recorder, initial: dict) -> 
         module.train()
         for p in module.parameters():
             p.grad = None
-        with model._pyro_scope(), pyro.validation_enabled(False):
+        with model.pyro_scope(), pyro.validation_enabled(False):
             CellMeanELBO({"z": step["kl_weight"]}).loss_and_grads(module.model, module.guide, batch)
         recorder.in_step = False
         out[s] = {recorder.names[p]: p.grad.detach().clone() for p in module.parameters() if p.grad is not None}

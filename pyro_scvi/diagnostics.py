@@ -173,12 +173,12 @@ def to_arviz(model, adata=None, indices=None, n_samples: int = 100, batch_size: 
     if n_samples < 1:
         raise ValueError(f"n_samples must be ≥ 1, got {n_samples}.")
     az = _arviz()
-    model._check_trained()
-    model._check_not_minified("to_arviz", adata)
+    model.check_trained()
+    model.check_not_minified("to_arviz", adata)
     module = model.module
     module.eval()
-    cells = np.asarray(model._cell_names(adata, indices)).astype(str)
-    genes = np.asarray(model._var_names()).astype(str)
+    cells = np.asarray(model.cell_names(adata, indices)).astype(str)
+    genes = np.asarray(model.var_names).astype(str)
     n_cells, n_genes = len(cells), len(genes)
     if n_cells == 0:
         raise ValueError("to_arviz: no cells selected.")
@@ -197,8 +197,8 @@ def to_arviz(model, adata=None, indices=None, n_samples: int = 100, batch_size: 
     label_codes = np.empty(n_cells, dtype=np.int64)
     offset = 0
     global_trace = None  # the first minibatch's draws of the global latents, reused by the others
-    with model._pyro_scope(), torch.no_grad():
-        for _, batch in model._minibatches(adata, indices, batch_size):
+    with model.pyro_scope(), torch.no_grad():
+        for batch in model.minibatches(adata, indices, batch_size):
             m = batch.n_cells
             rows = slice(offset, offset + m)
             model_trace, guide_trace = _predictive_traces(module.model, module.guide, batch, n_samples, global_trace)
@@ -552,15 +552,15 @@ def posterior_predictive_check(model, adata=None, indices=None, n_samples: int =
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be ≥ 1, got {n_samples}.")
-    model._check_trained()
-    model._check_not_minified("posterior_predictive_check", adata)
+    model.check_trained()
+    model.check_not_minified("posterior_predictive_check", adata)
     module = model.module
     module.eval()
     accumulator = _Accumulator(levels, seed)
-    with model._pyro_scope(), torch.no_grad():
-        for _, batch in model._minibatches(adata, indices, batch_size):
+    with model.pyro_scope(), torch.no_grad():
+        for batch in model.minibatches(adata, indices, batch_size):
             model_trace, _ = _predictive_traces(module.model, module.guide, batch, n_samples)
             draws, _, _ = _observation(model_trace, batch.x, n_samples)
             accumulator.add(batch.x.double().cpu().numpy(), draws.double().cpu().numpy())
-    cells = np.asarray(model._cell_names(adata, indices)).astype(str)
-    return accumulator.result(n_samples, cells, np.asarray(model._var_names()).astype(str))
+    cells = np.asarray(model.cell_names(adata, indices)).astype(str)
+    return accumulator.result(n_samples, cells, np.asarray(model.var_names).astype(str))

@@ -571,12 +571,12 @@ def differential_expression(
     if n_samples < 1:
         raise ValueError(f"n_samples_overall must be positive, got {n_samples}.")
 
-    adata, data = model._data(adata)
+    adata, data = model.registered_data(adata)
     comparisons = _comparisons(adata.obs, groupby, group1, group2, idx1, idx2)
     batches1 = _batch_list(model, batchid1, "batchid1") if batch_correction else None
     batches2 = _batch_list(model, batchid2, "batchid2") if batch_correction else None
     need_counts = all_stats or (mode == "change" and options["pseudocounts"] is None)
-    genes = pd.Index(model._var_names())
+    genes = pd.Index(model.var_names)
     iw_kwargs = dict(importance_weighting_kwargs or {})
 
     if not silent and len(comparisons) > 1:

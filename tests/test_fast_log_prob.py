@@ -132,7 +132,7 @@ def _model_gradients(model, batch, dense: bool):
         p.grad = None
     pyro.set_rng_seed(11)
     torch.manual_seed(11)
-    with model._pyro_scope():
+    with model.pyro_scope():
         if dense:
             with dense_log_prob():
                 loss, _, _ = elbo_terms(module.model, module.guide, batch)

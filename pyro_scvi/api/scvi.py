@@ -175,7 +175,7 @@ class SCVI:
         self._instance_managers: dict[str, AnnDataManager] = {}
         if adata is not None:
             self._instance_managers[registry["_scvi_uuid"]] = AnnDataManager(adata, registry)
-        # Pyro parameters of this model live in their own param-store state (see _pyro_scope)
+        # Pyro parameters of this model live in their own param-store state (see pyro_scope)
         self._param_store_state = {"params": {}, "constraints": {}}
         self.is_trained_ = False
         self.history_: dict[str, pd.DataFrame] | None = None
@@ -242,7 +242,7 @@ class SCVI:
                                  "(which transfers the setup) or call SCVI.setup_anndata.")
             return None
         if manager.adata is not adata:  # a copy: transfer the setup onto this object
-            manager = AnnDataManager(adata, self._registry_for(adata))
+            manager = AnnDataManager(adata, self.transfer_setup(adata))
         return manager
 
     @property
@@ -266,7 +266,7 @@ class SCVI:
 
     def view_anndata_setup(self, adata: anndata.AnnData | None = None, hide_state_registries: bool = False) -> None:
         """Print the registry of ``adata`` (default: the model's AnnData)."""
-        registry = self.registry_ if adata is None else self._registry_for(adata)
+        registry = self.registry_ if adata is None else self.transfer_setup(adata)
         print(format_registry(registry, hide_state_registries=hide_state_registries))
 
     @property
@@ -286,12 +286,13 @@ class SCVI:
     @adata.setter
     def adata(self, adata: anndata.AnnData) -> None:
         """Swap the model's AnnData: the setup is transferred to it (same categories) and becomes the model's registry."""
-        self.registry_ = self._registry_for(adata)
+        self.registry_ = self.transfer_setup(adata)
         self._adata = adata
         self._data_cache = None
 
-    def _registry_for(self, adata: anndata.AnnData) -> dict:
-        """The model's registry transferred to ``adata`` (same mappings; new categories are an error)."""
+    def transfer_setup(self, adata: anndata.AnnData) -> dict:
+        """Register ``adata`` with the model's setup (same mappings and genes; new categories are an error)
+        and return its registry."""
         if adata is self._adata:
             return self.registry_
         if adata.is_view:
@@ -303,14 +304,15 @@ class SCVI:
         self._instance_managers[manager.adata_uuid] = manager
         return registry
 
-    def _data(self, adata: anndata.AnnData | None) -> tuple[anndata.AnnData, RegisteredData]:
+    def registered_data(self, adata: anndata.AnnData | None = None) -> tuple[anndata.AnnData, RegisteredData]:
+        """``adata`` (default: the model's) and its registered tensors."""
         if adata is None or adata is self._adata:
             if self._adata is None:
                 raise ValueError("This model has no AnnData (it was loaded without one): pass adata=.")
             if self._data_cache is None:
                 self._data_cache = RegisteredData(self._adata, self.registry_)
             return self._adata, self._data_cache
-        return adata, RegisteredData(adata, self._registry_for(adata))
+        return adata, RegisteredData(adata, self.transfer_setup(adata))
 
     # ------------------------------------------------------------------ minified data
     @property
@@ -347,7 +349,7 @@ class SCVI:
             if key not in adata.obsm:
                 raise ValueError(f"adata.obsm[{key!r}] is missing: store the posterior first with "
                                  "model.get_latent_representation(return_dist=True).")
-        _, data = self._data(None)
+        _, data = self.registered_data(None)
         minified = adata.copy()
         if minified_data_type == "latent_posterior_parameters":
             minified.X = sp.csr_matrix(adata.shape, dtype=np.float32)
@@ -370,21 +372,22 @@ class SCVI:
                   if hasattr(p, "init_from_data")]
         if not priors or self._adata.uns.get(MINIFY_TYPE_KEY) == "latent_posterior_parameters":
             return
-        _, data = self._data(None)
+        _, data = self.registered_data(None)
         size = min(data.n_obs, max(getattr(p, "n_components", 1) for p in priors))
         cells = np.sort(np.random.default_rng(settings.seed).choice(data.n_obs, size, replace=False))
         batch = data.minibatch(cells, device=self.device)
         for prior in priors:
             prior.init_from_data(batch)
 
-    def _check_not_minified(self, method: str, adata=None) -> None:
+    def check_not_minified(self, method: str, adata=None) -> None:
+        """Raise ``ValueError`` if ``method`` needs counts that a minified AnnData no longer has."""
         adata = self._adata if adata is None else adata
         if adata is not None and adata.uns.get(MINIFY_TYPE_KEY) == "latent_posterior_parameters":
             raise ValueError(f"The {type(self).__name__}.{method} function currently does not support minified data.")
 
     # ------------------------------------------------------------------ plumbing
     @contextlib.contextmanager
-    def _pyro_scope(self):
+    def pyro_scope(self):
         """Run Pyro code with this model's private parameter store."""
         with pyro.get_param_store().scope(self._param_store_state):
             yield
@@ -393,7 +396,7 @@ class SCVI:
         """The plain ``pyro.param`` values of this model (e.g. of a custom ``model_fn``), constrained,
         by name. They live in the model's private parameter-store scope and are saved with it; the
         weights of :attr:`module` are not listed (see ``module.state_dict()``)."""
-        with self._pyro_scope():
+        with self.pyro_scope():
             store = pyro.get_param_store()
             return {name: store[name].detach() for name in list(store.keys()) if "$$$" not in name}
 
@@ -421,28 +424,32 @@ class SCVI:
         if batch is None:
             return
         self.module.eval()
-        with self._pyro_scope(), torch.no_grad():
+        with self.pyro_scope(), torch.no_grad():
             check_model_guide(self.module, batch)
 
-    def _check_trained(self) -> None:
+    def check_trained(self) -> None:
+        """Raise ``RuntimeError`` if the model has not been trained."""
         if not self.is_trained_:
             raise RuntimeError("Trying to query inferred values from an untrained model. Please train the model first.")
 
-    def _minibatches(self, adata, indices, batch_size, dataloader=None) -> Iterable[tuple[np.ndarray | None, Minibatch]]:
+    def minibatches(self, adata=None, indices=None, batch_size=None, dataloader=None) -> Iterable[Minibatch]:
+        """Minibatches of the selected cells (default: all), in order, on the model's device."""
         device = self.device
         if dataloader is not None:
             if adata is not None:
                 raise ValueError("Pass either adata or dataloader, not both.")
             for tensors in dataloader:
-                yield None, tensors if isinstance(tensors, Minibatch) else minibatch_from_dict(tensors, device)
+                yield tensors if isinstance(tensors, Minibatch) else minibatch_from_dict(tensors, device)
             return
-        _, data = self._data(adata)
+        _, data = self.registered_data(adata)
         indices = np.arange(data.n_obs) if indices is None else np.asarray(indices)
         if indices.dtype == bool:
             indices = np.flatnonzero(indices)
-        yield from data.iterate(indices, batch_size or settings.batch_size, device=device)
+        for _, batch in data.iterate(indices, batch_size or settings.batch_size, device=device):
+            yield batch
 
-    def _cell_names(self, adata, indices) -> pd.Index:
+    def cell_names(self, adata=None, indices=None) -> pd.Index:
+        """Names of the selected cells, in the order of :meth:`minibatches`."""
         adata = self._adata if adata is None else adata
         names = adata.obs_names
         return names if indices is None else names[np.asarray(indices)]
@@ -483,7 +490,7 @@ class SCVI:
         ``ValueError`` with the command to use. Only rank 0 shows progress; save from rank 0 only.
         """
         if datamodule is None:
-            self._check_not_minified("train")
+            self.check_not_minified("train")
         unknown = sorted(set(trainer_kwargs) - set(_TRAINER_KWARGS))
         if unknown:
             raise TypeError(f"train got unexpected keyword argument(s) {unknown}; accepted: {list(_TRAINER_KWARGS)}.")
@@ -514,7 +521,7 @@ class SCVI:
             train_idx = val_idx = test_idx = None
             n_train_cells = None
         else:
-            _, data = self._data(None)
+            _, data = self.registered_data(None)
             if external is not None:
                 train_idx, val_idx, test_idx = (np.asarray(i, dtype=np.int64) for i in external)
             else:
@@ -554,7 +561,7 @@ class SCVI:
             hooks = dict(gradient_hook=parallel.average_gradients, reduce_sums=parallel.sum_across_ranks,
                          epoch_end_hook=parallel.sync_buffers)
         try:
-            with self._pyro_scope():
+            with self.pyro_scope():
                 records, stop_reason = run_training(
                     self.module, train_batches, val_batches, max_epochs, plan,
                     check_val_every_n_epoch=check_val, early_stopping=stopper, progress_bar=progress, **hooks,
@@ -590,11 +597,11 @@ class SCVI:
         For the logistic-normal latent the mean is the Monte-Carlo mean of ``softmax(z)`` over
         ``mc_samples`` draws, and ``return_dist`` gives the pre-softmax Gaussian.
         """
-        self._check_trained()
+        self.check_trained()
         self.module.eval()
         locs, variances, values = [], [], []
-        with self._pyro_scope():
-            for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
+        with self.pyro_scope():
+            for batch in self.minibatches(adata, indices, batch_size, dataloader):
                 qz = variational_posterior(self.module.guide, batch, "z")
                 if not (hasattr(qz, "loc") and hasattr(qz, "scale")):
                     raise TypeError(f"get_latent_representation needs a guide site 'z' with a loc and scale "
@@ -630,12 +637,12 @@ class SCVI:
         library, ``give_mean=True`` returns the log-normal posterior mean ``exp(μ + σ²/2)`` and
         ``give_mean=False`` ``exp`` of one posterior draw.
         """
-        self._check_trained()
-        self._check_not_minified("get_latent_library_size", adata)
+        self.check_trained()
+        self.check_not_minified("get_latent_library_size", adata)
         self.module.eval()
         out = []
-        with self._pyro_scope():
-            for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
+        with self.pyro_scope():
+            for batch in self.minibatches(adata, indices, batch_size, dataloader):
                 if not self.module.latent_library and not self.module.has_custom_guide:
                     out.append(batch.log_library.exp().cpu())
                     continue
@@ -650,7 +657,7 @@ class SCVI:
                 out.append(log_library.exp().cpu())
         return torch.cat(out).numpy()
 
-    def _batch_codes(self, transform_batch) -> list[int | None]:
+    def batch_codes(self, transform_batch) -> list[int | None]:
         """Category values of the batch column → codes; ``None`` → the cells' own batches."""
         if transform_batch is None:
             return [None]
@@ -664,7 +671,7 @@ class SCVI:
         return codes
 
     def _gene_mask(self, gene_list) -> np.ndarray:
-        var_names = self._var_names()
+        var_names = self.var_names
         if gene_list is None:
             return np.ones(len(var_names), dtype=bool)
         mask = np.asarray(pd.Index(var_names).isin(list(gene_list)))
@@ -672,7 +679,9 @@ class SCVI:
             raise ValueError("None of the genes in gene_list are in the model's var_names.")
         return mask
 
-    def _var_names(self) -> np.ndarray:
+    @property
+    def var_names(self) -> np.ndarray:
+        """The model's genes ``(G,)``, in the order of the count matrix."""
         return np.asarray(self.registry_["field_registries"][REGISTRY_KEYS.X]["state_registry"]["column_names"])
 
     @torch.no_grad()
@@ -707,30 +716,30 @@ class SCVI:
         selected cells towards their aggregate posterior (see :meth:`get_importance_weights`;
         ``importance_weighting_kwargs`` go there).
         """
-        self._check_trained()
+        self.check_trained()
         if weights not in (None, "uniform", "importance"):
             raise ValueError(f"weights must be None, 'uniform' or 'importance', got {weights!r}.")
         if weights == "importance" and (n_samples_overall is None or dataloader is not None):
             raise ValueError("weights='importance' needs n_samples_overall and adata/indices (not a dataloader).")
-        if weights == "importance" and transform_batch is not None and len(self._batch_codes(transform_batch)) > 1:
+        if weights == "importance" and transform_batch is not None and len(self.batch_codes(transform_batch)) > 1:
             raise ValueError("weights='importance' works with a single transform_batch.")
         if library_size != "latent" and not isinstance(library_size, (int, float)):
             raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}.")
         if n_samples_overall is not None:
             if n_samples != 1:
                 raise ValueError("Pass either n_samples or n_samples_overall, not both.")
-            n_cells = _count_cells(indices) if indices is not None else (self._data(adata)[1].n_obs if dataloader is None else None)
+            n_cells = _count_cells(indices) if indices is not None else (self.registered_data(adata)[1].n_obs if dataloader is None else None)
             if n_cells is None:
                 raise ValueError("n_samples_overall needs adata/indices, not a dataloader.")
             n_samples = n_samples_overall // n_cells + 1
         site = "mean" if library_size == "latent" else "normalized_expression"
         factor = 1.0 if library_size == "latent" else float(library_size)
-        codes = self._batch_codes(transform_batch)
+        codes = self.batch_codes(transform_batch)
         mask = torch.as_tensor(self._gene_mask(gene_list))
         self.module.eval()
         chunks, latents = [], []
-        with self._pyro_scope():
-            for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
+        with self.pyro_scope():
+            for batch in self.minibatches(adata, indices, batch_size, dataloader):
                 draws = posterior_sites(self.module.model, self.module.guide, batch, n_samples, [site, "z"], codes)
                 value = draws[0][site] if len(draws) == 1 else torch.stack([d[site] for d in draws]).mean(0)
                 if gene_list is not None:
@@ -754,7 +763,7 @@ class SCVI:
         result = samples.mean(0)
         if return_numpy or dataloader is not None:
             return result
-        return pd.DataFrame(result, index=self._cell_names(adata, indices), columns=self._var_names()[mask.numpy()])
+        return pd.DataFrame(result, index=self.cell_names(adata, indices), columns=self.var_names[mask.numpy()])
 
     @torch.no_grad()
     def get_importance_weights(self, adata, indices, z: torch.Tensor, max_cells: int = 1024, truncation: bool = False,
@@ -767,13 +776,13 @@ class SCVI:
         ``p(x_a)`` from :meth:`get_marginal_ll` (``n_mc_samples`` draws). ``truncation=True`` raises
         every log-weight to at least the log of the mean weight, as scvi-tools does.
         """
-        self._check_not_minified("get_importance_weights", adata)
-        _, data = self._data(adata)
+        self.check_not_minified("get_importance_weights", adata)
+        _, data = self.registered_data(adata)
         selection = np.arange(data.n_obs) if indices is None else np.asarray(indices)
         anchors_idx = np.sort(np.random.choice(selection, min(max_cells, len(selection)), replace=False))
         anchors = data.minibatch(anchors_idx, device=self.device)
         self.module.eval()
-        with self._pyro_scope():
+        with self.pyro_scope():
             log_evidence = marginal_log_likelihood(self.module.model, self.module.guide, anchors, n_mc_samples,
                                                    n_mc_samples_per_pass)
             log_w = aggregate_posterior_log_weights(self.module.model, self.module.guide, z.to(self.device), anchors,
@@ -793,11 +802,11 @@ class SCVI:
         inflation probability π, zinb only). Shapes ``(n, G)``, or ``(S, n, G)`` for
         ``n_samples > 1`` unless ``give_mean=True``.
         """
-        self._check_trained()
+        self.check_trained()
         self.module.eval()
         chunks: dict[str, list] = {}
-        with self._pyro_scope():
-            for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
+        with self.pyro_scope():
+            for batch in self.minibatches(adata, indices, batch_size, dataloader):
                 (trace,) = posterior_model_traces(self.module.model, self.module.guide, batch, n_samples)
                 distribution = observation_distribution(trace)
                 for key, value in likelihood_parameters(distribution, self.module.gene_likelihood).items():
@@ -822,14 +831,14 @@ class SCVI:
             import sparse
         except ImportError as error:
             raise ImportError("posterior_predictive_sample returns sparse.GCXS arrays: pip install 'pyro-scvi[sparse]'.") from error
-        self._check_trained()
+        self.check_trained()
         self.module.eval()
-        codes = self._batch_codes(transform_batch)
+        codes = self.batch_codes(transform_batch)
         mask = torch.as_tensor(self._gene_mask(gene_list))
         predictive_model = pyro.poutine.uncondition(self.module.model)  # sample x instead of observing it
         blocks = []
-        with self._pyro_scope():
-            for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
+        with self.pyro_scope():
+            for batch in self.minibatches(adata, indices, batch_size, dataloader):
                 draws = []
                 for code in codes:
                     predictive = pyro.infer.Predictive(predictive_model, guide=self.module.guide, num_samples=n_samples,
@@ -854,13 +863,13 @@ class SCVI:
         """
         if correlation_type not in ("spearman", "pearson"):
             raise ValueError(f"correlation_type must be 'spearman' or 'pearson', got {correlation_type!r}.")
-        self._check_trained()
+        self.check_trained()
         self.module.eval()
         matrices = []
-        for code in self._batch_codes(transform_batch):
+        for code in self.batch_codes(transform_batch):
             rows = []
-            with self._pyro_scope():
-                for _, batch in self._minibatches(adata, indices, batch_size):
+            with self.pyro_scope():
+                for batch in self.minibatches(adata, indices, batch_size):
                     (trace,) = posterior_model_traces(self.module.model, self.module.guide, batch, n_samples, [code])
                     rate = rna_size_factor * trace.nodes["normalized_expression"]["value"]
                     rate = rate.expand(n_samples, batch.n_cells, rate.shape[-1])
@@ -876,7 +885,7 @@ class SCVI:
                 from scipy.stats import spearmanr
 
                 matrices.append(np.atleast_2d(spearmanr(data).statistic))
-        names = self._var_names()
+        names = self.var_names
         return pd.DataFrame(np.mean(matrices, axis=0), index=names, columns=names)
 
     @torch.no_grad()
@@ -889,7 +898,7 @@ class SCVI:
             raise KeyError("Embedding batch not found: this model represents batches as one-hot vectors; "
                            "build it with SCVI(adata, batch_representation='embedding') to learn one.")
         rows = [self.module.batch_embedding(batch.batch_index.reshape(-1)).cpu()
-                for _, batch in self._minibatches(adata, indices, batch_size)]
+                for batch in self.minibatches(adata, indices, batch_size)]
         return torch.cat(rows).numpy()
 
     #: scArches reference mapping (see :mod:`pyro_scvi.api.reference_mapping`)
@@ -907,11 +916,11 @@ class SCVI:
     # ------------------------------------------------------------------ evaluation
     def _elbo_terms_per_cell(self, adata, indices, batch_size, dataloader, method: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-cell reconstruction loss −log p(x | z, l) and summed KL (weight 1), one draw each."""
-        self._check_not_minified(method, adata)
+        self.check_not_minified(method, adata)
         self.module.eval()
         reconstruction, kl = [], []
-        with self._pyro_scope(), torch.no_grad():
-            for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
+        with self.pyro_scope(), torch.no_grad():
+            for batch in self.minibatches(adata, indices, batch_size, dataloader):
                 parts = elbo_parts(self.module.model, self.module.guide, batch)
                 reconstruction.append(sum(parts.reconstruction.values()))
                 kl.append(sum(parts.kl.values(), torch.zeros_like(reconstruction[-1])) + parts.kl_global_per_cell)
@@ -924,7 +933,7 @@ class SCVI:
         cells, or per cell ``(n,)`` with ``return_mean=False``; on the model's device. (The
         ``elbo_*`` entries of :attr:`history` are its negation.) One Monte-Carlo draw per cell.
         """
-        self._check_trained()
+        self.check_trained()
         reconstruction, kl = self._elbo_terms_per_cell(adata, indices, batch_size, dataloader, "get_elbo")
         elbo = -(reconstruction + kl)
         return elbo.mean() if return_mean else elbo
@@ -933,7 +942,7 @@ class SCVI:
                                  return_mean: bool = True) -> dict[str, torch.Tensor]:
         """``{"reconstruction_loss": −E_q log p(x | z, l)}``: a positive negative log-likelihood
         (lower is better), averaged over cells or per cell ``(n,)``; one draw per cell."""
-        self._check_trained()
+        self.check_trained()
         reconstruction, _ = self._elbo_terms_per_cell(adata, indices, batch_size, dataloader, "get_reconstruction_error")
         return {"reconstruction_loss": reconstruction.mean() if return_mean else reconstruction}
 
@@ -953,12 +962,12 @@ class SCVI:
         ``1 / Σ w̃²`` of the Pareto-smoothed normalised weights, out of ``n_mc_samples``);
         ``return_mean`` is then ignored. See :func:`pyro_scvi.diagnostics.psis_diagnostics`.
         """
-        self._check_trained()
-        self._check_not_minified("get_marginal_ll", adata)
+        self.check_trained()
+        self.check_not_minified("get_marginal_ll", adata)
         self.module.eval()
         values, pareto_k, ess = [], [], []
-        with self._pyro_scope(), torch.no_grad():
-            for _, batch in self._minibatches(adata, indices, batch_size, dataloader):
+        with self.pyro_scope(), torch.no_grad():
+            for batch in self.minibatches(adata, indices, batch_size, dataloader):
                 if not return_diagnostics:
                     values.append(marginal_log_likelihood(self.module.model, self.module.guide, batch, n_mc_samples,
                                                           n_mc_samples_per_pass).cpu())
@@ -971,7 +980,7 @@ class SCVI:
                 ess.append(psis.ess)
         values = torch.cat(values)
         if return_diagnostics:
-            index = pd.RangeIndex(len(values), name="cell") if dataloader is not None else self._cell_names(adata, indices)
+            index = pd.RangeIndex(len(values), name="cell") if dataloader is not None else self.cell_names(adata, indices)
             return pd.DataFrame({"marginal_ll": values.double().numpy(), "pareto_k": np.concatenate(pareto_k),
                                  "ess": np.concatenate(ess)}, index=index)
         return float(values.mean()) if return_mean else values
@@ -1055,7 +1064,7 @@ class SCVI:
                              "SCVI has only the normal z prior, the per-batch library prior and a point-estimated θ. "
                              "Save this model in pyro-scvi's format instead (scvi_tools_format=False).")
         if scvi_tools_format:
-            write_scvi_tools_model(dir_path, self.module.state_dict(), self._var_names(), {
+            write_scvi_tools_model(dir_path, self.module.state_dict(), self.var_names, {
                 "registry_": self.registry_, "init_params_": self.init_params_, "is_trained_": self.is_trained_,
                 "history_": self.history_, "train_indices_": self.train_indices_,
                 "validation_indices_": self.validation_indices_, "test_indices_": self.test_indices_,
@@ -1070,7 +1079,7 @@ class SCVI:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "model_state_dict": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
-            "var_names": [str(v) for v in self._var_names()],
+            "var_names": [str(v) for v in self.var_names],
             "attr_dict": {
                 "registry_": to_safe(self.registry_),
                 "init_params_": to_safe(self.init_params_),
