@@ -576,9 +576,9 @@ class _TypedRegistry(Mapping):
 
 
 def _small_registry():
+    batch = {"categorical_mapping": np.array(["a", "b"], dtype=object), "original_key": "batch"}
     return {"model_name": "SCVI", "setup_args": {"batch_key": "batch"},
-            "field_registries": {"batch": {"state_registry": {"categorical_mapping": np.array(["a", "b"], dtype=object),
-                                                              "original_key": "batch"}}}}
+            "field_registries": {"batch": {"state_registry": batch}}}
 
 
 def test_to_safe_stores_a_typed_registry_as_its_dict():
@@ -591,7 +591,8 @@ def test_to_safe_stores_a_typed_registry_as_its_dict():
 
 def test_scvi_tools_writer_accepts_a_typed_registry(tmp_path):
     registry = _small_registry()
-    attrs = {"registry_": _TypedRegistry(registry), "init_params_": {"non_kwargs": {}, "kwargs": {"kwargs": {}}}}
+    init_params = {"non_kwargs": {}, "kwargs": {"kwargs": {}}}
+    attrs = {"registry_": _TypedRegistry(registry), "init_params_": init_params}
     write_scvi_tools_model(tmp_path / "m", {}, ["g0"], attrs)
     written = load_registry(tmp_path / "m")
     expected = {**registry, "scvi_version": SCVI_TOOLS_VERSION, "setup_method_name": "setup_anndata"}
