@@ -6,16 +6,13 @@ subcommands load such a model directory (or one saved by scvi-tools 1.x) and app
 Run ``pyro-scvi <command> --help`` for each command's options.
 
 Inputs are ``.h5ad`` files, 10x Genomics ``.h5`` files (Cell Ranger v2 and v3) and 10x matrix
-directories (``matrix.mtx[.gz]``, ``features.tsv[.gz]`` or ``genes.tsv``, ``barcodes.tsv[.gz]``);
-the 10x readers are :func:`read_10x_h5` and :func:`read_10x_mtx`, with :func:`read_input` choosing
-by path.
+directories, read by :func:`pyro_scvi.io.tenx.read_input`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import io
 import os
 import re
@@ -26,9 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "run_demo", "build_parser", "read_input", "read_10x_h5", "read_10x_mtx"]
+from .io.tenx import VAR_NAMES, read_input
+
+__all__ = ["main", "run_demo", "build_parser"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+#: ``train(accelerator=...)`` values the model accepts
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+#: ``differential_expression(mode=...)`` values
+DE_MODES = ("vanilla", "change")
 
 #: errors reported as ``error: <message>`` with exit code 1 (bad data, bad model, missing files)
 _USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError, OSError, ImportError, ArithmeticError)
@@ -51,7 +55,8 @@ def run_demo(out_dir: str | Path = "demo_output", max_epochs: int = 80, seed: in
     SCVI.setup_anndata(adata, layer="counts", batch_key="batch", labels_key="labels")
     model = SCVI(adata)
     start = time.perf_counter()
-    model.train(max_epochs=max_epochs, check_val_every_n_epoch=min(10, max_epochs), enable_progress_bar=not quiet)
+    model.train(max_epochs=max_epochs, check_val_every_n_epoch=min(10, max_epochs),
+                enable_progress_bar=not quiet)
     seconds = time.perf_counter() - start
 
     latent = model.get_latent_representation()
@@ -77,7 +82,8 @@ def run_demo(out_dir: str | Path = "demo_output", max_epochs: int = 80, seed: in
     if plots:
         from . import plotting
 
-        written = [plotting.save_figure(plotting.plot_training_history(model.history), out_dir / "demo_training.png")]
+        training = plotting.plot_training_history(model.history)
+        written = [plotting.save_figure(training, out_dir / "demo_training.png")]
         for column in ("labels", "batch"):
             fig = plotting.plot_latent(latent, adata.obs[column], color_name=column)
             written.append(plotting.save_figure(fig, out_dir / f"demo_latent_{column}.png"))
@@ -87,168 +93,16 @@ def run_demo(out_dir: str | Path = "demo_output", max_epochs: int = 80, seed: in
 
 def _print_report(report: dict) -> None:
     print("pyro-scvi demo")
-    print(f"  data: {report['cells']} cells x {report['genes']} genes, {report['batches']} batches, {report['cell_types']} cell types (generated)")
+    print(f"  data: {report['cells']} cells x {report['genes']} genes, {report['batches']} batches, "
+          f"{report['cell_types']} cell types (generated)")
     print(f"  training: {report['epochs']} epochs, {report['seconds_per_epoch']:.3f} s/epoch")
-    print(f"  negative ELBO per cell: train {report['elbo_train']:.1f}, validation {report['elbo_validation']:.1f}")
-    print(f"  latent silhouette: cell type {report['silhouette_cell_type']:.3f} (high = separated), batch {report['silhouette_batch']:.3f} (near 0 = mixed)")
+    print(f"  negative ELBO per cell: train {report['elbo_train']:.1f}, "
+          f"validation {report['elbo_validation']:.1f}")
+    print(f"  latent silhouette: cell type {report['silhouette_cell_type']:.3f} (high = separated), "
+          f"batch {report['silhouette_batch']:.3f} (near 0 = mixed)")
     print(f"  wrote {report['output']} (obsm['X_scVI'], layers['scvi_normalized']) and {report['model']}/")
     if report.get("plots"):
         print(f"  plots: {', '.join(report['plots'])}")
-
-
-# ============================================================================ reading inputs
-def _open_text(path: Path):
-    return gzip.open(path, "rt") if path.suffix == ".gz" else open(path)
-
-
-def _find(directory: Path, names: list[str]) -> Path | None:
-    for name in names:
-        for candidate in (directory / name, directory / f"{name}.gz"):
-            if candidate.exists():
-                return candidate
-    return None
-
-
-def _make_unique(names) -> np.ndarray:
-    """``a, a, b`` → ``a, a-1, b`` (as ``AnnData.var_names_make_unique``)."""
-    seen: dict[str, int] = {}
-    taken = set(map(str, names))
-    out = []
-    for name in map(str, names):
-        if name in seen:
-            while True:
-                seen[name] += 1
-                candidate = f"{name}-{seen[name]}"
-                if candidate not in taken:
-                    break
-            taken.add(candidate)
-            out.append(candidate)
-        else:
-            seen[name] = 0
-            out.append(name)
-    return np.asarray(out, dtype=object)
-
-
-def _anndata_from_10x(matrix_genes_by_cells, barcodes, gene_ids, gene_names, feature_types, var_names: str, gex_only: bool):
-    import anndata
-    import pandas as pd
-    import scipy.sparse as sp
-
-    X = sp.csr_matrix(matrix_genes_by_cells.T, dtype=np.float32)
-    var = pd.DataFrame({"gene_ids": np.asarray(gene_ids, dtype=object)})
-    if feature_types is not None:
-        var["feature_types"] = np.asarray(feature_types, dtype=object)
-    if gex_only and feature_types is not None:
-        keep = var["feature_types"].to_numpy() == "Gene Expression"
-        if keep.any():
-            X, var, gene_names = X[:, keep], var[keep], np.asarray(gene_names, dtype=object)[keep]
-    if var_names not in ("gene_symbols", "gene_ids"):
-        raise ValueError(f"var_names must be 'gene_symbols' or 'gene_ids', got {var_names!r}.")
-    names = np.asarray(gene_names if var_names == "gene_symbols" else var["gene_ids"].to_numpy(), dtype=object)
-    var.index = pd.Index(_make_unique(names), dtype=object)
-    obs = pd.DataFrame(index=pd.Index(_make_unique(barcodes), dtype=object))
-    if X.shape != (len(obs), len(var)):
-        raise ValueError(f"The 10x matrix has shape {X.shape[::-1]} (genes x cells) but there are "
-                         f"{len(var)} features and {len(obs)} barcodes.")
-    return anndata.AnnData(X=X, obs=obs, var=var)
-
-
-def read_10x_mtx(path: str | Path, var_names: str = "gene_symbols", gex_only: bool = True):
-    """Read a 10x matrix directory: ``matrix.mtx[.gz]`` (genes × cells), ``features.tsv[.gz]``
-    (Cell Ranger ≥ 3: id, name, type) or ``genes.tsv[.gz]`` (id, name), ``barcodes.tsv[.gz]``.
-
-    Returns an AnnData of cells × genes with float32 CSR counts, ``var["gene_ids"]`` (and
-    ``var["feature_types"]``), named by gene symbol (``var_names="gene_symbols"``, made unique)
-    or by id; with ``gex_only`` only "Gene Expression" features are kept.
-    """
-    import scipy.io
-
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"No such 10x directory: {directory}")
-    matrix = _find(directory, ["matrix.mtx"])
-    features = _find(directory, ["features.tsv", "genes.tsv"])
-    barcodes = _find(directory, ["barcodes.tsv"])
-    missing = [name for name, found in [("matrix.mtx[.gz]", matrix), ("features.tsv[.gz] or genes.tsv[.gz]", features),
-                                        ("barcodes.tsv[.gz]", barcodes)] if found is None]
-    if missing:
-        raise FileNotFoundError(f"{directory} is not a 10x matrix directory: missing {', '.join(missing)}.")
-    if matrix.suffix == ".gz":
-        with gzip.open(matrix, "rb") as handle:
-            counts = scipy.io.mmread(handle)
-    else:
-        counts = scipy.io.mmread(matrix)
-    with _open_text(features) as handle:
-        rows = [line.rstrip("\n").split("\t") for line in handle if line.strip()]
-    with _open_text(barcodes) as handle:
-        cells = [line.strip().split("\t")[0] for line in handle if line.strip()]
-    gene_ids = [row[0] for row in rows]
-    gene_names = [row[1] if len(row) > 1 else row[0] for row in rows]
-    feature_types = [row[2] for row in rows] if rows and all(len(row) > 2 for row in rows) else None
-    return _anndata_from_10x(counts, cells, gene_ids, gene_names, feature_types, var_names, gex_only)
-
-
-def read_10x_h5(path: str | Path, genome: str | None = None, var_names: str = "gene_symbols", gex_only: bool = True):
-    """Read a Cell Ranger ``filtered_feature_bc_matrix.h5``: v3 (``/matrix`` with ``features/id,
-    name, feature_type``) or v2 (``/<genome>`` with ``genes``, ``gene_names``). Same output as
-    :func:`read_10x_mtx`; ``genome`` picks the group of a v2 file with several."""
-    import h5py
-    import scipy.sparse as sp
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No such file: {path}")
-
-    def text(values):
-        return [v.decode() if isinstance(v, bytes) else str(v) for v in values[()]]
-
-    with h5py.File(path, "r") as f:
-        if "matrix" in f:
-            group = f["matrix"]
-            feats = group["features"]
-            gene_ids, gene_names = text(feats["id"]), text(feats["name"])
-            feature_types = text(feats["feature_type"]) if "feature_type" in feats else None
-            if genome is not None and "genome" in feats:
-                keep_genome = np.asarray(text(feats["genome"])) == genome
-            else:
-                keep_genome = None
-        else:
-            groups = [k for k in f.keys() if isinstance(f[k], h5py.Group) and "data" in f[k]]
-            if not groups:
-                raise ValueError(f"{path} is not a 10x .h5 file (no /matrix group and no genome group).")
-            if genome is None:
-                if len(groups) > 1:
-                    raise ValueError(f"{path} holds several genomes {groups}: choose one.")
-                genome = groups[0]
-            if genome not in groups:
-                raise ValueError(f"Genome {genome!r} is not in {path} (it has {groups}).")
-            group = f[genome]
-            gene_ids, gene_names = text(group["genes"]), text(group["gene_names"])
-            feature_types, keep_genome = None, None
-        shape = tuple(int(s) for s in group["shape"][()])
-        matrix = sp.csc_matrix((group["data"][()], group["indices"][()], group["indptr"][()]), shape=shape)
-        barcodes = text(group["barcodes"])
-    if keep_genome is not None:
-        matrix = matrix.tocsr()[keep_genome]
-        gene_ids, gene_names = list(np.asarray(gene_ids)[keep_genome]), list(np.asarray(gene_names)[keep_genome])
-        feature_types = None if feature_types is None else list(np.asarray(feature_types)[keep_genome])
-    return _anndata_from_10x(matrix, barcodes, gene_ids, gene_names, feature_types, var_names, gex_only)
-
-
-def read_input(path: str | Path, var_names: str = "gene_symbols"):
-    """Read ``.h5ad`` (AnnData), a 10x ``.h5`` file or a 10x matrix directory."""
-    import anndata
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No such file or directory: {path}")
-    if path.is_dir():
-        return read_10x_mtx(path, var_names=var_names)
-    if path.suffix == ".h5ad":
-        return anndata.read_h5ad(path)
-    if path.suffix in (".h5", ".hdf5"):
-        return read_10x_h5(path, var_names=var_names)
-    raise ValueError(f"Unsupported input {path}: expected .h5ad, a 10x .h5 file or a 10x matrix directory.")
 
 
 # ============================================================================ helpers
@@ -302,7 +156,8 @@ def _write_latent_plots(args, latent, adata, stem: Path, colors: list[str]) -> l
     columns = colors or [None]
     for column in columns:
         if column is not None and column not in adata.obs:
-            raise KeyError(f"--color {column!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}).")
+            raise KeyError(f"--color {column!r} is not a column of adata.obs "
+                           f"(columns: {list(adata.obs.columns)}).")
         values = None if column is None else adata.obs[column]
         fig = plotting.plot_latent(latent, values, method=args.embedding, color_name=column)
         path = stem.with_name(f"{stem.name}_latent{'_' + _slug(column) if column else ''}.png")
@@ -310,7 +165,8 @@ def _write_latent_plots(args, latent, adata, stem: Path, colors: list[str]) -> l
     return written
 
 
-def _ppc_plot(model, adata, path: Path, n_cells: int = 300, n_samples: int = 20, seed: int = 0) -> Path | None:
+def _ppc_plot(model, adata, path: Path, n_cells: int = 300, n_samples: int = 20,
+              seed: int = 0) -> Path | None:
     """Posterior predictive check on up to ``n_cells`` cells; None when ``sparse`` is missing."""
     try:
         import sparse  # noqa: F401
@@ -329,10 +185,52 @@ def _ppc_plot(model, adata, path: Path, n_cells: int = 300, n_samples: int = 20,
 
 
 # ============================================================================ subcommands
+def _train_model(args, adata):
+    """Set up ``adata``, build the model from the options and train it; returns (model, seconds)."""
+    from . import SCVI
+
+    SCVI.setup_anndata(
+        adata, layer=args.layer, batch_key=args.batch_key, labels_key=args.labels_key,
+        categorical_covariate_keys=args.categorical_covariate or None,
+        continuous_covariate_keys=args.continuous_covariate or None,
+    )
+    model = SCVI(
+        adata, n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers,
+        dropout_rate=args.dropout_rate, dispersion=args.dispersion, gene_likelihood=args.gene_likelihood,
+        latent_distribution=args.latent_distribution,
+    )
+    plan_kwargs = {"lr": args.lr}
+    if args.kl_warmup_epochs is not None:
+        plan_kwargs["n_epochs_kl_warmup"] = args.kl_warmup_epochs
+    start = time.perf_counter()
+    model.train(
+        max_epochs=args.max_epochs, batch_size=args.batch_size, train_size=args.train_size,
+        early_stopping=args.early_stopping, accelerator=args.accelerator, plan_kwargs=plan_kwargs,
+        check_val_every_n_epoch=args.check_val_every if args.train_size < 1 else None,
+        enable_progress_bar=not args.quiet, devices=args.devices or "auto", strategy=args.strategy,
+    )
+    return model, time.perf_counter() - start
+
+
+def _write_train_plots(args, model, adata, out: Path, name: str) -> None:
+    from . import plotting
+
+    stem = out / name
+    training = plotting.plot_training_history(model.history)
+    written = [plotting.save_figure(training, stem.with_name(f"{name}_training.png"))]
+    colors = args.color if args.color is not None else _registry_keys(model)
+    written += _write_latent_plots(args, adata.obsm[args.latent_key], adata, stem, colors)
+    ppc = _ppc_plot(model, adata, stem.with_name(f"{name}_ppc.png"), seed=args.seed)
+    if ppc is not None:
+        written.append(ppc)
+    _log(args, "plots: " + ", ".join(str(p) for p in written))
+
+
 def cmd_train(args) -> int:
     import torch
 
-    from . import SCVI, settings
+    from . import settings
+    from .infer.distributed import is_main_process
 
     _require_plotting(args)
     out = Path(args.out)
@@ -351,29 +249,9 @@ def cmd_train(args) -> int:
     adata = read_input(args.input, var_names=args.var_names)
     _log(args, f"read {args.input}: {adata.n_obs} cells x {adata.n_vars} genes")
     if adata.n_obs < 2 or adata.n_vars < 1:
-        raise ValueError(f"{args.input} has {adata.n_obs} cells and {adata.n_vars} genes: nothing to train on.")
-    SCVI.setup_anndata(
-        adata, layer=args.layer, batch_key=args.batch_key, labels_key=args.labels_key,
-        categorical_covariate_keys=args.categorical_covariate or None,
-        continuous_covariate_keys=args.continuous_covariate or None,
-    )
-    model = SCVI(
-        adata, n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers, dropout_rate=args.dropout_rate,
-        dispersion=args.dispersion, gene_likelihood=args.gene_likelihood, latent_distribution=args.latent_distribution,
-    )
-    plan_kwargs = {"lr": args.lr}
-    if args.kl_warmup_epochs is not None:
-        plan_kwargs["n_epochs_kl_warmup"] = args.kl_warmup_epochs
-    start = time.perf_counter()
-    model.train(
-        max_epochs=args.max_epochs, batch_size=args.batch_size, train_size=args.train_size,
-        early_stopping=args.early_stopping, accelerator=args.accelerator, plan_kwargs=plan_kwargs,
-        check_val_every_n_epoch=args.check_val_every if args.train_size < 1 else None,
-        enable_progress_bar=not args.quiet, devices=args.devices or "auto", strategy=args.strategy,
-    )
-    seconds = time.perf_counter() - start
-    from .infer.distributed import is_main_process
-
+        raise ValueError(f"{args.input} has {adata.n_obs} cells and {adata.n_vars} genes: "
+                         "nothing to train on.")
+    model, seconds = _train_model(args, adata)
     if not is_main_process():  # data-parallel run: the other ranks hold the same model; rank 0 writes
         return EXIT_OK
     adata.obsm[args.latent_key] = model.get_latent_representation()
@@ -384,23 +262,14 @@ def cmd_train(args) -> int:
     model.save(model_dir, overwrite=args.overwrite, save_anndata=args.save_anndata)
     adata.write_h5ad(out_h5ad)
     history = model.history
-    epochs = len(history["elbo_train"])
-    _log(args, f"trained {epochs} epochs in {seconds:.1f} s; negative ELBO per cell: train "
-               f"{float(history['elbo_train'].iloc[-1, 0]):.2f}"
-               + (f", validation {float(history['elbo_validation'].iloc[-1, 0]):.2f}" if "elbo_validation" in history else ""))
+    validation = (f", validation {float(history['elbo_validation'].iloc[-1, 0]):.2f}"
+                  if "elbo_validation" in history else "")
+    _log(args, f"trained {len(history['elbo_train'])} epochs in {seconds:.1f} s; negative ELBO per cell: "
+               f"train {float(history['elbo_train'].iloc[-1, 0]):.2f}{validation}")
     _log(args, f"wrote {model_dir}/ and {out_h5ad} (obsm[{args.latent_key!r}]"
                + (f", layers[{args.normalized_layer!r}])" if args.normalized_layer else ")"))
     if args.plots:
-        from . import plotting
-
-        stem = out / name
-        written = [plotting.save_figure(plotting.plot_training_history(history), stem.with_name(f"{name}_training.png"))]
-        colors = args.color if args.color is not None else _registry_keys(model)
-        written += _write_latent_plots(args, adata.obsm[args.latent_key], adata, stem, colors)
-        ppc = _ppc_plot(model, adata, stem.with_name(f"{name}_ppc.png"), seed=args.seed)
-        if ppc is not None:
-            written.append(ppc)
-        _log(args, "plots: " + ", ".join(str(p) for p in written))
+        _write_train_plots(args, model, adata, out, name)
     return EXIT_OK
 
 
@@ -425,48 +294,19 @@ def cmd_latent(args) -> int:
     if out.suffix == ".csv":
         import pandas as pd
 
-        pd.DataFrame(latent, index=adata.obs_names, columns=[f"z{i}" for i in range(latent.shape[1])]).to_csv(out)
+        columns = [f"z{i}" for i in range(latent.shape[1])]
+        pd.DataFrame(latent, index=adata.obs_names, columns=columns).to_csv(out)
     else:
         adata.write_h5ad(out)
     _log(args, f"wrote {out} ({latent.shape[0]} cells x {latent.shape[1]} latent dimensions"
                + ("" if out.suffix == ".csv" else f" in obsm[{args.key!r}]") + ")")
     if args.plots:
-        colors = args.color if args.color is not None else [c for c in _registry_keys(model) if c in adata.obs]
+        colors = args.color
+        if colors is None:
+            colors = [c for c in _registry_keys(model) if c in adata.obs]
         written = _write_latent_plots(args, latent, adata, out.with_suffix(""), colors)
         _log(args, "plots: " + ", ".join(str(p) for p in written))
     return EXIT_OK
-
-
-def _library_size(text: str):
-    if text == "latent":
-        return "latent"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'latent', got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
 
 
 def _split_list(values) -> list[str] | None:
@@ -510,18 +350,22 @@ def cmd_normalize(args) -> int:
 
 
 def cmd_de(args) -> int:
+    import pandas as pd
+
     _require_plotting(args)
     out = Path(args.out)
     _check_output(out, args.overwrite)
     model, adata = _read_for_model(args)
     if args.groupby not in adata.obs:
-        raise KeyError(f"--groupby {args.groupby!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}).")
+        raise KeyError(f"--groupby {args.groupby!r} is not a column of adata.obs "
+                       f"(columns: {list(adata.obs.columns)}).")
     categories = set(map(str, adata.obs[args.groupby].astype(str)))
     group1 = _split_list(args.group1)
     for group in (group1 or []) + ([args.group2] if args.group2 else []):
         if group not in categories:
-            raise ValueError(f"Group {group!r} is not a value of obs[{args.groupby!r}] (values: {sorted(categories)[:20]}).")
-    if not pd_is_categorical(adata.obs[args.groupby]):
+            raise ValueError(f"Group {group!r} is not a value of obs[{args.groupby!r}] "
+                             f"(values: {sorted(categories)[:20]}).")
+    if not isinstance(adata.obs[args.groupby].dtype, pd.CategoricalDtype):
         adata.obs[args.groupby] = adata.obs[args.groupby].astype(str).astype("category")
     kwargs = {"n_samples_overall": args.n_samples} if args.n_samples else {}
     table = model.differential_expression(
@@ -539,12 +383,6 @@ def cmd_de(args) -> int:
         path = plotting.save_figure(fig, out.with_name(f"{out.stem}_volcano.png"))
         _log(args, f"plots: {path}")
     return EXIT_OK
-
-
-def pd_is_categorical(series) -> bool:
-    import pandas as pd
-
-    return isinstance(series.dtype, pd.CategoricalDtype)
 
 
 def cmd_info(args) -> int:
@@ -631,82 +469,97 @@ def _add_common(parser, plots: bool = False, embedding: bool = False) -> None:
     parser.add_argument("--quiet", "-q", action="store_true",
                         help="no progress bars, warnings or messages; only errors (on stderr)")
     if plots:
-        parser.add_argument("--plots", action="store_true", help="also write PNG plots next to the outputs (needs matplotlib)")
+        parser.add_argument("--plots", action="store_true",
+                            help="also write PNG plots next to the outputs (needs matplotlib)")
     if embedding:
         parser.add_argument("--color", action="append", metavar="COLUMN",
                             help="obs column to colour the latent plot by (repeat for several plots; "
                                  "default: the model's labels and batch keys)")
         parser.add_argument("--embedding", choices=["auto", "umap", "pca"], default="auto",
-                            help="2-D embedding for the latent plot: umap needs umap-learn; auto uses it when installed, else PCA")
+                            help="2-D embedding for the latent plot: umap needs umap-learn; auto uses it "
+                                 "when installed, else PCA")
 
 
 def _add_model_input(parser) -> None:
     parser.add_argument("model", help="model directory (from 'pyro-scvi train' or scvi-tools' model.save)")
     parser.add_argument("input", help="data: .h5ad, 10x .h5 or 10x matrix directory, with the genes and the "
                                       "obs columns (batch, labels) the model was set up with")
-    parser.add_argument("--prefix", default=None, help="file name prefix of the saved model (model.save(prefix=...))")
-    parser.add_argument("--var-names", choices=["gene_symbols", "gene_ids"], default="gene_symbols",
+    parser.add_argument("--prefix", default=None,
+                        help="file name prefix of the saved model (model.save(prefix=...))")
+    parser.add_argument("--var-names", choices=VAR_NAMES, default="gene_symbols",
                         help="for 10x inputs: name genes by symbol or by id")
     parser.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
-    parser.add_argument("--batch-size", type=_positive_int, default=None, help="minibatch size for inference (default: settings.batch_size)")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="minibatch size for inference (default: settings.batch_size)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pyro-scvi", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
-        description="scVI (single-cell Variational Inference) on Pyro, with scvi-tools' SCVI model files.",
-    )
-    from . import __version__
 
-    parser.add_argument("--version", action="version", version=f"pyro-scvi {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    # ---- train
-    train = commands.add_parser(
-        "train", formatter_class=_Formatter, help="train scVI on a count matrix and write the model and the latent space",
-        description="Train scVI on raw counts. Writes OUT/model/ (load with SCVI.load or the other subcommands) and "
-                    "OUT/NAME.h5ad: the input with obsm['X_scVI'] (and the normalized expression with --normalized-layer).",
-    )
-    train.add_argument("input", help="raw counts: .h5ad, 10x .h5 file or 10x matrix directory")
-    data = train.add_argument_group("data")
+def _train_data_options(parser) -> None:
+    parser.add_argument("input", help="raw counts: .h5ad, 10x .h5 file or 10x matrix directory")
+    data = parser.add_argument_group("data")
     data.add_argument("--layer", default=None, help="AnnData layer with the raw counts (default: X)")
-    data.add_argument("--batch-key", default=None, help="obs column with the batch of each cell (batch correction)")
-    data.add_argument("--labels-key", default=None, help="obs column with cell labels (used by the model's labels covariate and for plots)")
+    data.add_argument("--batch-key", default=None,
+                      help="obs column with the batch of each cell (batch correction)")
+    data.add_argument("--labels-key", default=None,
+                      help="obs column with cell labels (used by the model's labels covariate and for plots)")
     data.add_argument("--categorical-covariate", action="append", metavar="COLUMN",
                       help="obs column of an extra categorical covariate (repeat for several)")
     data.add_argument("--continuous-covariate", action="append", metavar="COLUMN",
                       help="obs column of an extra continuous covariate (repeat for several)")
-    data.add_argument("--var-names", choices=["gene_symbols", "gene_ids"], default="gene_symbols",
+    data.add_argument("--var-names", choices=VAR_NAMES, default="gene_symbols",
                       help="for 10x inputs: name genes by symbol or by id")
-    arch = train.add_argument_group("model")
+
+
+def _train_model_options(parser) -> None:
+    from .models.likelihoods import BUILTIN_LIKELIHOODS
+    from .models.module import DISPERSIONS, LATENT_DISTRIBUTIONS
+
+    arch = parser.add_argument_group("model")
     arch.add_argument("--n-latent", type=_positive_int, default=10, help="dimension of the latent space z")
     arch.add_argument("--n-hidden", type=_positive_int, default=128, help="units per hidden layer")
-    arch.add_argument("--n-layers", type=_positive_int, default=1, help="hidden layers in encoder and decoder")
+    arch.add_argument("--n-layers", type=_positive_int, default=1,
+                      help="hidden layers in encoder and decoder")
     arch.add_argument("--dropout-rate", type=float, default=0.1, help="encoder dropout rate")
-    arch.add_argument("--gene-likelihood", choices=["zinb", "nb", "poisson"], default="zinb",
-                      help="count distribution: zero-inflated negative binomial, negative binomial or Poisson")
-    arch.add_argument("--dispersion", choices=["gene", "gene-batch", "gene-label", "gene-cell"], default="gene",
+    arch.add_argument("--gene-likelihood", choices=BUILTIN_LIKELIHOODS, default="zinb",
+                      help="count distribution: zero-inflated negative binomial, negative binomial, Poisson "
+                           "or normal")
+    arch.add_argument("--dispersion", choices=DISPERSIONS, default="gene",
                       help="how the negative binomial dispersion is shared")
-    arch.add_argument("--latent-distribution", choices=["normal", "ln"], default="normal",
+    arch.add_argument("--latent-distribution", choices=LATENT_DISTRIBUTIONS, default="normal",
                       help="latent distribution: normal or logistic normal")
-    fit = train.add_argument_group("training")
+
+
+def _train_fit_options(parser) -> None:
+    from .infer.distributed import STRATEGIES
+
+    fit = parser.add_argument_group("training")
     fit.add_argument("--max-epochs", "--epochs", type=_positive_int, default=None, dest="max_epochs",
                      help="training epochs (default: scvi-tools' heuristic, min(400, 400*20000/cells))")
     fit.add_argument("--batch-size", type=_positive_int, default=128, help="minibatch size")
     fit.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    fit.add_argument("--train-size", type=_fraction, default=0.9, help="fraction of cells for training (the rest validates)")
-    fit.add_argument("--check-val-every", type=_positive_int, default=1, help="compute the validation ELBO every N epochs")
-    fit.add_argument("--early-stopping", action="store_true", help="stop when the validation ELBO stops improving (patience 45)")
-    fit.add_argument("--kl-warmup-epochs", type=int, default=None, help="epochs of KL warm-up (default: 400, as scvi-tools)")
+    fit.add_argument("--train-size", type=_fraction, default=0.9,
+                     help="fraction of cells for training (the rest validates)")
+    fit.add_argument("--check-val-every", type=_positive_int, default=1,
+                     help="compute the validation ELBO every N epochs")
+    fit.add_argument("--early-stopping", action="store_true",
+                     help="stop when the validation ELBO stops improving (patience 45)")
+    fit.add_argument("--kl-warmup-epochs", type=int, default=None,
+                     help="epochs of KL warm-up (default: 400, as scvi-tools)")
     fit.add_argument("--seed", type=int, default=0, help="random seed (split, initialisation, minibatches)")
-    fit.add_argument("--accelerator", choices=["auto", "cpu", "gpu", "cuda", "mps"], default="auto", help="device to train on")
-    fit.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's)")
+    fit.add_argument("--accelerator", choices=ACCELERATORS, default="auto", help="device to train on")
+    fit.add_argument("--threads", type=_positive_int, default=None,
+                     help="CPU threads for torch (default: torch's)")
     fit.add_argument("--devices", type=_positive_int, default=None,
-                     help="devices (processes) to train on; more than 1 means data-parallel (DDP): start with "
-                          "torchrun --nproc_per_node=N -m pyro_scvi train ... --devices N --strategy ddp")
-    fit.add_argument("--strategy", choices=["auto", "ddp"], default="auto",
-                     help="'ddp': data-parallel training across the processes started by torchrun (gloo on CPU, nccl on GPU)")
-    output = train.add_argument_group("output")
+                     help="devices (processes) to train on; more than 1 means data-parallel (DDP): "
+                          "start with torchrun --nproc_per_node=N -m pyro_scvi train ... --devices N "
+                          "--strategy ddp")
+    fit.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                     help="'ddp': data-parallel training across the processes started by torchrun "
+                          "(gloo on CPU, nccl on GPU)")
+
+
+def _train_output_options(parser) -> None:
+    output = parser.add_argument_group("output")
     output.add_argument("--out", "-o", default="pyro_scvi_output", help="output directory")
     output.add_argument("--name", default=None, help="name of the output .h5ad (default: <input name>_scvi)")
     output.add_argument("--latent-key", default="X_scVI", help="obsm key for the latent representation")
@@ -714,88 +567,172 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also store the normalized expression (library_size x rho) in layers[NAME]")
     output.add_argument("--library-size", type=_library_size, default=1e4,
                         help="library size for --normalized-layer (a number, or 'latent' for the NB mean)")
-    output.add_argument("--save-anndata", action="store_true", help="also save the AnnData inside the model directory")
-    output.add_argument("--overwrite", action="store_true", help="replace OUT/model and the .h5ad if they exist")
+    output.add_argument("--save-anndata", action="store_true",
+                        help="also save the AnnData inside the model directory")
+    output.add_argument("--overwrite", action="store_true",
+                        help="replace OUT/model and the .h5ad if they exist")
     _add_common(output, plots=True, embedding=True)
+
+
+def _add_train(commands) -> None:
+    train = commands.add_parser(
+        "train", formatter_class=_Formatter,
+        help="train scVI on a count matrix and write the model and the latent space",
+        description="Train scVI on raw counts. Writes OUT/model/ (load with SCVI.load or the other "
+                    "subcommands) and OUT/NAME.h5ad: the input with obsm['X_scVI'] (and the normalized "
+                    "expression with --normalized-layer).",
+    )
+    _train_data_options(train)
+    _train_model_options(train)
+    _train_fit_options(train)
+    _train_output_options(train)
     train.set_defaults(func=cmd_train)
 
-    # ---- latent
+
+def _add_latent(commands) -> None:
     latent = commands.add_parser(
-        "latent", formatter_class=_Formatter, help="write the latent representation of cells under a trained model",
+        "latent", formatter_class=_Formatter,
+        help="write the latent representation of cells under a trained model",
         description="Load MODEL, compute the posterior mean of z for each cell of INPUT and write INPUT with "
                     "obsm[KEY] as .h5ad (or the matrix alone when OUT ends in .csv).",
     )
     _add_model_input(latent)
     latent.add_argument("--out", "-o", required=True, help="output .h5ad (or .csv)")
     latent.add_argument("--key", default="X_scVI", help="obsm key to store the latent representation under")
-    latent.add_argument("--sample", action="store_true", help="one posterior sample per cell instead of the posterior mean")
+    latent.add_argument("--sample", action="store_true",
+                        help="one posterior sample per cell instead of the posterior mean")
     _add_common(latent, plots=True, embedding=True)
     latent.set_defaults(func=cmd_latent)
 
-    # ---- normalize
+
+def _add_normalize(commands) -> None:
     normalize = commands.add_parser(
         "normalize", formatter_class=_Formatter, help="write denoised, normalized expression",
-        description="Load MODEL and write the normalized expression (library_size x rho, batch-corrected with "
-                    "--transform-batch) of INPUT's cells as a layer of an .h5ad, or as a cells x genes CSV.",
+        description="Load MODEL and write the normalized expression (library_size x rho, batch-corrected "
+                    "with --transform-batch) of INPUT's cells as a layer of an .h5ad, or as a cells x genes "
+                    "CSV.",
     )
     _add_model_input(normalize)
     normalize.add_argument("--out", "-o", required=True, help="output .h5ad (or .csv)")
-    normalize.add_argument("--csv", action="store_true", help="write a cells x genes CSV (also chosen by a .csv suffix)")
+    normalize.add_argument("--csv", action="store_true",
+                           help="write a cells x genes CSV (also chosen by a .csv suffix)")
     normalize.add_argument("--layer-name", default="scvi_normalized", help="layer of the output .h5ad")
     normalize.add_argument("--library-size", type=_library_size, default=1e4,
                            help="scale of each cell's expression (a number, or 'latent' for the NB mean)")
-    normalize.add_argument("--n-samples", type=_positive_int, default=1, help="posterior samples averaged per cell")
+    normalize.add_argument("--n-samples", type=_positive_int, default=1,
+                           help="posterior samples averaged per cell")
     normalize.add_argument("--transform-batch", action="append", metavar="BATCH",
-                           help="decode every cell in this batch category (comma-separated or repeated: averaged)")
+                           help="decode every cell in this batch category (comma-separated or repeated: "
+                                "averaged)")
     normalize.add_argument("--genes", action="append", metavar="GENES",
-                           help="only these genes (comma-separated or repeated); the .h5ad output is then subset to them")
+                           help="only these genes (comma-separated or repeated); the .h5ad output is then "
+                                "subset to them")
     _add_common(normalize)
     normalize.set_defaults(func=cmd_normalize)
 
-    # ---- de
+
+def _add_de(commands) -> None:
     de = commands.add_parser(
-        "de", formatter_class=_Formatter, help="Bayesian differential expression between groups of cells (CSV)",
-        description="Load MODEL and test every gene between groups of INPUT's cells defined by an obs column; "
-                    "write the table of SCVI.differential_expression as CSV (one block of rows per comparison).",
+        "de", formatter_class=_Formatter,
+        help="Bayesian differential expression between groups of cells (CSV)",
+        description="Load MODEL and test every gene between groups of INPUT's cells defined by an obs "
+                    "column; write the table of SCVI.differential_expression as CSV (one block of rows per "
+                    "comparison).",
     )
     _add_model_input(de)
     de.add_argument("--out", "-o", required=True, help="output CSV")
     de.add_argument("--groupby", required=True, help="obs column defining the groups")
     de.add_argument("--group1", action="append", metavar="GROUP",
-                    help="group(s) to test, each against --group2 (comma-separated or repeated; default: every group)")
+                    help="group(s) to test, each against --group2 (comma-separated or repeated; "
+                         "default: every group)")
     de.add_argument("--group2", default=None, help="reference group (default: all other cells, 'Rest')")
-    de.add_argument("--mode", choices=["vanilla", "change"], default="change",
+    de.add_argument("--mode", choices=DE_MODES, default="change",
                     help="vanilla: P(rho1 > rho2); change: P(|log fold change| > delta) with FDR control")
     de.add_argument("--delta", type=float, default=0.25, help="log fold change threshold of the change mode")
-    de.add_argument("--fdr", type=float, default=0.05, help="target false discovery rate (is_de_fdr_<fdr> column)")
-    de.add_argument("--batch-correction", action="store_true", help="decode each group in every batch (batch-corrected DE)")
-    de.add_argument("--n-samples", type=_positive_int, default=None, help="posterior samples per group (default: 5000)")
+    de.add_argument("--fdr", type=float, default=0.05,
+                    help="target false discovery rate (is_de_fdr_<fdr> column)")
+    de.add_argument("--batch-correction", action="store_true",
+                    help="decode each group in every batch (batch-corrected DE)")
+    de.add_argument("--n-samples", type=_positive_int, default=None,
+                    help="posterior samples per group (default: 5000)")
     de.add_argument("--top-n", type=int, default=10, help="genes labelled in the volcano plot")
     _add_common(de, plots=True)
     de.set_defaults(func=cmd_de)
 
-    # ---- info
+
+def _add_info(commands) -> None:
     info = commands.add_parser(
         "info", formatter_class=_Formatter, help="describe a saved model (pyro-scvi's or scvi-tools')",
-        description="Print the summary, setup_anndata arguments, data dimensions, categories and training history "
-                    "of a saved model directory (from 'pyro-scvi train', SCVI.save or scvi-tools 1.x).",
+        description="Print the summary, setup_anndata arguments, data dimensions, categories and training "
+                    "history of a saved model directory (from 'pyro-scvi train', SCVI.save or "
+                    "scvi-tools 1.x).",
     )
     info.add_argument("model", help="model directory")
     info.add_argument("--prefix", default=None, help="file name prefix of the saved model")
     info.set_defaults(func=cmd_info, quiet=False)
 
-    # ---- demo
-    demo = commands.add_parser("demo", formatter_class=_Formatter,
-                               help="train on generated data with batches and cell types and write the latent space",
-                               description="Generate 1200 cells (3 batches, 4 cell types) x 1000 genes, train scVI, write "
-                                           "OUT/demo.h5ad and OUT/model/, and print a report (also with --quiet).")
+
+def _add_demo(commands) -> None:
+    demo = commands.add_parser(
+        "demo", formatter_class=_Formatter,
+        help="train on generated data with batches and cell types and write the latent space",
+        description="Generate 1200 cells (3 batches, 4 cell types) x 1000 genes, train scVI, write "
+                    "OUT/demo.h5ad and OUT/model/, and print a report (also with --quiet).",
+    )
     demo.add_argument("--out", default="demo_output", help="output directory")
     demo.add_argument("--epochs", type=int, default=80, help="training epochs")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.add_argument("--quiet", action="store_true", help="no progress bar (the report is still printed)")
-    demo.add_argument("--plots", action="store_true", help="also write training and latent PNG plots into OUT")
+    demo.add_argument("--plots", action="store_true",
+                      help="also write training and latent PNG plots into OUT")
     demo.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="pyro-scvi", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
+        description="scVI (single-cell Variational Inference) on Pyro, with scvi-tools' SCVI model files.",
+    )
+    parser.add_argument("--version", action="version", version=f"pyro-scvi {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_latent, _add_normalize, _add_de, _add_info, _add_demo):
+        add(commands)
     return parser
+
+
+def _library_size(text: str):
+    if text == "latent":
+        return "latent"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'latent', got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
 
 
 # ============================================================================ entry point

@@ -19,17 +19,14 @@ def test_demo_writes_latent_and_model(tmp_path, capsys):
 
 
 # ============================================================================ the other subcommands
-import gzip  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import h5py  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
-import scipy.io  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 import torch  # noqa: E402
+from test_io_tenx import write_10x_h5  # noqa: E402
 
-from pyro_scvi.cli import read_10x_h5, read_10x_mtx, read_input  # noqa: E402
 from pyro_scvi.data import synthetic_iid  # noqa: E402
 
 torch.set_num_threads(2)
@@ -191,86 +188,10 @@ def test_help_explains_commands_and_options(capsys):
             assert option in out, (command, option)
 
 
-# ---------------------------------------------------------------------------- 10x inputs
-def _counts(n_genes=6, n_cells=5, seed=0):
-    return sp.random(n_genes, n_cells, density=0.6, random_state=seed, format="csc",
-                     data_rvs=lambda k: np.random.default_rng(seed).integers(1, 20, k)).astype(np.float64)
-
-
-def _write_gz(path: Path, text: str) -> None:
-    with gzip.open(path, "wt") as handle:
-        handle.write(text)
-
-
-def test_read_10x_mtx_v3_and_v2(tmp_path):
-    counts = _counts()
-    v3 = tmp_path / "v3"
-    v3.mkdir()
-    with gzip.open(v3 / "matrix.mtx.gz", "wb") as handle:
-        scipy.io.mmwrite(handle, counts)
-    features = [("ENSG1", "A", "Gene Expression"), ("ENSG2", "B", "Gene Expression"), ("ENSG3", "A", "Gene Expression"),
-                ("ENSG4", "C", "Gene Expression"), ("ENSG5", "D", "Gene Expression"), ("AB1", "CD3", "Antibody Capture")]
-    _write_gz(v3 / "features.tsv.gz", "".join("\t".join(f) + "\n" for f in features))
-    _write_gz(v3 / "barcodes.tsv.gz", "".join(f"AAAC-{i}\n" for i in range(5)))
-    adata = read_10x_mtx(v3)
-    assert adata.shape == (5, 5)  # antibody capture dropped
-    assert list(adata.var_names) == ["A", "B", "A-1", "C", "D"]
-    assert list(adata.var["gene_ids"]) == ["ENSG1", "ENSG2", "ENSG3", "ENSG4", "ENSG5"]
-    np.testing.assert_array_equal(adata.X.toarray(), counts.toarray()[:5].T)
-    assert read_10x_mtx(v3, var_names="gene_ids", gex_only=False).shape == (5, 6)
-
-    v2 = tmp_path / "v2"
-    v2.mkdir()
-    scipy.io.mmwrite(v2 / "matrix.mtx", counts)
-    (v2 / "genes.tsv").write_text("".join(f"ENSG{i}\tG{i}\n" for i in range(6)))
-    (v2 / "barcodes.tsv").write_text("".join(f"BC{i}\n" for i in range(5)))
-    adata = read_input(v2)
-    assert adata.shape == (5, 6) and list(adata.obs_names) == [f"BC{i}" for i in range(5)]
-    np.testing.assert_array_equal(adata.X.toarray(), counts.toarray().T)
-    (v2 / "barcodes.tsv").unlink()
-    with pytest.raises(FileNotFoundError, match="barcodes"):
-        read_10x_mtx(v2)
-
-
-def _write_10x_h5(path: Path, counts, v3: bool = True) -> None:
-    n_genes, n_cells = counts.shape
-    with h5py.File(path, "w") as f:
-        group = f.create_group("matrix" if v3 else "GRCh38")
-        group["data"], group["indices"], group["indptr"] = counts.data.astype(np.int32), counts.indices, counts.indptr
-        group["shape"] = np.array([n_genes, n_cells])
-        group["barcodes"] = np.array([f"BC{i}".encode() for i in range(n_cells)])
-        ids = np.array([f"ENSG{i}".encode() for i in range(n_genes)])
-        names = np.array([f"G{i}".encode() for i in range(n_genes)])
-        if v3:
-            feats = group.create_group("features")
-            feats["id"], feats["name"] = ids, names
-            feats["feature_type"] = np.array([b"Gene Expression"] * n_genes)
-            feats["genome"] = np.array([b"GRCh38"] * n_genes)
-        else:
-            group["genes"], group["gene_names"] = ids, names
-
-
-def test_read_10x_h5_v3_and_v2(tmp_path):
-    counts = _counts(n_genes=7, n_cells=4, seed=1)
-    for v3 in (True, False):
-        path = tmp_path / f"{'v3' if v3 else 'v2'}.h5"
-        _write_10x_h5(path, counts, v3=v3)
-        adata = read_10x_h5(path)
-        assert adata.shape == (4, 7) and list(adata.var_names) == [f"G{i}" for i in range(7)]
-        np.testing.assert_array_equal(adata.X.toarray(), counts.toarray().T)
-    with pytest.raises(FileNotFoundError):
-        read_10x_h5(tmp_path / "missing.h5")
-    (tmp_path / "not10x.h5").touch()
-    with h5py.File(tmp_path / "not10x.h5", "w") as f:
-        f["x"] = np.zeros(3)
-    with pytest.raises(ValueError, match="not a 10x"):
-        read_input(tmp_path / "not10x.h5")
-
-
 def test_train_from_10x_h5_quiet(tmp_path, capsys):
     adata = synthetic_iid(batch_size=80, n_genes=30, n_batches=1, n_labels=2, seed=3)
     counts = sp.csc_matrix(np.asarray(adata.layers["counts"]).T)
-    _write_10x_h5(tmp_path / "filtered_feature_bc_matrix.h5", counts)
+    write_10x_h5(tmp_path / "filtered_feature_bc_matrix.h5", counts)
     argv = ["train", str(tmp_path / "filtered_feature_bc_matrix.h5"), "--out", str(tmp_path / "out"), "--name", "pbmc",
             "--quiet", "--epochs", "2", "--n-hidden", "16", "--n-latent", "3", "--plots"]
     assert main(argv) == 0
@@ -302,3 +223,63 @@ def test_plots_without_matplotlib_fail_before_training(tmp_path, capsys, monkeyp
     assert main(["train", str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "o"), "--plots", *TINY]) == 1
     assert "pip install 'pyro-scvi[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------- choices match the model
+def _choices(command: str, option: str) -> tuple:
+    import argparse
+
+    from pyro_scvi.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    action = next(a for a in commands.choices[command]._actions if option in a.option_strings)
+    return tuple(action.choices)
+
+
+def test_model_choices_are_what_the_model_accepts():
+    from pyro_scvi.infer.distributed import STRATEGIES
+    from pyro_scvi.models.likelihoods import BUILTIN_LIKELIHOODS
+    from pyro_scvi.models.module import DISPERSIONS, LATENT_DISTRIBUTIONS
+
+    assert _choices("train", "--gene-likelihood") == BUILTIN_LIKELIHOODS
+    assert set(BUILTIN_LIKELIHOODS) == {"zinb", "nb", "poisson", "normal"}
+    assert _choices("train", "--dispersion") == DISPERSIONS
+    assert _choices("train", "--latent-distribution") == LATENT_DISTRIBUTIONS
+    assert _choices("train", "--strategy") == STRATEGIES
+    adata = synthetic_iid(batch_size=10, n_genes=8, n_batches=2, n_labels=2, seed=0)
+    SCVI.setup_anndata(adata, layer="counts", batch_key="batch", labels_key="labels")
+    for likelihood in _choices("train", "--gene-likelihood"):
+        SCVI(adata, n_hidden=4, n_latent=2, gene_likelihood=likelihood)
+    for dispersion in _choices("train", "--dispersion"):
+        SCVI(adata, n_hidden=4, n_latent=2, dispersion=dispersion)
+    for latent in _choices("train", "--latent-distribution"):
+        SCVI(adata, n_hidden=4, n_latent=2, latent_distribution=latent)
+
+
+def test_accelerator_choices_are_what_train_accepts(capsys):
+    choices = _choices("train", "--accelerator")
+    assert choices == ("auto", "cpu", "gpu", "cuda")
+    adata = synthetic_iid(batch_size=10, n_genes=8, n_batches=1, n_labels=1, seed=0)
+    SCVI.setup_anndata(adata, layer="counts")
+    for accelerator in choices:
+        model = SCVI(adata, n_hidden=4, n_latent=2)
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            with pytest.raises(ValueError, match="CUDA is not available"):  # a valid value, no device
+                model.train(max_epochs=1, accelerator=accelerator, enable_progress_bar=False)
+        else:
+            model.train(max_epochs=1, accelerator=accelerator, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="mps"):
+        SCVI(adata, n_hidden=4, n_latent=2).train(max_epochs=1, accelerator="mps", enable_progress_bar=False)
+    assert main(["train", "x.h5ad", "--accelerator", "mps"]) == 2
+    assert "invalid choice: 'mps'" in capsys.readouterr().err
+
+
+def test_embedding_and_var_names_choices_are_accepted():
+    from pyro_scvi.io.tenx import VAR_NAMES
+    from pyro_scvi.plotting import _umap_available, embed_latent
+
+    assert _choices("train", "--var-names") == _choices("latent", "--var-names") == VAR_NAMES
+    latent = np.random.default_rng(0).normal(size=(30, 3))
+    for method in _choices("latent", "--embedding"):
+        if method != "umap" or _umap_available():
+            embed_latent(latent, method)

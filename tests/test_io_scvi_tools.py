@@ -1,4 +1,5 @@
-"""Reading and writing scvi-tools save directories (pyro_scvi.io.scvi_tools).
+"""Reading and writing model directories: scvi-tools' formats (pyro_scvi.io.scvi_tools, .legacy), the
+safe loader (pyro_scvi.io.safe_unpickle) and reading either format (pyro_scvi.io.model_dir).
 
 The scvi-tools fixture (a default SCVI saved by scvi-tools 1.4.2 and its latent outputs) lives in
 ``../shared/fixtures``; tests that need it are skipped when it is absent. The others build their
@@ -8,11 +9,13 @@ payload that must never run).
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import re
 from collections import OrderedDict, defaultdict
 from pathlib import Path
+from typing import Mapping
 
 import anndata
 import numpy as np
@@ -23,19 +26,17 @@ import torch.nn.functional as F
 
 from pyro_scvi import SCVI
 from pyro_scvi.data import synthetic_iid
-from pyro_scvi.io.native import from_safe
+from pyro_scvi.io import convert_legacy_save, load_registry, read_model_dir, view_setup_args
+from pyro_scvi.io.legacy import registry_from_legacy_setup_dict
+from pyro_scvi.io.native import from_safe, to_safe
+from pyro_scvi.io.safe_unpickle import ALLOWED_GLOBALS, safe_torch_load
 from pyro_scvi.io.scvi_tools import (
-    read_model_dir,
-    ALLOWED_GLOBALS,
-    convert_legacy_save,
+    SCVI_TOOLS_VERSION,
     from_scvi_tools_state_dict,
     init_params_from_scvi_tools,
     init_params_to_scvi_tools,
-    load_registry,
     read_scvi_tools_model,
-    registry_from_legacy_setup_dict,
     to_scvi_tools_state_dict,
-    view_setup_args,
     write_scvi_tools_model,
 )
 from pyro_scvi.models.module import SCVIModule
@@ -118,9 +119,7 @@ def cellbench_raw():
     """The fixture file as stored (scvi-tools names), read through the same safe loader."""
     if not (CELLBENCH / "model" / "model.pt").exists():
         pytest.skip(f"scvi-tools fixture not found at {CELLBENCH} (shared fixtures are absent)")
-    from pyro_scvi.io.scvi_tools import _safe_torch_load
-
-    return _safe_torch_load(CELLBENCH / "model" / "model.pt")
+    return safe_torch_load(CELLBENCH / "model" / "model.pt")
 
 
 # ------------------------------------------------------------------------------------------ fixture
@@ -552,3 +551,49 @@ def test_allow_list_is_explicit_and_has_no_code_runners():
     assert all(name.split(".")[0] in {"numpy", "pandas", "builtins", "collections", "torch", "_codecs"}
                for name in ALLOWED_GLOBALS)
     assert ALLOWED_GLOBALS["collections.defaultdict"](dict) == {}
+
+
+class _TypedRegistry(Mapping):
+    """Stand-in for a typed registry: a read-only Mapping whose ``to_dict()`` is the form to save.
+
+    Its values are objects no file format stores, so only ``to_dict()`` gives a savable registry.
+    """
+
+    def __init__(self, registry):
+        self._registry = registry
+
+    def to_dict(self):
+        return copy.deepcopy(self._registry)
+
+    def __getitem__(self, key):
+        return object()
+
+    def __iter__(self):
+        return iter(self._registry)
+
+    def __len__(self):
+        return len(self._registry)
+
+
+def _small_registry():
+    batch = {"categorical_mapping": np.array(["a", "b"], dtype=object), "original_key": "batch"}
+    return {"model_name": "SCVI", "setup_args": {"batch_key": "batch"},
+            "field_registries": {"batch": {"state_registry": batch}}}
+
+
+def test_to_safe_stores_a_typed_registry_as_its_dict():
+    registry = _small_registry()
+    assert_same(from_safe(to_safe(_TypedRegistry(registry))), registry)
+    assert_same(from_safe(to_safe({"registry_": _TypedRegistry(registry)})), {"registry_": registry})
+    with pytest.raises(TypeError, match="DataFrame"):  # DataFrames have to_dict() but are not stored that way
+        to_safe(pd.DataFrame({"a": [1]}))
+
+
+def test_scvi_tools_writer_accepts_a_typed_registry(tmp_path):
+    registry = _small_registry()
+    init_params = {"non_kwargs": {}, "kwargs": {"kwargs": {}}}
+    attrs = {"registry_": _TypedRegistry(registry), "init_params_": init_params}
+    write_scvi_tools_model(tmp_path / "m", {}, ["g0"], attrs)
+    written = load_registry(tmp_path / "m")
+    expected = {**registry, "scvi_version": SCVI_TOOLS_VERSION, "setup_method_name": "setup_anndata"}
+    assert_same(written, expected)

@@ -11,8 +11,8 @@ as tagged lists, and the history as plain columns::
                    "train_indices_": ..., "validation_indices_": ..., "test_indices_": ...}}
 
 The directory is written to a temporary sibling and renamed into place, so a failed save never
-leaves a half-written model and never destroys the previous one. Reading (ours and scvi-tools'
-files, without executing code) is :func:`pyro_scvi.io.scvi_tools.read_model_dir`.
+leaves a half-written model and never destroys the previous one. :func:`read_native` turns a loaded
+payload back into the model's attributes; :func:`pyro_scvi.io.read_model_dir` picks the format.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .model_file import model_file_path
+
 __all__ = ["FORMAT", "FORMAT_VERSION", "to_safe", "from_safe", "history_to_safe", "history_from_safe",
-           "write_model_dir", "model_file_path"]
+           "write_model_dir", "is_native", "read_native", "native_registry"]
 
 FORMAT = "pyro-scvi"
 FORMAT_VERSION = 1
@@ -36,7 +38,12 @@ _ARRAY_TAG = "__ndarray__"
 
 
 def to_safe(obj):
-    """Convert nested registries/params into types ``torch.load(weights_only=True)`` accepts."""
+    """Convert nested registries/params into types ``torch.load(weights_only=True)`` accepts.
+
+    An object with a ``to_dict()`` method (a typed registry) is stored as that dict.
+    """
+    if hasattr(obj, "to_dict") and not isinstance(obj, (pd.DataFrame, pd.Series)):
+        obj = obj.to_dict()
     if isinstance(obj, (dict, defaultdict)):
         return {str(k) if not isinstance(k, (int, str)) else k: to_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -83,10 +90,6 @@ def history_from_safe(history) -> dict[str, pd.DataFrame] | None:
             for key, cols in history.items()}
 
 
-def model_file_path(dir_path, prefix: str | None = None) -> Path:
-    return Path(dir_path) / f"{prefix or ''}model.pt"
-
-
 def write_model_dir(dir_path, payload: dict, prefix: str | None = None, overwrite: bool = False, adata=None,
                     **anndata_write_kwargs) -> None:
     """Write ``payload`` (and optionally ``adata``) into ``dir_path`` atomically."""
@@ -115,3 +118,24 @@ def write_model_dir(dir_path, payload: dict, prefix: str | None = None, overwrit
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def is_native(payload: dict) -> bool:
+    """Whether a loaded ``model.pt`` payload was written by pyro-scvi."""
+    return payload.get("format") == FORMAT
+
+
+def read_native(payload: dict) -> dict:
+    """A pyro-scvi payload as ``{"source", "model_state_dict", "var_names", "attr_dict"}``.
+
+    The attributes come back with numpy arrays and the history as DataFrames again.
+    """
+    attrs = from_safe(payload["attr_dict"])
+    return {"source": FORMAT, "model_state_dict": payload["model_state_dict"],
+            "var_names": np.asarray(payload["var_names"], dtype=object),
+            "attr_dict": {**attrs, "history_": history_from_safe(attrs.get("history_"))}}
+
+
+def native_registry(payload: dict) -> dict:
+    """The registry of a pyro-scvi payload, with its numpy arrays."""
+    return from_safe(payload["attr_dict"]["registry_"])
