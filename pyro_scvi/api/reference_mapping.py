@@ -30,7 +30,7 @@ from scipy import sparse
 from torch import nn
 
 from ..data.registry import REGISTRY_KEYS, setup_registry, summary_stats
-from ..io.scvi_tools import read_model_dir
+from ..io import read_model_dir
 from ..models.networks import FCLayers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -442,7 +442,7 @@ def load_query_data(
     ``transfer_batch=False`` refuses query batches unknown to the reference. ``freeze_classifier``
     is accepted for API compatibility (SCVI has no classifier). The returned model is untrained.
     """
-    from .scvi import _resolve_device
+    from ..infer.device import resolve_device as _resolve_device
 
     if datamodule is not None:
         raise ValueError("load_query_data maps an AnnData: pass adata= (datamodule= is for training a built model).")

@@ -249,3 +249,22 @@ def split_indices(
     train = order[n_val : n_val + n_train]
     test = order[n_val + n_train :]
     return train, validation, test
+
+
+def check_training_minibatches(module: torch.nn.Module, n_train: int, batch_size: int, drop_last: bool) -> None:
+    """Raise ``ValueError`` when training would see no minibatch, or a minibatch of one cell for a
+    module with BatchNorm (which cannot train on one cell)."""
+    if drop_last and n_train < batch_size:
+        raise ValueError(
+            f"drop_last=True with {n_train} training cells and batch_size={batch_size} leaves no training "
+            "minibatch: lower batch_size or drop datasplitter_kwargs={'drop_last': True}."
+        )
+    if not any(isinstance(layer, torch.nn.BatchNorm1d) for layer in module.modules()):
+        return
+    last = n_train % batch_size if not drop_last else 0
+    if batch_size == 1 or last == 1 or n_train == 1:
+        raise ValueError(
+            f"{n_train} training cells in minibatches of {batch_size} give a minibatch of 1 cell, on which "
+            "BatchNorm cannot train: use batch_size >= 2, other training indices, more cells, or "
+            "datasplitter_kwargs={'drop_last': True} (or use_batch_norm='none')."
+        )

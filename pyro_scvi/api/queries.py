@@ -1,0 +1,355 @@
+"""The query part: what a trained scVI-family model says about cells and genes.
+
+Latent representation and library size, denoised expression (with importance weights),
+likelihood parameters, posterior predictive samples, gene-gene correlations and the learned batch
+embedding. Each query walks :meth:`minibatches`, asks :mod:`pyro_scvi.infer.posterior` for guide
+or model sites inside the model's parameter store, and turns tensors into NumPy/pandas.
+
+The module must bind ``model``/``guide`` and have ``latent_distribution``, ``latent_transform``,
+``latent_library``, ``has_custom_guide``, ``gene_likelihood`` and ``n_latent`` (as
+:class:`~pyro_scvi.models.module.SCVIModule`); the model needs sites ``z``, ``library`` (latent
+library), ``normalized_expression``, ``mean`` and ``x``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import anndata
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+
+from ..infer.importance import aggregate_posterior_log_weights, marginal_log_likelihood
+from ..infer.posterior import observation_distribution, posterior_model_traces, posterior_sites, variational_posterior
+from ..models.likelihoods import likelihood_parameters
+from .training import count_cells
+
+__all__ = ["QueriesMixin"]
+
+
+class QueriesMixin:
+    """Posterior queries for a model following :class:`~pyro_scvi.api.protocol.ModelProtocol`."""
+
+    @torch.no_grad()
+    def get_latent_representation(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        mc_samples: int = 5000,
+        batch_size: int | None = None,
+        return_dist: bool = False,
+        dataloader=None,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Posterior of z for each cell: its mean ``(n, d)`` (default), one sample, or
+        ``(mean, variance)`` with ``return_dist=True``.
+
+        For the logistic-normal latent the mean is the Monte-Carlo mean of ``softmax(z)`` over
+        ``mc_samples`` draws, and ``return_dist`` gives the pre-softmax Gaussian.
+        """
+        self.check_trained()
+        self.module.eval()
+        locs, variances, values = [], [], []
+        with self.pyro_scope():
+            for batch in self.minibatches(adata, indices, batch_size, dataloader):
+                qz = variational_posterior(self.module.guide, batch, "z")
+                if not (hasattr(qz, "loc") and hasattr(qz, "scale")):
+                    raise TypeError(f"get_latent_representation needs a guide site 'z' with a loc and scale "
+                                    f"(e.g. Normal); the guide's is {type(qz).__name__}.")
+                locs.append(qz.loc.cpu())
+                variances.append(qz.scale.pow(2).cpu())
+                if return_dist:
+                    continue
+                if give_mean and self.module.latent_distribution == "ln":
+                    value = torch.softmax(qz.sample((mc_samples,)), dim=-1).mean(0)
+                elif give_mean:
+                    value = qz.loc
+                else:
+                    value = self.module.latent_transform(qz.sample())
+                values.append(value.cpu())
+        if return_dist:
+            return torch.cat(locs).numpy(), torch.cat(variances).numpy()
+        return torch.cat(values).numpy()
+
+    @torch.no_grad()
+    def get_latent_library_size(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+        dataloader=None,
+    ) -> np.ndarray:
+        """Library size per cell on the count scale, ``(n, 1)``.
+
+        With the observed library (the default model) this is the total count of each cell, for
+        both values of ``give_mean`` (scvi-tools raises for ``give_mean=True`` there). With a latent
+        library, ``give_mean=True`` returns the log-normal posterior mean ``exp(μ + σ²/2)`` and
+        ``give_mean=False`` ``exp`` of one posterior draw.
+        """
+        self.check_trained()
+        self.check_not_minified("get_latent_library_size", adata)
+        self.module.eval()
+        out = []
+        with self.pyro_scope():
+            for batch in self.minibatches(adata, indices, batch_size, dataloader):
+                if not self.module.latent_library and not self.module.has_custom_guide:
+                    out.append(batch.log_library.exp().cpu())
+                    continue
+                try:
+                    ql = variational_posterior(self.module.guide, batch, "library")
+                except KeyError:
+                    if self.module.latent_library:
+                        raise
+                    out.append(batch.log_library.exp().cpu())  # a custom guide without a latent library
+                    continue
+                log_library = ql.loc + ql.scale.pow(2) / 2 if give_mean else ql.sample()
+                out.append(log_library.exp().cpu())
+        return torch.cat(out).numpy()
+
+    def _gene_mask(self, gene_list) -> np.ndarray:
+        """Boolean ``(G,)``: the genes of ``gene_list`` (all genes for ``None``)."""
+        var_names = self.var_names
+        if gene_list is None:
+            return np.ones(len(var_names), dtype=bool)
+        mask = np.asarray(pd.Index(var_names).isin(list(gene_list)))
+        if not mask.any():
+            raise ValueError("None of the genes in gene_list are in the model's var_names.")
+        return mask
+
+    @torch.no_grad()
+    def get_normalized_expression(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        transform_batch=None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | str = 1,
+        n_samples: int = 1,
+        n_samples_overall: int | None = None,
+        weights: str | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+        silent: bool = True,
+        dataloader=None,
+        **importance_weighting_kwargs,
+    ) -> np.ndarray | pd.DataFrame:
+        """Denoised expression: ``library_size · ρ`` (``ρ`` sums to 1 over genes), or with
+        ``library_size="latent"`` the NB mean ``exp(l)·ρ`` (ignoring zero-inflation).
+
+        ``transform_batch``: batch category (or list, averaged) to decode every cell in.
+        Shapes: ``(n, G')`` (mean over ``n_samples`` when ``return_mean``), ``(S, n, G')`` for
+        ``n_samples > 1`` and ``return_mean=False`` (NumPy), ``(K, G')`` for
+        ``n_samples_overall=K`` (rows resampled uniformly over cells and samples, NumPy).
+        A DataFrame (cells × genes) unless ``return_numpy=True``.
+
+        ``weights="importance"`` (with ``n_samples_overall`` and one transform batch) resamples the
+        draws with importance weights that correct the aggregate variational posterior of the
+        selected cells towards their aggregate posterior (see :meth:`get_importance_weights`;
+        ``importance_weighting_kwargs`` go there).
+        """
+        self.check_trained()
+        n_samples = self._expression_draws_per_cell(adata, indices, transform_batch, library_size, n_samples,
+                                                    n_samples_overall, weights, dataloader)
+        mask = self._gene_mask(gene_list)
+        samples, latents = self._expression_samples(adata, indices, transform_batch, mask, library_size,
+                                                    n_samples, batch_size, dataloader)  # (S, n, G'), (S, n, d)
+        if n_samples_overall is not None:
+            flat = samples.reshape(-1, samples.shape[-1])
+            probabilities = None
+            if weights == "importance":
+                z = latents.reshape(-1, self.module.n_latent)  # same (S, n) order as flat
+                probabilities = self.get_importance_weights(adata, indices, z, **importance_weighting_kwargs)
+            rows = np.random.choice(flat.shape[0], n_samples_overall, replace=True, p=probabilities)
+            return flat[rows]
+        if n_samples > 1 and not return_mean:
+            if return_numpy is False:
+                warnings.warn("return_numpy must be True when n_samples > 1 and return_mean is False; "
+                              "returning an array.", UserWarning, stacklevel=2)
+            return samples
+        result = samples.mean(0)
+        if return_numpy or dataloader is not None:
+            return result
+        return pd.DataFrame(result, index=self.cell_names(adata, indices), columns=self.var_names[mask])
+
+    def _expression_draws_per_cell(self, adata, indices, transform_batch, library_size, n_samples: int,
+                                   n_samples_overall: int | None, weights, dataloader) -> int:
+        """Check the arguments of :meth:`get_normalized_expression`; the number of draws per cell."""
+        if weights not in (None, "uniform", "importance"):
+            raise ValueError(f"weights must be None, 'uniform' or 'importance', got {weights!r}.")
+        if weights == "importance" and (n_samples_overall is None or dataloader is not None):
+            raise ValueError("weights='importance' needs n_samples_overall and adata/indices (not a dataloader).")
+        if weights == "importance" and transform_batch is not None and len(self.batch_codes(transform_batch)) > 1:
+            raise ValueError("weights='importance' works with a single transform_batch.")
+        if library_size != "latent" and not isinstance(library_size, (int, float)):
+            raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}.")
+        if n_samples_overall is None:
+            return n_samples
+        if n_samples != 1:
+            raise ValueError("Pass either n_samples or n_samples_overall, not both.")
+        if indices is not None:
+            n_cells = count_cells(indices)
+        elif dataloader is None:
+            n_cells = self.registered_data(adata)[1].n_obs
+        else:
+            raise ValueError("n_samples_overall needs adata/indices, not a dataloader.")
+        return n_samples_overall // n_cells + 1
+
+    def _expression_samples(self, adata, indices, transform_batch, mask: np.ndarray, library_size,
+                            n_samples: int, batch_size, dataloader) -> tuple[np.ndarray, torch.Tensor]:
+        """Draws of the expression ``(S, n, G')`` (averaged over transform batches) and of z ``(S, n, d)``."""
+        site = "mean" if library_size == "latent" else "normalized_expression"
+        factor = 1.0 if library_size == "latent" else float(library_size)
+        codes = self.batch_codes(transform_batch)
+        genes = torch.as_tensor(mask)
+        self.module.eval()
+        chunks, latents = [], []
+        with self.pyro_scope():
+            for batch in self.minibatches(adata, indices, batch_size, dataloader):
+                draws = posterior_sites(self.module.model, self.module.guide, batch, n_samples, [site, "z"], codes)
+                value = draws[0][site] if len(draws) == 1 else torch.stack([d[site] for d in draws]).mean(0)
+                if not genes.all():
+                    value = value[..., genes.to(value.device)]
+                chunks.append((value * factor if factor != 1.0 else value).cpu())
+                latents.append(draws[0]["z"].cpu())
+        return torch.cat(chunks, dim=1).numpy(), torch.cat(latents, dim=1)
+
+    @torch.no_grad()
+    def get_importance_weights(self, adata, indices, z: torch.Tensor, max_cells: int = 1024, truncation: bool = False,
+                               n_mc_samples: int = 500, n_mc_samples_per_pass: int = 250) -> np.ndarray:
+        """Normalised importance weights ``(M,)`` of latent draws ``z`` ``(M, d)`` taken from the
+        variational posteriors of the cells ``indices``.
+
+        Up to ``max_cells`` random cells of the selection are anchors ``a``;
+        ``w(z) ∝ Σ_a p(z | x_a) / Σ_a q(z | x_a)`` with ``p(z | x_a) = p(x_a | z) p(z) / p(x_a)`` and
+        ``p(x_a)`` from :meth:`get_marginal_ll` (``n_mc_samples`` draws). ``truncation=True`` raises
+        every log-weight to at least the log of the mean weight, as scvi-tools does.
+        """
+        self.check_not_minified("get_importance_weights", adata)
+        _, data = self.registered_data(adata)
+        selection = np.arange(data.n_obs) if indices is None else np.asarray(indices)
+        anchors_idx = np.sort(np.random.choice(selection, min(max_cells, len(selection)), replace=False))
+        anchors = data.minibatch(anchors_idx, device=self.device)
+        self.module.eval()
+        with self.pyro_scope():
+            log_evidence = marginal_log_likelihood(self.module.model, self.module.guide, anchors, n_mc_samples,
+                                                   n_mc_samples_per_pass)
+            log_w = aggregate_posterior_log_weights(self.module.model, self.module.guide, z.to(self.device), anchors,
+                                                    log_evidence, latent_library=self.module.latent_library)
+        if truncation:
+            log_w = log_w.clamp(min=float(torch.logsumexp(log_w, 0) - np.log(len(log_w))))
+        weights = torch.softmax(log_w.double(), dim=0).cpu().numpy()
+        return weights / weights.sum()
+
+    @torch.no_grad()
+    def get_likelihood_parameters(self, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False,
+                                  batch_size=None, dataloader=None) -> dict[str, np.ndarray]:
+        """Parameters of p(x | z, l) at posterior draws of z (and l).
+
+        Keys: ``"mean"`` (NB mean μ; Poisson rate; Normal location), ``"dispersions"`` (θ for
+        zinb/nb, the standard deviation for normal; absent for poisson), ``"dropout"`` (zero-
+        inflation probability π, zinb only). Shapes ``(n, G)``, or ``(S, n, G)`` for
+        ``n_samples > 1`` unless ``give_mean=True``.
+        """
+        self.check_trained()
+        self.module.eval()
+        chunks: dict[str, list] = {}
+        with self.pyro_scope():
+            for batch in self.minibatches(adata, indices, batch_size, dataloader):
+                (trace,) = posterior_model_traces(self.module.model, self.module.guide, batch, n_samples)
+                distribution = observation_distribution(trace)
+                for key, value in likelihood_parameters(distribution, self.module.gene_likelihood).items():
+                    value = value.expand(n_samples, batch.n_cells, value.shape[-1])
+                    chunks.setdefault(key, []).append(value.cpu())
+        out = {}
+        for key, parts in chunks.items():
+            value = torch.cat(parts, dim=1).numpy()
+            out[key] = value.mean(0) if give_mean or n_samples == 1 else value
+        return out
+
+    @torch.no_grad()
+    def posterior_predictive_sample(self, adata=None, indices=None, transform_batch=None, n_samples: int = 1,
+                                    gene_list=None, batch_size=None, dataloader=None, silent: bool = True):
+        """Counts drawn from the posterior predictive p(x̃ | x) with ``pyro.infer.Predictive``.
+
+        Returns a ``sparse.GCXS`` array of shape ``(n, G')``, or ``(n, G', S)`` for
+        ``n_samples > 1``. A list of ``transform_batch`` values averages the draws over batches.
+        Needs the ``sparse`` package (``pip install pyro-scvi[sparse]``).
+        """
+        try:
+            import sparse
+        except ImportError as error:
+            raise ImportError("posterior_predictive_sample returns sparse.GCXS arrays: pip install 'pyro-scvi[sparse]'.") from error
+        self.check_trained()
+        self.module.eval()
+        codes = self.batch_codes(transform_batch)
+        mask = torch.as_tensor(self._gene_mask(gene_list))
+        predictive_model = pyro.poutine.uncondition(self.module.model)  # sample x instead of observing it
+        blocks = []
+        with self.pyro_scope():
+            for batch in self.minibatches(adata, indices, batch_size, dataloader):
+                draws = []
+                for code in codes:
+                    predictive = pyro.infer.Predictive(predictive_model, guide=self.module.guide, num_samples=n_samples,
+                                                       parallel=True, return_sites=["x"])
+                    draws.append(predictive(batch, transform_batch=code)["x"].reshape(n_samples, batch.n_cells, -1))
+                x = torch.stack(draws).mean(0)[..., mask.to(batch.x.device)]  # (S, n, G')
+                x = x.permute(1, 2, 0).cpu().numpy()  # (n, G', S)
+                blocks.append(sparse.GCXS.from_numpy(x[..., 0] if n_samples == 1 else x))
+        return sparse.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
+
+    @torch.no_grad()
+    def get_feature_correlation_matrix(self, adata=None, indices=None, n_samples: int = 10, batch_size: int = 64,
+                                       rna_size_factor: int = 1000, transform_batch=None,
+                                       correlation_type: str = "spearman", silent: bool = True) -> pd.DataFrame:
+        """Gene-gene correlation of denoised expression, ``(G, G)`` with var names.
+
+        For each batch in ``transform_batch`` (default: the cells' own), draws
+        ``Gamma(θ, θ / (rna_size_factor · ρ))`` (mean ``rna_size_factor · ρ``; for the poisson and
+        normal likelihoods the rate itself) at ``n_samples`` posterior draws per cell, stacks the
+        draws as rows and correlates the genes (``"spearman"`` or ``"pearson"``); the matrices of
+        several batches are averaged.
+        """
+        if correlation_type not in ("spearman", "pearson"):
+            raise ValueError(f"correlation_type must be 'spearman' or 'pearson', got {correlation_type!r}.")
+        self.check_trained()
+        self.module.eval()
+        matrices = []
+        for code in self.batch_codes(transform_batch):
+            rows = []
+            with self.pyro_scope():
+                for batch in self.minibatches(adata, indices, batch_size):
+                    (trace,) = posterior_model_traces(self.module.model, self.module.guide, batch, n_samples, [code])
+                    rate = rna_size_factor * trace.nodes["normalized_expression"]["value"]
+                    rate = rate.expand(n_samples, batch.n_cells, rate.shape[-1])
+                    params = likelihood_parameters(observation_distribution(trace), self.module.gene_likelihood)
+                    if self.module.gene_likelihood in ("zinb", "nb"):
+                        theta = params["dispersions"].expand_as(rate)
+                        rate = torch.distributions.Gamma(theta, theta / rate).sample()
+                    rows.append(rate.reshape(-1, rate.shape[-1]).cpu())
+            data = torch.cat(rows).numpy()
+            if correlation_type == "pearson":
+                matrices.append(np.corrcoef(data, rowvar=False))
+            else:
+                from scipy.stats import spearmanr
+
+                matrices.append(np.atleast_2d(spearmanr(data).statistic))
+        names = self.var_names
+        return pd.DataFrame(np.mean(matrices, axis=0), index=names, columns=names)
+
+    @torch.no_grad()
+    def get_batch_representation(self, adata=None, indices=None, batch_size=None) -> np.ndarray:
+        """The learned batch embedding of each cell's batch, ``(n, embedding_dim)``.
+
+        Only for models built with ``batch_representation="embedding"``.
+        """
+        if not self.module.uses_batch_embedding:
+            raise KeyError("Embedding batch not found: this model represents batches as one-hot vectors; "
+                           "build it with SCVI(adata, batch_representation='embedding') to learn one.")
+        rows = [self.module.batch_embedding(batch.batch_index.reshape(-1)).cpu()
+                for batch in self.minibatches(adata, indices, batch_size)]
+        return torch.cat(rows).numpy()
