@@ -194,7 +194,7 @@ def train_worker(a: argparse.Namespace) -> None:
         import pyro
         import pyro_scvi
         from pyro_scvi import SCVI, settings
-from pyro_scvi.distributions import fused
+        from pyro_scvi.distributions import fused
 
         settings.seed = a.seed
         versions = {"pyro_scvi": pyro_scvi.__version__, "pyro": pyro.__version__}
