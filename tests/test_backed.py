@@ -27,7 +27,9 @@ def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("backed")
     paths = {}
     for name, sparse_format in (("csr", "csr_matrix"), ("dense", None)):
-        adata = synthetic_iid(batch_size=150, n_genes=60, n_batches=2, n_labels=3, sparse_format=sparse_format, seed=4)
+        adata = synthetic_iid(
+            batch_size=150, n_genes=60, n_batches=2, n_labels=3, sparse_format=sparse_format, seed=4
+        )
         paths[name] = folder / f"{name}.h5ad"
         adata.write_h5ad(paths[name])
     return paths
@@ -135,14 +137,16 @@ def test_train_and_query_backed_match_memory(files, fmt, monkeypatch):
     torch.manual_seed(2)
     scale_memory = model.get_normalized_expression(adata=memory, indices=[7, 3, 200])
     np.testing.assert_allclose(np.asarray(scale_disk), np.asarray(scale_memory), rtol=1e-5, atol=1e-7)
-    assert len(model.history["elbo_train"]) == 1 and np.isfinite(model.history["elbo_validation"].values).all()
+    assert len(model.history["elbo_train"]) == 1
+    assert np.isfinite(model.history["elbo_validation"].values).all()
 
 
 def test_raw_count_statistics_streamed(files):
     disk, memory = _open(files["csr"])
     mask1 = np.arange(disk.n_obs) % 3 == 0
     mask2 = np.arange(disk.n_obs) % 5 == 1
-    streamed, in_memory = raw_count_statistics(disk.X, mask1, mask2), raw_count_statistics(memory.X, mask1, mask2)
+    streamed = raw_count_statistics(disk.X, mask1, mask2)
+    in_memory = raw_count_statistics(memory.X, mask1, mask2)
     for key in in_memory:
         np.testing.assert_allclose(streamed[key], in_memory[key], rtol=1e-10)
 
@@ -150,7 +154,8 @@ def test_raw_count_statistics_streamed(files):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("bad", ["negative", "nan"])
 def test_bad_counts_in_backed_file_are_caught(tmp_path, fmt, bad):
-    adata = synthetic_iid(batch_size=20, n_genes=10, n_batches=1, sparse_format="csr_matrix" if fmt == "csr" else None)
+    sparse_format = "csr_matrix" if fmt == "csr" else None
+    adata = synthetic_iid(batch_size=20, n_genes=10, n_batches=1, sparse_format=sparse_format)
     x = adata.X.astype(np.float32)
     if sp.issparse(x):
         x.data[3] = -1.0 if bad == "negative" else np.nan

@@ -34,8 +34,10 @@ FULL_SETUP = dict(
 )
 
 
-def make_adata(seed: int = 0, n_cells: int = N_CELLS, n_genes: int = N_GENES, x_format: str = "dense") -> ad.AnnData:
-    """Poisson counts with 3 batches, 4 labels, a donor covariate, a continuous covariate and a size factor."""
+def make_adata(
+    seed: int = 0, n_cells: int = N_CELLS, n_genes: int = N_GENES, x_format: str = "dense"
+) -> ad.AnnData:
+    """Poisson counts: 3 batches, 4 labels, a donor covariate, a continuous covariate and a size factor."""
     rng = np.random.default_rng(seed)
     counts = rng.poisson(3.0, size=(n_cells, n_genes)).astype(np.float32)
     x = {"dense": counts, "csr": sp.csr_matrix(counts), "csc": sp.csc_matrix(counts)}[x_format]
@@ -81,7 +83,9 @@ def test_registry_layout_and_values(adata):
     assert registry["_scvi_uuid"] == adata.uns["_scvi_uuid"]
     assert "_scvi_manager_uuid" in adata.uns
     fields = registry["field_registries"]
-    assert list(fields) == ["X", "batch", "labels", "size_factor", "extra_categorical_covs", "extra_continuous_covs"]
+    assert list(fields) == [
+        "X", "batch", "labels", "size_factor", "extra_categorical_covs", "extra_continuous_covs"
+    ]
     for field in fields.values():
         assert set(field) == {"data_registry", "state_registry", "summary_stats"}
 
@@ -125,7 +129,8 @@ def test_registry_layout_and_values(adata):
 def test_codes_written_into_adata(adata):
     registry = setup_quietly(adata, **FULL_SETUP)
     fields = registry["field_registries"]
-    for obs_key, column, field in [("batch", "_scvi_batch", "batch"), ("cell_type", "_scvi_labels", "labels")]:
+    pairs = [("batch", "_scvi_batch", "batch"), ("cell_type", "_scvi_labels", "labels")]
+    for obs_key, column, field in pairs:
         mapping = fields[field]["state_registry"]["categorical_mapping"]
         codes = adata.obs[column].to_numpy()
         assert np.issubdtype(codes.dtype, np.integer)
@@ -179,8 +184,11 @@ def test_unused_categories_are_kept(adata):
 def test_small_category_warning(adata):
     adata.obs["batch"] = adata.obs["batch"].astype(str)
     adata.obs.iloc[:2, adata.obs.columns.get_loc("batch")] = "tiny"
-    with pytest.warns(UserWarning, match=r"Category tiny in adata.obs\['_scvi_batch'\] has fewer than 3 cells. "
-                      r"Models may not train properly."):
+    with pytest.warns(
+        UserWarning,
+        match=r"Category tiny in adata.obs\['_scvi_batch'\] has fewer than 3 cells. "
+        r"Models may not train properly.",
+    ):
         setup_registry(adata, batch_key="batch")
 
 
@@ -190,14 +198,18 @@ def test_non_integer_warning_for_x_and_layer(adata):
                       r"Are you sure this is what you want\?$"):
         setup_registry(adata)
     adata.layers["norm"] = np.log1p(adata.layers["counts"])
-    with pytest.warns(UserWarning, match=r"^adata\.layers\[norm\] does not contain unnormalized count data\."):
+    with pytest.warns(
+        UserWarning, match=r"^adata\.layers\[norm\] does not contain unnormalized count data\."
+    ):
         setup_registry(adata, layer="norm")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         setup_registry(adata, layer="counts")  # integer counts: no warning
 
 
-@pytest.mark.parametrize("bad, match", [(-1.0, "negative values"), (np.nan, "NaN values"), (np.inf, "infinite values")])
+@pytest.mark.parametrize(
+    "bad, match", [(-1.0, "negative values"), (np.nan, "NaN values"), (np.inf, "infinite values")]
+)
 @pytest.mark.parametrize("x_format", ["dense", "csr"])
 def test_invalid_values_raise_naming_the_layer(bad, match, x_format):
     adata = make_adata(x_format=x_format)
@@ -295,7 +307,8 @@ def test_transfer_same_categories_uses_source_codes(adata):
     np.testing.assert_array_equal(batch_codes, expected)
     assert list(fields["extra_categorical_covs"]["state_registry"]["mappings"]["donor"]) == [10, 11, 12]
     np.testing.assert_array_equal(
-        get_from_registry(target, registry, REGISTRY_KEYS.CAT_COVS).ravel(), target.obs["donor"].to_numpy() - 10
+        get_from_registry(target, registry, REGISTRY_KEYS.CAT_COVS).ravel(),
+        target.obs["donor"].to_numpy() - 10,
     )
     assert summary_stats(registry) == summary_stats(source)
 
@@ -413,7 +426,8 @@ def test_library_size_prior_empty_cells(adata):
         means, _ = library_size_prior(adata, registry)
     log_totals = np.log(np.maximum(adata.X.sum(axis=1), 1))  # the empty cell counts as log 0
     b = adata.obs["_scvi_batch"].iloc[0]
-    np.testing.assert_allclose(means[0, b], log_totals[adata.obs["_scvi_batch"].to_numpy() == b].mean(), rtol=1e-6)
+    in_batch = adata.obs["_scvi_batch"].to_numpy() == b
+    np.testing.assert_allclose(means[0, b], log_totals[in_batch].mean(), rtol=1e-6)
 
 
 def test_format_registry(adata):

@@ -2,7 +2,16 @@
 
 from .manager import AnnDataManager
 from .minibatch import Minibatch
-from .registry import REGISTRY_KEYS, get_from_registry, setup_registry
+from .registry import REGISTRY_KEYS, Field, Registry, get_from_registry, setup_registry
 from .synthetic import synthetic_iid
 
-__all__ = ["AnnDataManager", "Minibatch", "REGISTRY_KEYS", "get_from_registry", "setup_registry", "synthetic_iid"]
+__all__ = [
+    "AnnDataManager",
+    "Field",
+    "Minibatch",
+    "REGISTRY_KEYS",
+    "Registry",
+    "get_from_registry",
+    "setup_registry",
+    "synthetic_iid",
+]

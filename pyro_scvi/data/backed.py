@@ -35,7 +35,9 @@ __all__ = [
     "BackedCounts",
     "ScanResult",
     "block_shuffled",
+    "check_values",
     "is_backed",
+    "is_numeric",
     "raw_count_statistics",
     "row_totals",
     "scan",
@@ -127,8 +129,15 @@ def _cache_key(matrix) -> tuple | None:
     return (path, node.name, stat.st_mtime_ns, stat.st_size, tuple(matrix.shape))
 
 
-def _check_block(block: np.ndarray, result: ScanResult) -> None:
-    if block.size == 0 or not (np.issubdtype(block.dtype, np.number) or block.dtype == np.bool_):
+def is_numeric(dtype) -> bool:
+    """Whether ``dtype`` can hold counts (a number or a boolean)."""
+    return np.issubdtype(dtype, np.number) or np.dtype(dtype) == np.bool_
+
+
+def check_values(block: np.ndarray, result: ScanResult) -> None:
+    """Add what ``block`` (stored values) holds to ``result``: NaN and infinite values, the smallest
+    finite value and whether some value is not an integer. Non-numeric blocks are skipped."""
+    if block.size == 0 or not is_numeric(block.dtype):
         return
     if np.issubdtype(block.dtype, np.inexact):
         finite = np.isfinite(block)
@@ -163,7 +172,7 @@ def _scan_csr(matrix, result: ScanResult) -> None:
         stop = min(max(stop, start + 1), n_rows)
         lo, hi = int(indptr[start]), int(indptr[stop])
         values = np.asarray(data[lo:hi]) if hi > lo else np.zeros(0, dtype=data.dtype)
-        _check_block(values, result)
+        check_values(values, result)
         result.totals[start:stop] = _segment_sums(values, indptr[start : stop + 1] - lo)
         start = stop
 
@@ -174,7 +183,7 @@ def _scan_csc(matrix, result: ScanResult) -> None:
     for lo in range(0, nnz, SCAN_ELEMENTS):
         hi = min(lo + SCAN_ELEMENTS, nnz)
         values = np.asarray(data[lo:hi])
-        _check_block(values, result)
+        check_values(values, result)
         rows = np.asarray(indices[lo:hi])
         result.totals += np.bincount(rows, weights=values.astype(np.float64), minlength=len(result.totals))
 
@@ -184,7 +193,7 @@ def _scan_dense(matrix, result: ScanResult) -> None:
     step = max(1, SCAN_ELEMENTS // max(1, n_cols))
     for start in range(0, n_rows, step):
         block = np.asarray(matrix[start : start + step])
-        _check_block(block, result)
+        check_values(block, result)
         result.totals[start : start + len(block)] = block.sum(axis=1, dtype=np.float64)
 
 
@@ -359,11 +368,12 @@ def raw_count_statistics(matrix, mask1: np.ndarray, mask2: np.ndarray) -> dict[s
     for start in range(0, len(cells), step):
         chunk = cells[start : start + step]
         rows = reader.read_rows(chunk)
-        rows = sp.csr_matrix(rows, dtype=np.float64) if sp.issparse(rows) else np.asarray(rows, dtype=np.float64)
-        nonzero = rows.copy()
         if sp.issparse(rows):
+            rows = sp.csr_matrix(rows, dtype=np.float64)
+            nonzero = rows.copy()
             nonzero.data = (nonzero.data != 0).astype(np.float64)
         else:
+            rows = np.asarray(rows, dtype=np.float64)
             nonzero = (rows != 0).astype(np.float64)
         totals = np.asarray(rows.sum(axis=1)).ravel()
         scaling = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from typing import Iterator
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from . import backed
 from .minibatch import Minibatch
-from .registry import REGISTRY_KEYS, get_from_registry
+from .registry import REGISTRY_KEYS, Registry, get_from_registry
 
 __all__ = ["RegisteredData", "split_indices", "minibatch_from_dict"]
 
@@ -40,37 +41,41 @@ class RegisteredData:
         Its registry.
     """
 
-    def __init__(self, adata, registry: dict) -> None:
+    def __init__(self, adata, registry: Registry | Mapping) -> None:
+        registry = Registry.coerce(registry)
+
+        def field(key, dtype):
+            return _as_tensor(get_from_registry(adata, registry, key), dtype)
+
         counts = get_from_registry(adata, registry, REGISTRY_KEYS.X)
-        if sp.issparse(counts) and not sp.isspmatrix_csr(counts) and not isinstance(counts, sp.csr_array):
+        if sp.issparse(counts) and counts.format != "csr":
             counts = sp.csr_matrix(counts)
         self.counts = counts
         #: row reader of a count matrix kept on disk (backed AnnData), else ``None``
         self.backed = backed.BackedCounts(counts) if backed.is_backed(counts) else None
         self.n_obs, self.n_vars = counts.shape
-        minified = "latent_qzm" in registry["field_registries"]
-        if minified:  # the library was recorded before the counts were dropped
-            library = np.asarray(get_from_registry(adata, registry, "observed_lib_size"), dtype=np.float64).reshape(-1, 1)
+        if registry.is_minified:  # the library was recorded before the counts were dropped
+            library = np.asarray(get_from_registry(adata, registry, "observed_lib_size"), dtype=np.float64)
         elif self.backed is not None:  # chunked pass over the file (shared with setup's checks)
-            library = backed.row_totals(counts).reshape(-1, 1)
+            library = backed.row_totals(counts)
         else:
-            library = np.asarray(counts.sum(axis=1)).reshape(-1, 1)
-        library = library.astype(np.float32)  # one rounding for every input dtype (int, float64, ...)
+            library = np.asarray(counts.sum(axis=1))
+        library = library.reshape(-1, 1).astype(np.float32)  # one rounding for every input dtype
         # a cell without counts would get log-library -inf (NaN gradients with a Poisson likelihood):
         # it counts as 1 count, as setup_anndata warns
         self.log_library = torch.as_tensor(np.log(np.where(library > 0, library, 1.0)), dtype=torch.float32)
-        self.batch_index = _as_tensor(get_from_registry(adata, registry, REGISTRY_KEYS.BATCH), torch.int64)
-        self.labels = _as_tensor(get_from_registry(adata, registry, REGISTRY_KEYS.LABELS), torch.int64)
-        self.size_factor = _as_tensor(get_from_registry(adata, registry, REGISTRY_KEYS.SIZE_FACTOR), torch.float32)
-        self.categorical_covariates = _as_tensor(get_from_registry(adata, registry, REGISTRY_KEYS.CAT_COVS), torch.int64)
-        self.continuous_covariates = _as_tensor(
-            get_from_registry(adata, registry, REGISTRY_KEYS.CONT_COVS), torch.float32
-        )
-        self.minified_data_type = get_from_registry(adata, registry, "minify_type") if minified else None
+        self.batch_index = field(REGISTRY_KEYS.BATCH, torch.int64)
+        self.labels = field(REGISTRY_KEYS.LABELS, torch.int64)
+        self.size_factor = field(REGISTRY_KEYS.SIZE_FACTOR, torch.float32)
+        self.categorical_covariates = field(REGISTRY_KEYS.CAT_COVS, torch.int64)
+        self.continuous_covariates = field(REGISTRY_KEYS.CONT_COVS, torch.float32)
+        self.minified_data_type = None
+        if registry.is_minified:
+            self.minified_data_type = get_from_registry(adata, registry, "minify_type")
         self.latent_loc = self.latent_scale = None
         if self.minified_data_type == "latent_posterior_parameters":  # counts gone: use the stored posterior
-            self.latent_loc = _as_tensor(get_from_registry(adata, registry, "latent_qzm"), torch.float32)
-            self.latent_scale = _as_tensor(get_from_registry(adata, registry, "latent_qzv"), torch.float32).sqrt()
+            self.latent_loc = field("latent_qzm", torch.float32)
+            self.latent_scale = field("latent_qzv", torch.float32).sqrt()
 
     def counts_of(self, indices: np.ndarray, sparse: bool = False) -> torch.Tensor:
         """Counts of the given cells as a dense float32 ``(n, G)`` tensor (or a sparse COO tensor)."""
@@ -220,7 +225,9 @@ def split_indices(
         if not 0 <= validation_size < 1:
             raise ValueError(f"validation_size must be in [0, 1), got {validation_size}.")
         if train_size + validation_size > 1:
-            raise ValueError(f"train_size + validation_size must be ≤ 1, got {train_size} + {validation_size}.")
+            raise ValueError(
+                f"train_size + validation_size must be ≤ 1, got {train_size} + {validation_size}."
+            )
         n_val = math.floor(n_obs * validation_size)
     if n_train == 0:
         raise ValueError(f"No cells left for training with n_obs={n_obs} and train_size={train_size}.")
@@ -229,8 +236,8 @@ def split_indices(
     if remainder in (1, 2) and not drop_last:
         if n_train == remainder:
             raise ValueError(
-                f"Only {n_train} training cell(s): BatchNorm cannot train on a minibatch of fewer than 3 cells. "
-                "Use more cells or a larger train_size."
+                f"Only {n_train} training cell(s): BatchNorm cannot train on a minibatch of fewer than 3 "
+                "cells. Use more cells or a larger train_size."
             )
         n_train -= remainder
         where = "validation" if n_val > 0 else "test"

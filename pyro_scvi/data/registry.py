@@ -2,14 +2,17 @@
 
 :func:`setup_registry` checks an AnnData, writes integer codes for the categorical covariates
 into it (``obs["_scvi_batch"]``, ``obs["_scvi_labels"]``, ``obsm["_scvi_extra_categorical_covs"]``)
-and returns a *registry*: a plain dict laid out exactly like the one scvi-tools saves with a model
-(``attr_dict["registry_"]``), so models can be exchanged in both directions.
-
-Layout of the registry::
+and returns a :class:`Registry`: a frozen dataclass of :class:`Field` s with typed accessors
+(``registry.n_vars``, ``registry.batch_categories``, ...). :meth:`Registry.to_dict` gives the layout
+scvi-tools saves with a model (``attr_dict["registry_"]``), so that models can be exchanged in both
+directions, and :meth:`Registry.from_dict` reads it back::
 
     {"scvi_version", "pyro_scvi_version", "model_name", "setup_method_name", "setup_args",
      "field_registries": {field: {"data_registry", "state_registry", "summary_stats"}},
      "_scvi_uuid"}
+
+A ``Registry`` is also a read-only dict of that layout (see :class:`Registry`), and every function
+here takes a registry in either form.
 
 With ``source_registry`` the category mappings of an earlier registry are imposed on a new
 AnnData (scvi-tools' "transfer"), optionally extended by categories the source never saw.
@@ -20,8 +23,9 @@ from __future__ import annotations
 import importlib.metadata
 import uuid
 import warnings
-from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any, Iterator
 
 import numpy as np
@@ -31,7 +35,9 @@ import scipy.sparse as sp
 from . import backed as _backed
 
 __all__ = [
+    "Field",
     "REGISTRY_KEYS",
+    "Registry",
     "SCVI_TOOLS_VERSION",
     "__version__",
     "setup_registry",
@@ -95,6 +101,366 @@ _CHUNK_ELEMENTS = 2**24
 
 
 # --------------------------------------------------------------------------------------------
+# The registry as typed objects
+# --------------------------------------------------------------------------------------------
+
+#: the top-level keys of the saved dict form, in the order :func:`setup_registry` writes them
+_REGISTRY_KEY_ORDER = (
+    "scvi_version",
+    "pyro_scvi_version",
+    "model_name",
+    "setup_method_name",
+    "setup_args",
+    "field_registries",
+    _UUID_KEY,
+)
+_FIELD_PARTS = ("data_registry", "state_registry", "summary_stats")
+
+
+def _copied(value):
+    """A copy of the dicts and lists in ``value``; arrays and scalars are shared."""
+    if isinstance(value, Mapping):
+        return {key: _copied(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(item) for item in value)
+    return value
+
+
+def _same(a, b) -> bool:
+    """Deep equality of registry contents: arrays by shape and elements, other values by type and ``==``."""
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        return (
+            isinstance(a, Mapping) and isinstance(b, Mapping) and a.keys() == b.keys()
+            and all(_same(a[key], b[key]) for key in a)
+        )
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b)
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and bool(a == b)
+
+
+@dataclass(frozen=True, eq=False)
+class Field:
+    """One registered field (``"X"``, ``"batch"``, ...): where its data is and what describes it.
+
+    Attributes
+    ----------
+    attr_name
+        The AnnData attribute that holds the data (``"X"``, ``"layers"``, ``"obs"``, ``"obsm"``,
+        ``"uns"``), or ``None`` for an optional field left unregistered (saved as an empty
+        ``data_registry``).
+    attr_key
+        The key inside that attribute; ``None`` for ``adata.X``.
+    state
+        The saved ``state_registry``. Its keys depend on the field: ``n_obs``, ``n_vars`` and
+        ``column_names`` (object array of gene names) for ``"X"``; ``categorical_mapping`` (array of
+        categories, code ``i`` ↔ element ``i``) and ``original_key`` (the ``obs`` column) for
+        ``"batch"``/``"labels"``; ``mappings`` (covariate → categories), ``field_keys`` and
+        ``n_cats_per_key`` for the categorical covariates; ``columns`` for the continuous ones.
+    summary_stats
+        Counts this field contributes, e.g. ``{"n_batch": 3}``.
+    data_extra, extra
+        Keys of the saved ``data_registry`` and of the field's entry that this class does not
+        model, kept so that :meth:`to_dict` gives back exactly what :meth:`from_dict` read.
+    """
+
+    attr_name: str | None = None
+    attr_key: str | None = None
+    state: dict = dc_field(default_factory=dict)
+    summary_stats: dict = dc_field(default_factory=dict)
+    data_extra: dict = dc_field(default_factory=dict, repr=False)
+    extra: dict = dc_field(default_factory=dict, repr=False)
+
+    @property
+    def is_registered(self) -> bool:
+        """Whether the field points at data (an optional field without data is not)."""
+        return self.attr_name is not None
+
+    @property
+    def location(self) -> str | None:
+        """Where the data lives, as code: ``"adata.obs['_scvi_batch']"``; ``None`` when unregistered."""
+        return None if self.attr_name is None else _location(self.attr_name, self.attr_key)
+
+    @property
+    def categories(self) -> np.ndarray | None:
+        """The categories of a ``batch``/``labels`` field (code ``i`` is element ``i``), else ``None``."""
+        return self.state.get("categorical_mapping")
+
+    @property
+    def original_key(self) -> str | None:
+        """The ``obs`` column a ``batch``/``labels`` field was encoded from, else ``None``."""
+        return self.state.get("original_key")
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Field):
+            return NotImplemented
+        return _same(self.to_dict(), other.to_dict())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def to_dict(self) -> dict:
+        """The saved form ``{"data_registry", "state_registry", "summary_stats"}`` (a fresh copy)."""
+        data = {} if self.attr_name is None else {"attr_name": self.attr_name, "attr_key": self.attr_key}
+        data.update(_copied(self.data_extra))
+        entry = {"data_registry": data, "state_registry": _copied(self.state),
+                 "summary_stats": _copied(self.summary_stats)}
+        entry.update(_copied(self.extra))
+        return entry
+
+    @classmethod
+    def from_dict(cls, entry: Mapping, name: str = "?") -> "Field":
+        """The field saved as ``entry`` (the inverse of :meth:`to_dict`); ``name`` is for errors."""
+        data = dict(entry.get("data_registry") or {})
+        if data and not {"attr_name", "attr_key"} <= data.keys():
+            raise ValueError(
+                f"The data_registry of field {name!r} needs 'attr_name' and 'attr_key'; got {data}."
+            )
+        return cls(
+            attr_name=data.pop("attr_name", None),
+            attr_key=data.pop("attr_key", None),
+            state=_copied(entry.get("state_registry") or {}),
+            summary_stats=_copied(entry.get("summary_stats") or {}),
+            data_extra=_copied(data),
+            extra={key: _copied(value) for key, value in entry.items() if key not in _FIELD_PARTS},
+        )
+
+
+def _read_only(self, *args, **kwargs):
+    raise TypeError(
+        "A Registry is read-only. Make a changed one with dataclasses.replace(registry, ...) or "
+        "Registry.from_dict(...), or take a mutable copy with registry.to_dict()."
+    )
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Registry(dict):
+    """How an AnnData was registered for a model: setup arguments, fields, versions, identity.
+
+    The dataclass attributes are the source of truth; :meth:`to_dict` gives the layout saved in
+    model files (scvi-tools' ``registry_``), and :meth:`from_dict` reads registries written by
+    pyro-scvi, by scvi-tools 1.x and by the legacy converter, exactly (unknown keys are kept).
+
+    *Compatibility view.* A ``Registry`` is also a read-only ``dict`` whose items are those of
+    :meth:`to_dict`, so code written for scvi-tools' plain-dict ``model.registry_`` keeps working:
+    ``registry["setup_args"]["batch_key"]``, ``registry.get("model_name")``, ``"_scvi_uuid" in
+    registry``, ``dict(registry)``. Setting or deleting items raises ``TypeError``; the nested dicts
+    of the view are copies, so changing them does not change the registry. New code should use
+    the typed attributes and accessors below.
+
+    Attributes
+    ----------
+    fields
+        The registered fields by name (:class:`Field`), in registration order.
+    setup_args
+        The arguments of the setup method (``layer``, ``batch_key``, ``labels_key``,
+        ``size_factor_key``, ``categorical_covariate_keys``, ``continuous_covariate_keys``).
+    model_name, setup_method_name
+        The class and class method that registered the AnnData (``"SCVI"``, ``"setup_anndata"``).
+    scvi_version, pyro_scvi_version
+        Versions written into the registry (``None``: absent, e.g. ``pyro_scvi_version`` in a
+        registry written by scvi-tools).
+    uuid
+        ``adata.uns["_scvi_uuid"]`` of the registered AnnData (saved as ``"_scvi_uuid"``).
+    extra
+        Top-level keys this class does not model, kept for an exact round trip.
+    key_order
+        The order of the top-level keys in the dict form (``from_dict`` keeps the input's order);
+        a key listed here is written even when its value is ``None``.
+    """
+
+    fields: dict[str, Field]
+    setup_args: dict = dc_field(default_factory=dict)
+    model_name: str | None = "SCVI"
+    setup_method_name: str | None = "setup_anndata"
+    scvi_version: str | None = SCVI_TOOLS_VERSION
+    pyro_scvi_version: str | None = None
+    uuid: str | None = None
+    extra: dict = dc_field(default_factory=dict)
+    key_order: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        fields = {
+            name: f if isinstance(f, Field) else Field.from_dict(f, name) for name, f in self.fields.items()
+        }
+        object.__setattr__(self, "fields", fields)
+        dict.update(self, self.to_dict())  # the compatibility view, filled once (the registry is frozen)
+
+    # ------------------------------------------------------------------ dict form
+    def _top_level(self) -> dict:
+        return {
+            "scvi_version": self.scvi_version,
+            "pyro_scvi_version": self.pyro_scvi_version,
+            "model_name": self.model_name,
+            "setup_method_name": self.setup_method_name,
+            "setup_args": self.setup_args,
+            "field_registries": self.fields,
+            _UUID_KEY: self.uuid,
+        }
+
+    def to_dict(self) -> dict:
+        """The registry as saved in model files: plain dicts, NumPy arrays kept (a fresh copy)."""
+        known = self._top_level()
+        order = list(self.key_order)
+        order += [key for key in _REGISTRY_KEY_ORDER if key not in order and known[key] is not None]
+        order += [key for key in self.extra if key not in order]
+        out = {}
+        for key in order:
+            if key == "field_registries":
+                out[key] = {name: f.to_dict() for name, f in self.fields.items()}
+            elif key in known:
+                out[key] = _copied(known[key])
+            elif key in self.extra:
+                out[key] = _copied(self.extra[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, registry: Mapping) -> "Registry":
+        """Read a registry in the saved layout (the inverse of :meth:`to_dict`)."""
+        if "field_registries" not in registry:
+            raise ValueError(f"A registry needs 'field_registries'; got keys {list(registry)}.")
+        return cls(
+            fields={name: Field.from_dict(f, name) for name, f in registry["field_registries"].items()},
+            setup_args=_copied(registry.get("setup_args") or {}),
+            model_name=registry.get("model_name"),
+            setup_method_name=registry.get("setup_method_name"),
+            scvi_version=registry.get("scvi_version"),
+            pyro_scvi_version=registry.get("pyro_scvi_version"),
+            uuid=registry.get(_UUID_KEY),
+            extra={key: _copied(value) for key, value in registry.items() if key not in _REGISTRY_KEY_ORDER},
+            key_order=tuple(registry),
+        )
+
+    @classmethod
+    def coerce(cls, registry: "Registry | Mapping") -> "Registry":
+        """``registry`` itself when it is a :class:`Registry`, else :meth:`from_dict` of it."""
+        if isinstance(registry, Registry):
+            return registry
+        if isinstance(registry, Mapping):
+            return cls.from_dict(registry)
+        raise TypeError(f"Expected a Registry or a registry dict, got {type(registry).__name__}.")
+
+    # ------------------------------------------------------------------ fields
+    def field(self, name: str) -> Field:
+        """The field ``name`` (``KeyError`` naming the registered fields when there is none)."""
+        if name not in self.fields:
+            raise KeyError(f"{name!r} is not a registered field; registered fields: {list(self.fields)}.")
+        return self.fields[name]
+
+    @property
+    def summary_stats(self) -> dict[str, int]:
+        """All fields' summary statistics in one new dict: ``n_vars``, ``n_cells``, ``n_batch``, ..."""
+        merged: dict = {}
+        for f in self.fields.values():
+            merged.update(f.summary_stats)
+        return merged
+
+    @property
+    def n_vars(self) -> int:
+        """Number of genes registered."""
+        return int(self.field(REGISTRY_KEYS.X).state["n_vars"])
+
+    @property
+    def n_cells(self) -> int:
+        """Number of cells of the registered AnnData."""
+        state = self.field(REGISTRY_KEYS.X).state
+        return int(state["n_obs"] if "n_obs" in state else self.summary_stats["n_cells"])
+
+    @property
+    def var_names(self) -> np.ndarray | None:
+        """Registered gene names, object array ``(n_vars,)``; ``None`` for a legacy registry without them."""
+        return self.field(REGISTRY_KEYS.X).state.get("column_names")
+
+    @property
+    def layer(self) -> str | None:
+        """The layer holding the counts, or ``None`` for ``adata.X``."""
+        x = self.field(REGISTRY_KEYS.X)
+        return x.attr_key if x.attr_name == "layers" else None
+
+    @property
+    def n_batch(self) -> int:
+        """Number of batch categories (1 when no ``batch_key`` was given)."""
+        return int(self.summary_stats["n_batch"])
+
+    @property
+    def n_labels(self) -> int:
+        """Number of label categories (1 when no ``labels_key`` was given)."""
+        return int(self.summary_stats["n_labels"])
+
+    @property
+    def batch_categories(self) -> np.ndarray:
+        """Batch categories, array ``(n_batch,)``: batch code ``i`` is element ``i``."""
+        return self.field(REGISTRY_KEYS.BATCH).categories
+
+    @property
+    def label_categories(self) -> np.ndarray:
+        """Label categories, array ``(n_labels,)``: label code ``i`` is element ``i``."""
+        return self.field(REGISTRY_KEYS.LABELS).categories
+
+    @property
+    def has_size_factor(self) -> bool:
+        """Whether a per-cell size factor (``size_factor_key``) is registered."""
+        size_factor = self.fields.get(REGISTRY_KEYS.SIZE_FACTOR)
+        return size_factor is not None and size_factor.is_registered
+
+    @property
+    def categorical_covariate_mappings(self) -> dict[str, np.ndarray]:
+        """Extra categorical covariates: ``obs`` column → array of its categories (``{}`` when none)."""
+        f = self.fields.get(REGISTRY_KEYS.CAT_COVS)
+        return {} if f is None else dict(f.state.get("mappings", {}))
+
+    @property
+    def categorical_covariate_keys(self) -> list[str]:
+        """The ``obs`` columns of the extra categorical covariates, in code order (``[]`` when none)."""
+        f = self.fields.get(REGISTRY_KEYS.CAT_COVS)
+        keys = None if f is None else f.state.get("field_keys")
+        return list(self.categorical_covariate_mappings if keys is None else keys)
+
+    @property
+    def n_cats_per_covariate(self) -> list[int]:
+        """Number of categories of each extra categorical covariate (``[]`` when none)."""
+        f = self.fields.get(REGISTRY_KEYS.CAT_COVS)
+        counts = None if f is None else f.state.get("n_cats_per_key")
+        if counts is None:
+            return [len(mapping) for mapping in self.categorical_covariate_mappings.values()]
+        return [int(n) for n in counts]
+
+    @property
+    def continuous_covariate_keys(self) -> list[str]:
+        """The ``obs`` columns of the extra continuous covariates, in column order (``[]`` when none)."""
+        f = self.fields.get(REGISTRY_KEYS.CONT_COVS)
+        return [] if f is None else [str(c) for c in f.state.get("columns", [])]
+
+    @property
+    def is_minified(self) -> bool:
+        """Whether the registered AnnData was minified (it keeps posteriors instead of counts)."""
+        return "latent_qzm" in self.fields
+
+    # ------------------------------------------------------------------ Python protocols
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return _same(self.to_dict(), other.to_dict() if isinstance(other, Registry) else dict(other))
+
+    def __ne__(self, other) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self):  # pickle and copy rebuild from the dict form
+        return (Registry.from_dict, (self.to_dict(),))
+
+    def __repr__(self) -> str:
+        return (
+            f"Registry(model_name={self.model_name!r}, fields={list(self.fields)}, "
+            f"summary_stats={self.summary_stats}, uuid={self.uuid!r})"
+        )
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
+
+
+# --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
 
@@ -109,19 +475,19 @@ def setup_registry(
     continuous_covariate_keys: list[str] | None = None,
     *,
     model_name: str = "SCVI",
-    source_registry: dict | None = None,
+    source_registry: Registry | Mapping | None = None,
     extend_categories: bool = False,
     check_var_names: bool = False,
-) -> dict:
-    """Check ``adata``, write the covariate codes into it and return its registry.
+) -> Registry:
+    """Check ``adata``, write the covariate codes into it and return its :class:`Registry`.
 
-    With ``source_registry`` the setup arguments and category mappings come from that registry
-    (explicit arguments must then be ``None`` or equal to the source's); with
-    ``extend_categories=True`` categories unseen by the source are appended to its mappings.
-    With ``check_var_names=True`` (what model methods use for a new AnnData) the genes must also be
-    the source's, in the source's order (``ValueError`` otherwise); by default only their number is
-    checked, as in scvi-tools. Duplicated cell or gene names and cells without counts give a
-    warning. Nothing is written into ``adata`` unless every check passes.
+    With ``source_registry`` (a :class:`Registry` or its dict form) the setup arguments and
+    category mappings come from that registry (explicit arguments must then be ``None`` or equal
+    to the source's); with ``extend_categories=True`` categories unseen by the source are appended
+    to its mappings. With ``check_var_names=True`` (what model methods use for a new AnnData) the
+    genes must also be the source's, in the source's order (``ValueError`` otherwise); by default
+    only their number is checked, as in scvi-tools. Duplicated cell or gene names and cells
+    without counts give a warning. Nothing is written into ``adata`` unless every check passes.
     """
     if adata.is_view:
         raise ValueError("Please run `adata = adata.copy()`")
@@ -136,71 +502,41 @@ def setup_registry(
     if source_registry is None:
         if extend_categories:
             raise TypeError("`extend_categories` can only be used together with `source_registry`.")
-        setup_args = given
-        source_fields: dict = {}
+        setup_args, source_fields = given, {}
     else:
-        setup_args = _setup_args_from_source(source_registry, given)
-        source_fields = source_registry["field_registries"]
+        source = Registry.coerce(source_registry)
+        setup_args, source_fields = _setup_args_from_source(source, given), source.fields
 
-    writes: list[tuple[str, str, Any]] = []
-    fields = defaultdict(dict)
-    fields[REGISTRY_KEYS.X] = _register_layer(
-        adata, setup_args["layer"], source_fields.get(REGISTRY_KEYS.X), writes, check_var_names
-    )
-    for field_name in (REGISTRY_KEYS.BATCH, REGISTRY_KEYS.LABELS):
-        arg_name = _CATEGORICAL_FIELDS[field_name][0]
-        fields[field_name] = _register_categorical(
-            adata, field_name, setup_args[arg_name], source_fields.get(field_name), extend_categories, writes
-        )
-    fields[REGISTRY_KEYS.SIZE_FACTOR] = _register_size_factor(adata, setup_args["size_factor_key"])
-    fields[REGISTRY_KEYS.CAT_COVS] = _register_categorical_covariates(
-        adata,
-        _as_key_list(setup_args["categorical_covariate_keys"]),
-        source_fields.get(REGISTRY_KEYS.CAT_COVS),
-        extend_categories,
-        writes,
-    )
-    fields[REGISTRY_KEYS.CONT_COVS] = _register_continuous_covariates(
-        adata, _as_key_list(setup_args["continuous_covariate_keys"]), writes
-    )
-
-    if MINIFY_TYPE_KEY in adata.uns:
-        for name, (attr_name, key) in MINIFIED_FIELDS.items():
-            if key not in getattr(adata, attr_name):
-                raise ValueError(f"This AnnData is minified but {_location(attr_name, key)} is missing.")
-            fields[name] = _field({"attr_name": attr_name, "attr_key": key}, {}, {})
-
+    writes: list[tuple[str, str | None, Any]] = []
+    fields = _register_fields(adata, setup_args, source_fields, extend_categories, check_var_names, writes)
     for attr_name, key, value in writes:
         _write(adata, attr_name, key, value)
     if _UUID_KEY not in adata.uns:
         adata.uns[_UUID_KEY] = str(uuid.uuid4())
     adata.uns[_MANAGER_UUID_KEY] = str(uuid.uuid4())
 
-    return {
-        "scvi_version": SCVI_TOOLS_VERSION,
-        "pyro_scvi_version": __version__,
-        "model_name": model_name,
-        "setup_method_name": "setup_anndata",
-        "setup_args": dict(setup_args),
-        "field_registries": fields,
-        "_scvi_uuid": adata.uns[_UUID_KEY],
-    }
+    return Registry(
+        fields=fields,
+        setup_args=dict(setup_args),
+        model_name=model_name,
+        setup_method_name="setup_anndata",
+        scvi_version=SCVI_TOOLS_VERSION,
+        pyro_scvi_version=__version__,
+        uuid=adata.uns[_UUID_KEY],
+    )
 
 
-def get_from_registry(adata, registry: dict, key: str):
+def get_from_registry(adata, registry: Registry | Mapping, key: str):
     """The registered data of field ``key`` of ``adata`` (``None`` for an empty optional field).
 
     ``"X"`` gives the matrix itself (not a copy); ``"batch"``/``"labels"`` int64 codes ``(n, 1)``;
     ``"size_factor"`` float32 ``(n, 1)``; ``"extra_categorical_covs"`` int64 ``(n, m)``;
     ``"extra_continuous_covs"`` float32 ``(n, C)``. Other registered fields come back as stored.
     """
-    fields = registry["field_registries"]
-    if key not in fields:
-        raise KeyError(f"{key!r} is not a registered field; registered fields: {list(fields)}.")
-    data_registry = fields[key]["data_registry"]
-    if not data_registry:
+    field = Registry.coerce(registry).field(key)
+    if not field.is_registered:
         return None
-    data = _read(adata, data_registry["attr_name"], data_registry["attr_key"])
+    data = _read(adata, field.attr_name, field.attr_key)
     if key in (REGISTRY_KEYS.BATCH, REGISTRY_KEYS.LABELS):
         return np.asarray(data, dtype=np.int64).reshape(-1, 1)
     if key == REGISTRY_KEYS.SIZE_FACTOR:
@@ -212,21 +548,21 @@ def get_from_registry(adata, registry: dict, key: str):
     return data
 
 
-def summary_stats(registry: dict) -> dict:
-    """All fields' summary statistics merged into one dict (``n_vars``, ``n_cells``, ``n_batch``, ...)."""
-    merged: dict = {}
-    for field in registry["field_registries"].values():
-        merged.update(field.get("summary_stats", {}))
-    return merged
+def summary_stats(registry: Registry | Mapping) -> dict:
+    """All fields' summary statistics merged into one dict (``n_vars``, ``n_cells``, ``n_batch``, ...).
+
+    The same as :attr:`Registry.summary_stats`, for a registry in either form."""
+    return Registry.coerce(registry).summary_stats
 
 
-def library_size_prior(adata, registry: dict) -> tuple[np.ndarray, np.ndarray]:
+def library_size_prior(adata, registry: Registry | Mapping) -> tuple[np.ndarray, np.ndarray]:
     """Per-batch mean and (population) variance of the log total counts, each float32 ``(1, n_batch)``.
 
     Cells without counts enter with log total 0 (with a warning); batches without cells keep mean 0
     and variance 1. All cells are used.
     """
-    n_batch = summary_stats(registry)["n_batch"]
+    registry = Registry.coerce(registry)
+    n_batch = registry.n_batch
     totals = _row_totals(get_from_registry(adata, registry, REGISTRY_KEYS.X))
     empty = totals <= 0
     if empty.any():
@@ -249,64 +585,56 @@ def library_size_prior(adata, registry: dict) -> tuple[np.ndarray, np.ndarray]:
     return means.astype(np.float32).reshape(1, -1), variances.astype(np.float32).reshape(1, -1)
 
 
-def format_registry(registry: dict, hide_state_registries: bool = False) -> str:
+def format_registry(registry: Registry | Mapping, hide_state_registries: bool = False) -> str:
     """A plain-text summary of a registry: setup arguments, summary statistics, where each field lives
     and (unless hidden) the category → code tables."""
-    fields = registry["field_registries"]
-    version = f"Anndata setup with scvi-tools version {registry.get('scvi_version')}"
-    if "pyro_scvi_version" in registry:
-        version += f" (pyro-scvi {registry['pyro_scvi_version']})"
+    registry = Registry.coerce(registry)
+    version = f"Anndata setup with scvi-tools version {registry.scvi_version}"
+    if registry.pyro_scvi_version is not None:
+        version += f" (pyro-scvi {registry.pyro_scvi_version})"
     parts = [version + "."]
 
-    model_name = registry.get("model_name", "SCVI")
-    method = registry.get("setup_method_name", "setup_anndata")
-    arg_lines = [f"    {name}: {value!r}" for name, value in registry.get("setup_args", {}).items()]
+    model_name = registry.model_name or "SCVI"
+    method = registry.setup_method_name or "setup_anndata"
+    arg_lines = [f"    {name}: {value!r}" for name, value in registry.setup_args.items()]
     parts.append("\n".join([f"Setup via `{model_name}.{method}` with arguments:", *arg_lines]))
 
-    stats = summary_stats(registry)
+    stats = registry.summary_stats
     parts.append(_text_table("Summary Statistics", ["Summary Stat Key", "Value"], list(stats.items())))
 
-    locations = [
-        (name, _location(field["data_registry"]["attr_name"], field["data_registry"]["attr_key"]))
-        for name, field in fields.items()
-        if field["data_registry"]
-    ]
+    locations = [(name, field.location) for name, field in registry.fields.items() if field.is_registered]
     parts.append(_text_table("Data Registry", ["Registry Key", "scvi-tools Location"], locations))
 
     if not hide_state_registries:
-        for name, field in fields.items():
-            table = _state_table(name, field["state_registry"])
+        for name, field in registry.fields.items():
+            table = _state_table(name, field.state)
             if table:
                 parts.append(table)
     return "\n\n".join(parts) + "\n"
 
 
-def validate_registered(adata, registry: dict) -> None:
+def validate_registered(adata, registry: Registry | Mapping) -> None:
     """Raise ``ValueError`` when ``adata`` no longer fits ``registry`` (shape, layer or code columns)."""
-    fields = registry["field_registries"]
-    x_data = fields[REGISTRY_KEYS.X]["data_registry"]
-    x_state = fields[REGISTRY_KEYS.X]["state_registry"]
-    if x_data["attr_name"] == "layers" and x_data["attr_key"] not in adata.layers:
-        raise ValueError(f"{x_data['attr_key']} is not a valid key in adata.layers.")
-    if adata.n_vars != x_state["n_vars"]:
+    registry = Registry.coerce(registry)
+    x = registry.field(REGISTRY_KEYS.X)
+    if x.attr_name == "layers" and x.attr_key not in adata.layers:
+        raise ValueError(f"{x.attr_key} is not a valid key in adata.layers.")
+    if adata.n_vars != x.state["n_vars"]:
         raise ValueError(
-            f"The AnnData has {adata.n_vars} genes (n_vars) but was registered with {x_state['n_vars']}. "
+            f"The AnnData has {adata.n_vars} genes (n_vars) but was registered with {x.state['n_vars']}. "
             "Subset it to the registered genes or set it up again."
         )
-    if adata.n_obs != x_state["n_obs"]:
+    if adata.n_obs != x.state["n_obs"]:
         raise ValueError(
-            f"The AnnData has {adata.n_obs} cells (n_obs) but was registered with {x_state['n_obs']}. "
+            f"The AnnData has {adata.n_obs} cells (n_obs) but was registered with {x.state['n_obs']}. "
             "Set up this AnnData again (or transfer the registry to it)."
         )
-    for name, field in fields.items():
-        data_registry = field["data_registry"]
-        if not data_registry or name == REGISTRY_KEYS.X:
+    for name, field in registry.fields.items():
+        if not field.is_registered or name == REGISTRY_KEYS.X:
             continue
-        attr_name, attr_key = data_registry["attr_name"], data_registry["attr_key"]
-        container = getattr(adata, attr_name)
-        if attr_key not in container:
+        if field.attr_key not in getattr(adata, field.attr_name):
             raise ValueError(
-                f"{_location(attr_name, attr_key)} is missing: the AnnData was not set up with this registry. "
+                f"{field.location} is missing: the AnnData was not set up with this registry. "
                 "Run setup_anndata (or transfer the registry) again."
             )
         _check_codes_in_range(adata, name, field)
@@ -317,13 +645,14 @@ def validate_registered(adata, registry: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _setup_args_from_source(source_registry: dict, given: dict) -> dict:
+def _setup_args_from_source(source: Registry, given: dict) -> dict:
     """The source registry's setup arguments; explicit arguments may only repeat them."""
-    source_args = source_registry["setup_args"]
+    source_args = source.setup_args
     for name, value in given.items():
         if value is not None and _as_key_list(value) != _as_key_list(source_args.get(name)):
             raise ValueError(
-                f"`{name}={value!r}` conflicts with the source registry's `{name}={source_args.get(name)!r}`. "
+                f"`{name}={value!r}` conflicts with the source registry's "
+                f"`{name}={source_args.get(name)!r}`. "
                 "With `source_registry` the setup arguments come from the source; leave them unset."
             )
     return {name: source_args.get(name) for name in _SETUP_ARG_NAMES}
@@ -340,15 +669,41 @@ def _as_key_list(keys) -> list | None:
 
 # --------------------------------------------------------------------------------------------
 # Fields. Each builder checks its inputs, appends (attr_name, key, value) writes for setup_registry
-# to apply once every check has passed, and returns the field's registry entry.
+# to apply once every check has passed, and returns the field.
 # --------------------------------------------------------------------------------------------
 
 
-def _field(data_registry: dict, state_registry: dict, stats: dict) -> dict:
-    return {"data_registry": data_registry, "state_registry": state_registry, "summary_stats": stats}
+def _register_fields(
+    adata, setup_args: dict, source: dict[str, Field], extend: bool, check_var_names: bool, writes: list
+) -> dict[str, Field]:
+    """Every field of ``setup_args`` (in scvi-tools' order), plus those of a minified AnnData."""
+    fields = {
+        REGISTRY_KEYS.X: _register_layer(
+            adata, setup_args["layer"], source.get(REGISTRY_KEYS.X), writes, check_var_names
+        )
+    }
+    for name in (REGISTRY_KEYS.BATCH, REGISTRY_KEYS.LABELS):
+        key = setup_args[_CATEGORICAL_FIELDS[name][0]]
+        fields[name] = _register_categorical(adata, name, key, source.get(name), extend, writes)
+    fields[REGISTRY_KEYS.SIZE_FACTOR] = _register_size_factor(adata, setup_args["size_factor_key"])
+    fields[REGISTRY_KEYS.CAT_COVS] = _register_categorical_covariates(
+        adata, _as_key_list(setup_args["categorical_covariate_keys"]), source.get(REGISTRY_KEYS.CAT_COVS),
+        extend, writes,
+    )
+    fields[REGISTRY_KEYS.CONT_COVS] = _register_continuous_covariates(
+        adata, _as_key_list(setup_args["continuous_covariate_keys"]), writes
+    )
+    if MINIFY_TYPE_KEY in adata.uns:
+        for name, (attr_name, key) in MINIFIED_FIELDS.items():
+            if key not in getattr(adata, attr_name):
+                raise ValueError(f"This AnnData is minified but {_location(attr_name, key)} is missing.")
+            fields[name] = Field(attr_name, key)
+    return fields
 
 
-def _register_layer(adata, layer: str | None, source: dict | None, writes: list, check_var_names: bool = False) -> dict:
+def _register_layer(
+    adata, layer: str | None, source: Field | None, writes: list, check_var_names: bool = False
+) -> Field:
     """The count matrix: ``adata.X`` or ``adata.layers[layer]``."""
     if layer is not None and layer not in adata.layers:
         raise ValueError(f"{layer} is not a valid key in adata.layers.")
@@ -356,14 +711,14 @@ def _register_layer(adata, layer: str | None, source: dict | None, writes: list,
     if matrix is None:
         raise ValueError("adata.X is empty (None); pass the layer holding the raw counts via `layer=`.")
     if source is not None:
-        expected = source["state_registry"]["n_vars"]
+        expected = source.state["n_vars"]
         if adata.n_vars != expected:
             raise ValueError(
                 "Number of vars in `adata_target` not the same as source. "
                 f"Expected: {expected} Received: {adata.n_vars}"
             )
         if check_var_names:
-            _check_same_var_names(adata, source["state_registry"].get("column_names"))
+            _check_same_var_names(adata, source.state.get("column_names"))
     _check_counts(matrix, layer)
     _warn_if_not_csr(matrix, layer)
     _warn_duplicated_names(adata)
@@ -371,20 +726,25 @@ def _register_layer(adata, layer: str | None, source: dict | None, writes: list,
         _warn_empty_cells(matrix, layer)
     if isinstance(matrix, np.ndarray) and not matrix.flags.c_contiguous:
         writes.append(("X" if layer is None else "layers", layer, np.ascontiguousarray(matrix)))
-    return _field(
-        {"attr_name": "X" if layer is None else "layers", "attr_key": layer},
-        {"n_obs": adata.n_obs, "n_vars": adata.n_vars, "column_names": np.asarray(adata.var_names, dtype=object)},
+    return Field(
+        "X" if layer is None else "layers",
+        layer,
+        {
+            "n_obs": adata.n_obs,
+            "n_vars": adata.n_vars,
+            "column_names": np.asarray(adata.var_names, dtype=object),
+        },
         {"n_vars": adata.n_vars, "n_cells": adata.n_obs},
     )
 
 
 def _register_categorical(
-    adata, field_name: str, key: str | None, source: dict | None, extend: bool, writes: list
-) -> dict:
+    adata, field_name: str, key: str | None, source: Field | None, extend: bool, writes: list
+) -> Field:
     """``batch`` or ``labels``: codes of ``obs[key]`` (a constant 0 when ``key`` is None)."""
     _, column, stat_name = _CATEGORICAL_FIELDS[field_name]
     if source is not None:
-        key = source["state_registry"]["original_key"]
+        key = source.original_key
     if key is None or key == column:
         key = column
         values = pd.Series(np.zeros(adata.n_obs, dtype=np.int64), index=adata.obs_names)
@@ -394,7 +754,7 @@ def _register_categorical(
     if source is None:
         mapping = None
     else:
-        mapping, unseen = _transfer_mapping(values, source["state_registry"]["categorical_mapping"], extend)
+        mapping, unseen = _transfer_mapping(values, source.categories, extend)
         if len(unseen) and not extend:
             raise ValueError(
                 f"Category {unseen[0]} not found in source registry. "
@@ -403,17 +763,14 @@ def _register_categorical(
     codes, mapping = _encode(values, key, mapping)
     _warn_small_categories(codes, mapping, column)
     writes.append(("obs", column, codes))
-    return _field(
-        {"attr_name": "obs", "attr_key": column},
-        {"categorical_mapping": mapping, "original_key": key},
-        {stat_name: len(mapping)},
-    )
+    state = {"categorical_mapping": mapping, "original_key": key}
+    return Field("obs", column, state, {stat_name: len(mapping)})
 
 
-def _register_size_factor(adata, key: str | None) -> dict:
+def _register_size_factor(adata, key: str | None) -> Field:
     """Optional per-cell size factor, read in place from ``obs[key]``."""
     if key is None:
-        return _field({}, {}, {})
+        return Field()
     values = _obs_column(adata, key)
     if not _is_numeric(values):
         raise ValueError(f"Size factor adata.obs['{key}'] must be numeric; got dtype {values.dtype}.")
@@ -423,16 +780,16 @@ def _register_size_factor(adata, key: str | None) -> dict:
         raise ValueError(
             f"Size factor adata.obs['{key}'] must be finite and strictly positive; {bad} cell(s) are not."
         )
-    return _field({"attr_name": "obs", "attr_key": key}, {}, {})
+    return Field("obs", key)
 
 
 def _register_categorical_covariates(
-    adata, keys: list | None, source: dict | None, extend: bool, writes: list
-) -> dict:
+    adata, keys: list | None, source: Field | None, extend: bool, writes: list
+) -> Field:
     """Extra categorical covariates: one code column per key in ``obsm["_scvi_extra_categorical_covs"]``."""
     if not keys:
-        return _field({}, {}, {"n_extra_categorical_covs": 0})
-    source_mappings = None if source is None else source["state_registry"]["mappings"]
+        return Field(summary_stats={"n_extra_categorical_covs": 0})
+    source_mappings = None if source is None else source.state["mappings"]
     codes = pd.DataFrame(index=adata.obs_names)
     mappings = {}
     for key in keys:
@@ -442,27 +799,35 @@ def _register_categorical_covariates(
             mapping, _ = _transfer_mapping(values, source_mappings[key], extend)  # unseen → _encode raises
         codes[key], mappings[key] = _encode(values, key, mapping)
     writes.append(("obsm", _CAT_COVS_COLUMN, codes))
-    return _field(
-        {"attr_name": "obsm", "attr_key": _CAT_COVS_COLUMN},
-        {"mappings": mappings, "field_keys": list(keys), "n_cats_per_key": [len(m) for m in mappings.values()]},
+    return Field(
+        "obsm",
+        _CAT_COVS_COLUMN,
+        {
+            "mappings": mappings,
+            "field_keys": list(keys),
+            "n_cats_per_key": [len(m) for m in mappings.values()],
+        },
         {"n_extra_categorical_covs": len(keys)},
     )
 
 
-def _register_continuous_covariates(adata, keys: list | None, writes: list) -> dict:
-    """Extra continuous covariates: a float32 copy of ``obs[keys]`` in ``obsm["_scvi_extra_continuous_covs"]``."""
+def _register_continuous_covariates(adata, keys: list | None, writes: list) -> Field:
+    """Extra continuous covariates: ``obs[keys]`` as float32 in ``obsm["_scvi_extra_continuous_covs"]``."""
     if not keys:
-        return _field({}, {}, {"n_extra_continuous_covs": 0})
+        return Field(summary_stats={"n_extra_continuous_covs": 0})
     for key in keys:
         values = _obs_column(adata, key)
         if not _is_numeric(values):
-            raise ValueError(f"Continuous covariate adata.obs['{key}'] must be numeric; got dtype {values.dtype}.")
+            raise ValueError(
+                f"Continuous covariate adata.obs['{key}'] must be numeric; got dtype {values.dtype}."
+            )
         if not np.all(np.isfinite(values.to_numpy(dtype=np.float64))):
             raise ValueError(f"Continuous covariate adata.obs['{key}'] contains NaN or infinite values.")
     table = adata.obs[list(keys)].astype(np.float32)
     writes.append(("obsm", _CONT_COVS_COLUMN, table))
-    return _field(
-        {"attr_name": "obsm", "attr_key": _CONT_COVS_COLUMN},
+    return Field(
+        "obsm",
+        _CONT_COVS_COLUMN,
         {"columns": np.asarray(list(keys), dtype=object)},
         {"n_extra_continuous_covs": len(keys)},
     )
@@ -505,7 +870,7 @@ def _category_array(categories) -> np.ndarray:
 
 
 def _transfer_mapping(values: pd.Series, mapping, extend: bool) -> tuple[np.ndarray, list]:
-    """The source ``mapping`` (extended by the unseen values when ``extend``) and the unseen values, sorted."""
+    """The source ``mapping`` (extended by the unseen values when ``extend``) and the sorted unseen values."""
     mapping = _category_array(mapping)
     present = pd.Index(np.asarray(values.dropna().unique()))
     unseen = list(present.difference(pd.Index(mapping)))
@@ -522,7 +887,7 @@ def _warn_small_categories(codes: np.ndarray, mapping: np.ndarray, column: str) 
             f"Category {mapping[code]} in adata.obs['{column}'] has fewer than 3 cells. "
             "Models may not train properly.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
 
 
@@ -556,56 +921,36 @@ def _check_counts(matrix, layer: str | None) -> None:
     """Raise on NaN, infinite or negative values; warn on non-integer values. Every value is checked."""
     if _backed.is_backed(matrix):  # on disk: one chunked pass (its totals also serve later checks)
         found = _backed.scan(matrix)
-        if not (np.issubdtype(found.dtype, np.number) or found.dtype == np.bool_):
-            raise ValueError(f"{_matrix_name(layer)} has dtype {found.dtype}; scVI needs numeric counts.")
-        summary = (found.n_nan, found.n_inf, found.minimum, found.non_integer)
     else:
-        summary = _count_summary(matrix, layer)
-    _report_counts(*summary, layer)
+        found = _backed.ScanResult(totals=np.zeros(0), dtype=np.dtype(matrix.dtype))
+        if _backed.is_numeric(found.dtype):
+            for block in _value_blocks(matrix):
+                _backed.check_values(block, found)
+    if not _backed.is_numeric(found.dtype):
+        raise ValueError(f"{_matrix_name(layer)} has dtype {found.dtype}; scVI needs numeric counts.")
+    _report_counts(found, layer)
 
 
-def _count_summary(matrix, layer: str | None) -> tuple[int, int, float, bool]:
-    """Numbers of NaN and infinite values, smallest finite value, whether some value is not an integer."""
-    n_nan = n_inf = 0
-    minimum = np.inf
-    non_integer = False
-    for block in _value_blocks(matrix):
-        if block.size == 0:
-            continue
-        if not (np.issubdtype(block.dtype, np.number) or block.dtype == np.bool_):
-            raise ValueError(f"{_matrix_name(layer)} has dtype {block.dtype}; scVI needs numeric counts.")
-        if np.issubdtype(block.dtype, np.inexact):
-            finite = np.isfinite(block)
-            if not finite.all():
-                n_nan += int(np.isnan(block).sum())
-                n_inf += int(np.isinf(block).sum())
-                block = block[finite]
-                if block.size == 0:
-                    continue
-            non_integer = non_integer or bool(np.any(block != np.floor(block)))
-        minimum = min(minimum, float(block.min()))
-    return n_nan, n_inf, minimum, non_integer
-
-
-def _report_counts(n_nan: int, n_inf: int, minimum: float, non_integer: bool, layer: str | None) -> None:
+def _report_counts(found: _backed.ScanResult, layer: str | None) -> None:
     problems = []
-    if n_nan:
-        problems.append(f"NaN values ({n_nan} entries)")
-    if n_inf:
-        problems.append(f"infinite values ({n_inf} entries)")
-    if minimum < 0:
-        problems.append(f"negative values (min {minimum})")
+    if found.n_nan:
+        problems.append(f"NaN values ({found.n_nan} entries)")
+    if found.n_inf:
+        problems.append(f"infinite values ({found.n_inf} entries)")
+    if found.minimum < 0:
+        problems.append(f"negative values (min {found.minimum})")
     if problems:
         raise ValueError(
             f"{_matrix_name(layer)} contains {' and '.join(problems)}; scVI needs raw, non-negative counts. "
             "Pass the layer with raw UMI counts via `layer=`."
         )
-    if non_integer:
+    if found.non_integer:
         warnings.warn(
             f"{_matrix_name(layer, quoted=False)} does not contain unnormalized count data. "
             "Are you sure this is what you want?",
             UserWarning,
-            stacklevel=5,  # _report_counts < _check_counts < _register_layer < setup_registry
+            # _report_counts < _check_counts < _register_layer < _register_fields < setup_registry < caller
+            stacklevel=6,
         )
 
 
@@ -622,13 +967,14 @@ def _check_same_var_names(adata, expected) -> None:
         first = int(np.flatnonzero(expected.to_numpy() != received.to_numpy())[0])
         raise ValueError(
             f"The AnnData has the model's genes in a different order (first difference at position {first}: "
-            f"{received[first]!r} where the model has {expected[first]!r}); the counts would be read against the "
-            "wrong genes. Reorder the genes first: `adata = adata[:, model.adata.var_names].copy()` (or "
+            f"{received[first]!r} where the model has {expected[first]!r}); the counts would be read against "
+            "the wrong genes. Reorder the genes first: `adata = adata[:, model.adata.var_names].copy()` (or "
             "`SCVI.prepare_query_anndata(adata, model)`)."
         )
     raise ValueError(
         f"The AnnData's genes are not the model's: {len(missing)} of the model's genes are missing "
-        f"(e.g. {list(missing[:5])}) and {len(unseen)} genes are unknown to the model (e.g. {list(unseen[:5])}). "
+        f"(e.g. {list(missing[:5])}) and {len(unseen)} genes are unknown to the model "
+        f"(e.g. {list(unseen[:5])}). "
         "Subset and order the genes as the model's, e.g. with `SCVI.prepare_query_anndata(adata, model)` "
         "(which fills missing genes with zeros)."
     )
@@ -636,16 +982,19 @@ def _check_same_var_names(adata, expected) -> None:
 
 def _warn_duplicated_names(adata) -> None:
     """Duplicated cell or gene names work, but results keyed by name become ambiguous."""
-    for axis, names, fix in (("gene", adata.var_names, "var_names_make_unique"), ("cell", adata.obs_names, "obs_names_make_unique")):
+    for axis, names, fix in (
+        ("gene", adata.var_names, "var_names_make_unique"),
+        ("cell", adata.obs_names, "obs_names_make_unique"),
+    ):
         if names.is_unique:
             continue
         duplicated = pd.unique(np.asarray(names[names.duplicated()], dtype=object))
         warnings.warn(
-            f"{len(duplicated)} {axis} name(s) are duplicated (e.g. {list(duplicated[:3])}): results indexed by "
-            f"{axis} name (DataFrames, gene_list, differential expression) will be ambiguous. "
+            f"{len(duplicated)} {axis} name(s) are duplicated (e.g. {list(duplicated[:3])}): results indexed "
+            f"by {axis} name (DataFrames, gene_list, differential expression) will be ambiguous. "
             f"Call `adata.{fix}()` before setup_anndata.",
             UserWarning,
-            stacklevel=5,
+            stacklevel=6,
         )
 
 
@@ -654,12 +1003,12 @@ def _warn_empty_cells(matrix, layer: str | None) -> None:
     n_empty = int(np.sum(_row_totals(matrix) <= 0))
     if n_empty:
         warnings.warn(
-            f"This dataset has some empty cells, this might fail inference. Data should be filtered with "
-            f"`scanpy.pp.filter_cells()`. ({n_empty} cell(s) have zero total counts in {_matrix_name(layer)}: they "
-            "are used with a library of 1 count and their latent representation and expression estimates are "
-            "meaningless.)",
+            "This dataset has some empty cells, this might fail inference. Data should be filtered with "
+            f"`scanpy.pp.filter_cells()`. ({n_empty} cell(s) have zero total counts in "
+            f"{_matrix_name(layer)}: they are used with a library of 1 count and their latent representation "
+            "and expression estimates are meaningless.)",
             UserWarning,
-            stacklevel=5,
+            stacklevel=6,
         )
 
 
@@ -672,7 +1021,7 @@ def _warn_if_not_csr(matrix, layer: str | None) -> None:
             "sparse matrix is formatted as CSR. It is safe to cast before model initialization, e.g. "
             f"`{_matrix_name(layer)} = {_matrix_name(layer)}.tocsr()`.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
 
 
@@ -698,7 +1047,8 @@ def _row_totals(matrix) -> np.ndarray:
 
 def _obs_column(adata, key: str) -> pd.Series:
     if key not in adata.obs:
-        raise KeyError(f"{key} not found in adata.obs. Available columns: {[str(c) for c in adata.obs.columns]}.")
+        available = [str(c) for c in adata.obs.columns]
+        raise KeyError(f"{key} not found in adata.obs. Available columns: {available}.")
     return adata.obs[key]
 
 
@@ -732,21 +1082,20 @@ def _location(attr_name: str, attr_key: str | None) -> str:
     return f"adata.{attr_name}" if attr_key is None else f"adata.{attr_name}['{attr_key}']"
 
 
-def _check_codes_in_range(adata, name: str, field: dict) -> None:
-    state = field["state_registry"]
-    if "categorical_mapping" in state:
-        codes = adata.obs[field["data_registry"]["attr_key"]].to_numpy()
-        columns = {name: (codes, len(state["categorical_mapping"]))}
-    elif "mappings" in state:
-        table = adata.obsm[field["data_registry"]["attr_key"]]
-        columns = {key: (np.asarray(table[key]), len(mapping)) for key, mapping in state["mappings"].items()}
+def _check_codes_in_range(adata, name: str, field: Field) -> None:
+    if field.categories is not None:
+        columns = {name: (adata.obs[field.attr_key].to_numpy(), len(field.categories))}
+    elif "mappings" in field.state:
+        table = adata.obsm[field.attr_key]
+        mappings = field.state["mappings"]
+        columns = {key: (np.asarray(table[key]), len(mapping)) for key, mapping in mappings.items()}
     else:
         return
     for column, (codes, n_categories) in columns.items():
         if codes.size and (codes.min() < 0 or codes.max() >= n_categories):
             raise ValueError(
-                f"The codes of {column!r} in the AnnData do not fit the registry's {n_categories} categories. "
-                "Run setup_anndata (or transfer the registry) again."
+                f"The codes of {column!r} in the AnnData do not fit the registry's {n_categories} "
+                "categories. Run setup_anndata (or transfer the registry) again."
             )
 
 
