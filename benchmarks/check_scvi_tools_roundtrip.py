@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 
 from pyro_scvi import SCVI  # noqa: E402
 from pyro_scvi.data import synthetic_iid  # noqa: E402
-from pyro_scvi.io.native import from_safe, read_model_file  # noqa: E402
+from pyro_scvi.io.model_file import read_payload  # noqa: E402
+from pyro_scvi.io.native import from_safe  # noqa: E402
 from pyro_scvi.io.scvi_tools import read_scvi_tools_model, write_scvi_tools_model  # noqa: E402
 
 FIXTURE = REPO.parent / "shared" / "fixtures" / "scvi_tools_cellbench5"
@@ -100,7 +101,7 @@ def check_ours(scvi_python: Path, tolerance: float, tmp: str) -> bool:
     model.save(ours, save_anndata=True)
     np.save(Path(tmp) / "ours_mean.npy", mean)
     np.save(Path(tmp) / "ours_var.npy", var)
-    payload = read_model_file(ours)
+    _, payload = read_payload(ours)
     attrs = from_safe(payload["attr_dict"])
     attrs["history_"] = payload["attr_dict"]["history_"]
     out = Path(tmp) / "ours_exported"

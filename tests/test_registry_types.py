@@ -23,7 +23,7 @@ from pyro_scvi.data.registry import (
 )
 from pyro_scvi.io import load_registry
 from pyro_scvi.io.native import to_safe
-from pyro_scvi.io.scvi_tools import registry_from_legacy_setup_dict
+from pyro_scvi.io.legacy import registry_from_legacy_setup_dict
 from test_registry import FULL_SETUP, make_adata
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
