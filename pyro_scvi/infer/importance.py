@@ -18,11 +18,11 @@ import math
 
 import torch
 from pyro import plate, poutine
-
-from ..data.minibatch import Minibatch
 from pyro.poutine.util import prune_subsample_sites
 
-from .elbo import cell_frame, traces
+from ..data.minibatch import Minibatch
+from ..models.sites import LIBRARY, PARTICLES, X, Z, cell_frame
+from .elbo import traces
 from .posterior import variational_posterior
 
 __all__ = ["log_importance_weights", "log_importance_weights_in_passes", "marginal_log_likelihood", "aggregate_posterior_log_weights",
@@ -57,7 +57,7 @@ def _at_global_means(model, guide, batch: Minibatch):
 
 def log_importance_weights(model, guide, batch: Minibatch, n_samples: int, **kwargs) -> torch.Tensor:
     """``log p(x, z, l) − log q(z, l | x)`` for ``n_samples`` guide draws per cell: ``(K, n)``."""
-    with plate("particles", n_samples, dim=-2):
+    with plate(PARTICLES, n_samples, dim=-2):
         model_trace, guide_trace = traces(model, guide, batch, **kwargs)
     log_weight = 0.0
     for site in _sample_sites(model_trace):
@@ -111,30 +111,29 @@ def aggregate_posterior_log_weights(model, guide, z: torch.Tensor, anchors: Mini
     ``log p(x_a | z_m)`` decodes ``z_m`` with anchor ``a``'s batch, covariates and observed library;
     ``log_evidence`` is ``log p(x_a)`` ``(A,)`` (see :func:`marginal_log_likelihood`). Returns ``(M,)``.
     """
-    posterior = variational_posterior(guide, anchors, "z")  # loc, scale (A, d)
+    posterior = variational_posterior(guide, anchors, Z)  # loc, scale (A, d)
     model, _ = _at_global_means(model, guide, anchors)
     n_anchors, width = anchors.n_cells, anchors.x.shape[-1]
     chunk = max(1, MAX_PASS_ELEMENTS // max(1, n_anchors * width))
     out = []
     for z_chunk in z.split(chunk):
         m = z_chunk.shape[0]
-        values = {"z": z_chunk[:, None, :].expand(m, n_anchors, z.shape[-1])}
+        values = {Z: z_chunk[:, None, :].expand(m, n_anchors, z.shape[-1])}
         if latent_library:
-            values["library"] = anchors.log_library.expand(m, n_anchors, 1)
-        with plate("particles", m, dim=-2):
+            values[LIBRARY] = anchors.log_library.expand(m, n_anchors, 1)
+        with plate(PARTICLES, m, dim=-2):
             trace = poutine.trace(poutine.condition(model, data=values)).get_trace(anchors)
         _check_only_conditioned_latents(trace, values)
-        log_joint = trace.nodes["x"]["fn"].log_prob(anchors.x) + trace.nodes["z"]["fn"].log_prob(values["z"])  # (m, A)
-        log_q = posterior.log_prob(values["z"]).sum(-1)  # (m, A)
+        log_joint = trace.nodes[X]["fn"].log_prob(anchors.x) + trace.nodes[Z]["fn"].log_prob(values[Z])  # (m, A)
+        log_q = posterior.log_prob(values[Z]).sum(-1)  # (m, A)
         out.append(torch.logsumexp(log_joint - log_evidence, dim=-1) - torch.logsumexp(log_q, dim=-1))
     return torch.cat(out)
 
 
 def _check_only_conditioned_latents(trace, values: dict) -> None:
     """Importance weights of z need p(x | z) in closed form: no other per-cell latent may be drawn."""
-    others = [site["name"] for site in _sample_sites(trace)
-              if not site["is_observed"] and site["name"] not in values
-              and any(frame.name == "cells" for frame in site["cond_indep_stack"])]
+    others = [site["name"] for site in _sample_sites(trace)  # per-cell sites only
+              if not site["is_observed"] and site["name"] not in values]
     if others:
         raise ValueError(f"weights='importance' needs p(x | z) in closed form, but the model has the further per-cell "
                          f"latent site(s) {others}; use weights='uniform' with this model.")

@@ -21,6 +21,7 @@ from pyro.infer import SVI
 from tqdm.auto import tqdm
 
 from ..data.minibatch import Minibatch
+from ..models.sites import Z
 from .elbo import CellMeanELBO, elbo_parts
 from .optim import JointOptimizer
 
@@ -189,7 +190,7 @@ def _validate(module, model, guide, batches: Iterable[Minibatch], kl_weight: flo
     metrics = _EpochMetrics()
     with torch.no_grad():
         for batch in batches:
-            parts = elbo_parts(model, guide, batch, kl_weights={"z": kl_weight})
+            parts = elbo_parts(model, guide, batch, kl_weights={Z: kl_weight})
             metrics.add(parts.loss, parts.reconstruction, parts.kl, batch.n_cells, parts.kl_global_per_cell)
     module.train()
     return metrics.compute("validation", "validation_loss", reduce_sums)
@@ -253,7 +254,7 @@ def run_training(
                 try:
                     for batch in train_batches():
                         kl_weight = plan.kl_weight(epoch, step)
-                        elbo.kl_weights["z"] = kl_weight
+                        elbo.kl_weights[Z] = kl_weight
                         loss = _svi_step(svi, batch, gradient_hook, step_parameters)
                         if frozen:
                             frozen.restore()

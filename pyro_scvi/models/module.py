@@ -19,6 +19,7 @@ from torch import nn
 from ..data.minibatch import Minibatch
 from ..guides.scvi import scvi_guide
 from .likelihoods import get_likelihood
+from . import sites
 from .priors import LogNormalLibraryPrior, dispersion_prior_distribution, make_z_prior
 from .scvi import scvi_model
 from .networks import ExpressionDecoder, GaussianEncoder
@@ -213,8 +214,9 @@ class SCVIModule(nn.Module):
         """
         n = batch.n_cells
         if not self.has_global_latents or not self.n_train_cells:
-            return pyro.plate("cells", n, dim=-1)
-        return pyro.plate("cells", self.n_train_cells, subsample=torch.arange(n, device=batch.batch_index.device), dim=-1)
+            return pyro.plate(sites.CELLS, n, dim=-1)
+        subsample = torch.arange(n, device=batch.batch_index.device)
+        return pyro.plate(sites.CELLS, self.n_train_cells, subsample=subsample, dim=-1)
 
     def dispersion_hyperprior(self) -> dist.Distribution:
         """p(θ): batch shape ``(G,)``, event shape ``()`` or ``(B|L,)`` (see :data:`~pyro_scvi.models.priors.DISPERSION_PRIORS`)."""
