@@ -45,6 +45,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .device import resolve_device, use_cuda
+
 __all__ = [
     "DataParallel",
     "data_parallel_for",
@@ -93,7 +95,7 @@ def _count_devices(devices) -> int | None:
         n = int(devices)
     except (TypeError, ValueError):
         raise ValueError(f"devices={devices!r} is not a number of devices, a list of device indices or 'auto'.") from None
-    return max(n, 1)  # 0 (or a device index below 1): one device, as _resolve_device reads it
+    return max(n, 1)  # 0 (or another index below 1): one device, which resolve_device picks or rejects
 
 
 def data_parallel_for(accelerator: str, devices, strategy: str | None) -> "DataParallel | None":
@@ -129,7 +131,7 @@ def data_parallel_for(accelerator: str, devices, strategy: str | None) -> "DataP
         return None
     if not launched:
         if n is None or n == 1:
-            return DataParallel(rank=0, world_size=1, device=_single_device(accelerator, devices))
+            return DataParallel(rank=0, world_size=1, device=resolve_device(accelerator, devices))
         raise ValueError(
             f"devices={devices!r} trains data-parallel (DDP) with {n} processes, which pyro-scvi does not spawn "
             f"itself: {launch_instructions(n)}."
@@ -147,23 +149,6 @@ def _world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _use_cuda(accelerator: str) -> bool:
-    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
-        raise ValueError(f"accelerator={accelerator!r} is not one of 'auto', 'cpu', 'gpu', 'cuda'.")
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ValueError(f"accelerator={accelerator!r} but CUDA is not available; use accelerator='cpu'.")
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-
-
-def _single_device(accelerator: str, devices) -> torch.device:
-    if isinstance(devices, str) and devices.startswith("cuda"):
-        return torch.device(devices)
-    if not _use_cuda(accelerator):
-        return torch.device("cpu")
-    index = devices[0] if isinstance(devices, (list, tuple)) else 0
-    return torch.device(f"cuda:{int(index)}")
 
 
 def shard_order(indices: np.ndarray, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
@@ -209,10 +194,10 @@ class DataParallel:
         if not dist.is_available():
             raise RuntimeError("torch.distributed is not available in this build of PyTorch.")
         if dist.is_initialized():
-            use_cuda = dist.get_backend() == "nccl" or _use_cuda(accelerator)
+            cuda = dist.get_backend() == "nccl" or use_cuda(accelerator)
         else:
-            use_cuda = _use_cuda(accelerator)
-        if use_cuda:
+            cuda = use_cuda(accelerator)
+        if cuda:
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             index = int(device_indices[local_rank]) if device_indices else local_rank
             if index >= torch.cuda.device_count():
@@ -225,7 +210,7 @@ class DataParallel:
         else:
             device = torch.device("cpu")
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
             atexit.register(_destroy_process_group)
         return cls(dist.get_rank(), dist.get_world_size(), device)
 
