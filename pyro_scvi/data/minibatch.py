@@ -61,10 +61,6 @@ class Minibatch:
         }
         return Minibatch(**moved)
 
-    def without_counts(self) -> "Minibatch":
-        """The same cells with ``x=None``, so that a model samples the counts instead of observing them."""
-        return replace(self, x=None)
-
     def with_batch(self, code: int) -> "Minibatch":
         """The same cells, every one assigned to batch ``code``."""
         return replace(self, batch_index=torch.full_like(self.batch_index, int(code)))

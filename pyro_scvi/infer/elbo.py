@@ -139,7 +139,7 @@ class CellMeanELBO(ELBO):
         self.last_kl: dict[str, torch.Tensor] = {}
         self.last_kl_global = 0.0
 
-    def _get_trace(self, model, guide, args, kwargs):
+    def _get_trace(self, model, guide, args, kwargs):  # abstract in pyro's ELBO; the losses below use traces()
         return traces(model, guide, *args, **kwargs)
 
     def _terms(self, model, guide, *args, **kwargs) -> torch.Tensor:

@@ -35,7 +35,7 @@ from ..distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
 
 __all__ = [
     "LIKELIHOODS", "LikelihoodSpec", "register_likelihood", "unregister_likelihood", "get_likelihood",
-    "expression_likelihood", "likelihood_parameters", "BUILTIN_LIKELIHOODS",
+    "likelihood_parameters", "BUILTIN_LIKELIHOODS",
 ]
 
 #: ``(mean (…, n, G), inverse_dispersion or None, zero_inflation_logits or None) → Distribution``
@@ -181,11 +181,6 @@ def get_likelihood(name: str) -> LikelihoodSpec:
         return LIKELIHOODS[name]
     except (KeyError, TypeError):
         raise ValueError(unknown_likelihood_message(name)) from None
-
-
-def expression_likelihood(name: str, mean: torch.Tensor, inverse_dispersion=None, zero_inflation_logits=None):
-    """Build the likelihood ``name`` (one of :data:`LIKELIHOODS`)."""
-    return get_likelihood(name)(mean, inverse_dispersion, zero_inflation_logits)
 
 
 def likelihood_parameters(distribution, name: str | None = None) -> dict[str, torch.Tensor]:

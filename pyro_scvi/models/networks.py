@@ -20,11 +20,6 @@ from torch import nn
 
 __all__ = ["FCLayers", "GaussianEncoder", "ExpressionDecoder", "one_hot_covariates", "resolve_activation"]
 
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "exp": torch.exp,
-    "softplus": F.softplus,
-}
-
 
 def resolve_activation(var_activation) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Map ``None``, ``"exp"``, ``"softplus"``, ``torch.exp`` or ``nn.Softplus()`` to (name, function).
