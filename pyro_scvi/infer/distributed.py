@@ -44,6 +44,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data.distributed import DistributedSampler
 
 from .device import resolve_device, use_cuda
 
@@ -152,20 +153,16 @@ def _world_size() -> int:
 
 
 def shard_order(indices: np.ndarray, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
-    """This rank's cells for one epoch, in minibatch order.
+    """This rank's cells for one epoch, in minibatch order: ``torch.utils.data.DistributedSampler``'s.
 
     A permutation of ``indices`` seeded by ``seed + epoch`` (the same on every rank), padded by
     wrapping around to a multiple of ``world_size``, then every ``world_size``-th entry from
     ``rank`` on. All shards have ``ceil(n / world_size)`` cells.
     """
     indices = np.asarray(indices)
-    n = len(indices)
-    generator = torch.Generator().manual_seed(int(seed) + int(epoch))
-    order = indices[torch.randperm(n, generator=generator).numpy()]
-    total = math.ceil(n / world_size) * world_size
-    if total > n:
-        order = np.concatenate([order, np.resize(order, total - n)])
-    return order[rank::world_size]
+    sampler = DistributedSampler(range(len(indices)), num_replicas=world_size, rank=rank, shuffle=True, seed=int(seed))
+    sampler.set_epoch(int(epoch))
+    return indices[np.fromiter(sampler, dtype=np.int64, count=sampler.num_samples)]
 
 
 def _by_dtype(tensors: Iterable[torch.Tensor]) -> dict[torch.dtype, list[torch.Tensor]]:
