@@ -225,22 +225,10 @@ def run_training(
     float64 vector ``[loss, reconstruction, kl, n_cells]`` of per-epoch sums to its sum over the
     processes; ``epoch_end_hook()`` runs after each training epoch, before validation.
     """
-    elbo = CellMeanELBO()
-    optim = plan.make_optimizer()
-    svi = SVI(module.model, module.guide, optim, loss=elbo)
-    frozen = FrozenEntries(module, getattr(module, "frozen_parameters", {}))
-    step_parameters = _StepParameters()
-    snapshot = None
+    run = _SVIRun(module, plan, gradient_hook)
     records: dict[str, list] = {}
     stop_reason = None
-    step = 0
-    kl_weight = plan.kl_weight(0, 0)
-    validate_every = check_val_every_n_epoch
-
-    def record(epoch: int, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            records.setdefault(key, []).append((epoch, value))
-
+    snapshot = None
     module.train()
     epochs = tqdm(range(max_epochs), desc="Training", unit="epoch", disable=not progress_bar, leave=True)
     # Argument checks of distributions are a pass over each tensor plus a host sync (on CUDA) per
@@ -248,38 +236,19 @@ def run_training(
     with pyro.validation_enabled(False):
         try:
             for epoch in epochs:
-                # weights (and BatchNorm statistics) at the start of the epoch: restored if the epoch goes non-finite
+                # weights (and BatchNorm statistics) at the start of the epoch: restored if it goes non-finite
                 snapshot = _snapshot(module, snapshot)
-                metrics = _EpochMetrics()
-                try:
-                    for batch in train_batches():
-                        kl_weight = plan.kl_weight(epoch, step)
-                        elbo.kl_weights[Z] = kl_weight
-                        loss = _svi_step(svi, batch, gradient_hook, step_parameters)
-                        if frozen:
-                            frozen.restore()
-                        metrics.add(loss, elbo.last_reconstruction, elbo.last_kl, batch.n_cells, elbo.last_kl_global)
-                        step += 1
-                except Exception as error:  # NaN weights or inputs trip the distributions' argument checks mid-epoch
-                    if _NON_FINITE_MARK in str(error) or not _all_finite(module):
-                        module.load_state_dict(snapshot)
-                        raise FloatingPointError(_non_finite_message("values became NaN or infinite", epoch)) from error
-                    raise
-                values = metrics.compute("train", "train_loss", reduce_sums)
-                values["kl_weight"] = kl_weight
-                if not math.isfinite(values["train_loss"]) or not _all_finite(module):
-                    module.load_state_dict(snapshot)
-                    what = f"loss became {values['train_loss']}" if not math.isfinite(values["train_loss"]) else "weights became non-finite"
-                    raise FloatingPointError(_non_finite_message(what, epoch))
+                values = run.train_epoch(epoch, train_batches(), snapshot).compute("train", "train_loss", reduce_sums)
+                values["kl_weight"] = run.kl_weight
+                _check_epoch_finite(module, values["train_loss"], snapshot, epoch)
                 if epoch_end_hook is not None:
                     epoch_end_hook()
-                if validation_batches is not None and validate_every and (epoch + 1) % validate_every == 0:
-                    values.update(_validate(module, svi.model, svi.guide, validation_batches(), kl_weight, reduce_sums))
-                    if plan.reduce_lr_on_plateau and plan.lr_scheduler_metric in values:
-                        optim.step(values[plan.lr_scheduler_metric])
+                if validation_batches is not None and check_val_every_n_epoch and (epoch + 1) % check_val_every_n_epoch == 0:
+                    values.update(run.validate(validation_batches(), reduce_sums))
                 if plan.reduce_lr_on_plateau:
-                    values["lr-" + plan.optimizer] = _current_lr(optim, plan.lr)
-                record(epoch, values)
+                    values["lr-" + plan.optimizer] = _current_lr(run.optim, plan.lr)
+                for key, value in values.items():
+                    records.setdefault(key, []).append((epoch, value))
                 epochs.set_postfix(loss=f"{values['train_loss']:.4g}", refresh=False)
                 if early_stopping is not None and early_stopping.should_stop(epoch, values):
                     stop_reason = early_stopping.reason
@@ -291,6 +260,57 @@ def run_training(
             epochs.close()
             module.eval()
     return records, stop_reason
+
+
+class _SVIRun:
+    """The SVI state of one ``run_training`` call: objective, optimiser, step count and KL weight."""
+
+    def __init__(self, module, plan: TrainingPlan, gradient_hook: Callable[[], None] | None) -> None:
+        self.module, self.plan, self.gradient_hook = module, plan, gradient_hook
+        self.elbo = CellMeanELBO()
+        self.optim = plan.make_optimizer()
+        self.svi = SVI(module.model, module.guide, self.optim, loss=self.elbo)
+        self.frozen = FrozenEntries(module, getattr(module, "frozen_parameters", {}))
+        self.step_parameters = _StepParameters()
+        self.step = 0
+        #: KL warm-up weight of the last step (kept over an epoch without minibatches)
+        self.kl_weight = plan.kl_weight(0, 0)
+
+    def train_epoch(self, epoch: int, batches: Iterable[Minibatch], snapshot: dict) -> _EpochMetrics:
+        """One optimiser step per minibatch; on non-finite values, restore ``snapshot`` and raise
+        ``FloatingPointError``."""
+        metrics = _EpochMetrics()
+        elbo = self.elbo
+        try:
+            for batch in batches:
+                self.kl_weight = self.plan.kl_weight(epoch, self.step)
+                elbo.kl_weights[Z] = self.kl_weight
+                loss = _svi_step(self.svi, batch, self.gradient_hook, self.step_parameters)
+                if self.frozen:
+                    self.frozen.restore()
+                metrics.add(loss, elbo.last_reconstruction, elbo.last_kl, batch.n_cells, elbo.last_kl_global)
+                self.step += 1
+        except Exception as error:  # NaN weights or inputs trip the distributions' argument checks mid-epoch
+            if _NON_FINITE_MARK in str(error) or not _all_finite(self.module):
+                self.module.load_state_dict(snapshot)
+                raise FloatingPointError(_non_finite_message("values became NaN or infinite", epoch)) from error
+            raise
+        return metrics
+
+    def validate(self, batches: Iterable[Minibatch], reduce_sums=None) -> dict[str, float]:
+        """Validation metrics; advances the learning-rate schedule when it monitors one of them."""
+        values = _validate(self.module, self.svi.model, self.svi.guide, batches, self.kl_weight, reduce_sums)
+        if self.plan.reduce_lr_on_plateau and self.plan.lr_scheduler_metric in values:
+            self.optim.step(values[self.plan.lr_scheduler_metric])
+        return values
+
+
+def _check_epoch_finite(module, train_loss: float, snapshot: dict, epoch: int) -> None:
+    """Restore ``snapshot`` and raise ``FloatingPointError`` when the epoch's loss or weights are not finite."""
+    if not math.isfinite(train_loss) or not _all_finite(module):
+        module.load_state_dict(snapshot)
+        what = f"loss became {train_loss}" if not math.isfinite(train_loss) else "weights became non-finite"
+        raise FloatingPointError(_non_finite_message(what, epoch))
 
 
 #: how torch's distributions report a NaN/inf argument

@@ -96,7 +96,8 @@ class SCVIModule(nn.Module):
         _check_choice("use_batch_norm", use_batch_norm, NORM_PLACEMENTS)
         _check_choice("use_layer_norm", use_layer_norm, NORM_PLACEMENTS)
         _check_choice("batch_representation", batch_representation, BATCH_REPRESENTATIONS)
-        self.n_input, self.n_batch, self.n_labels, self.n_latent = n_input, max(n_batch, 1), max(n_labels, 1), n_latent
+        self.n_input, self.n_latent = n_input, n_latent
+        self.n_batch, self.n_labels = max(n_batch, 1), max(n_labels, 1)
         self.dispersion = dispersion
         self.gene_likelihood = gene_likelihood
         self.latent_distribution = latent_distribution
@@ -105,19 +106,30 @@ class SCVIModule(nn.Module):
         self.use_size_factor = bool(use_size_factor_key)
         self.use_observed_lib_size = bool(use_size_factor_key) or use_observed_lib_size
         self.n_continuous_cov = n_continuous_cov
-
-        # the batch enters as a one-hot covariate, or as a learned embedding appended to the inputs
         self.batch_representation = batch_representation
+        # creation order is fixed (it sets the random initial weights and the state-dict order)
+        self._build_networks(n_hidden, n_layers, n_cats_per_cov, dropout_rate, deeply_inject_covariates,
+                             use_batch_norm, use_layer_norm, var_activation, batch_embedding_kwargs)
+        self._build_dispersion_and_library(library_log_means, library_log_vars)
+        self._build_priors(z_prior, n_prior_components, library_prior, dispersion_prior)
+        #: parameter name → boolean mask of entries that training must not change (query mapping)
+        self.frozen_parameters: dict[str, torch.Tensor] = {}
+
+    def _build_networks(self, n_hidden, n_layers, n_cats_per_cov, dropout_rate, inject_covariates,
+                        use_batch_norm, use_layer_norm, var_activation, batch_embedding_kwargs) -> None:
+        """The batch embedding (if any), both encoders and the decoder."""
+        # the batch enters as a one-hot covariate, or as a learned embedding appended to the inputs
         n_embedding = 0
-        if batch_representation == "embedding":
+        if self.batch_representation == "embedding":
             embedding_kwargs = dict(batch_embedding_kwargs or {})
             n_embedding = int(embedding_kwargs.pop("embedding_dim", 5))
             if embedding_kwargs:
-                raise ValueError(f"Unknown batch_embedding_kwargs {sorted(embedding_kwargs)}; only embedding_dim is accepted.")
+                raise ValueError(f"Unknown batch_embedding_kwargs {sorted(embedding_kwargs)}; "
+                                 "only embedding_dim is accepted.")
             self.batch_embedding = nn.Embedding(self.n_batch, n_embedding)
         cat_list = ([] if n_embedding else [self.n_batch]) + list(n_cats_per_cov or [])
-        encoder_cats = cat_list if encode_covariates else None
-        n_input_encoder = n_input + ((n_continuous_cov + n_embedding) if encode_covariates else 0)
+        encoder_cats = cat_list if self.encode_covariates else None
+        n_input_encoder = self.n_input + ((self.n_continuous_cov + n_embedding) if self.encode_covariates else 0)
         self.n_input_encoder = n_input_encoder
         bn_encoder = use_batch_norm in ("encoder", "both")
         bn_decoder = use_batch_norm in ("decoder", "both")
@@ -125,41 +137,50 @@ class SCVIModule(nn.Module):
         ln_decoder = use_layer_norm in ("decoder", "both")
 
         self.z_encoder = GaussianEncoder(
-            n_input_encoder, n_latent, encoder_cats, n_layers, n_hidden, dropout_rate,
-            bn_encoder, ln_encoder, inject_covariates=deeply_inject_covariates, var_activation=var_activation,
+            n_input_encoder, self.n_latent, encoder_cats, n_layers, n_hidden, dropout_rate,
+            bn_encoder, ln_encoder, inject_covariates=inject_covariates, var_activation=var_activation,
         )
         self.library_encoder = GaussianEncoder(
             n_input_encoder, 1, encoder_cats, 1, n_hidden, dropout_rate,
-            bn_encoder, ln_encoder, inject_covariates=deeply_inject_covariates, var_activation=var_activation,
+            bn_encoder, ln_encoder, inject_covariates=inject_covariates, var_activation=var_activation,
         )
         self.decoder = ExpressionDecoder(
-            n_latent + n_continuous_cov + n_embedding, n_input, cat_list, n_layers, n_hidden,
-            bn_decoder, ln_decoder, inject_covariates=deeply_inject_covariates,
+            self.n_latent + self.n_continuous_cov + n_embedding, self.n_input, cat_list, n_layers, n_hidden,
+            bn_decoder, ln_decoder, inject_covariates=inject_covariates,
             scale_activation="softplus" if self.use_size_factor else "softmax",
         )
-        dispersion_shape = {"gene": (n_input,), "gene-batch": (n_input, self.n_batch), "gene-label": (n_input, self.n_labels)}
-        if dispersion in dispersion_shape:
-            self.log_dispersion = nn.Parameter(torch.randn(dispersion_shape[dispersion]))
+
+    def _build_dispersion_and_library(self, library_log_means, library_log_vars) -> None:
+        """``log_dispersion`` (none for ``gene-cell``) and the per-batch library buffers (latent library)."""
+        shapes = {"gene": (self.n_input,), "gene-batch": (self.n_input, self.n_batch),
+                  "gene-label": (self.n_input, self.n_labels)}
+        if self.dispersion in shapes:
+            self.log_dispersion = nn.Parameter(torch.randn(shapes[self.dispersion]))
         else:
             self.register_parameter("log_dispersion", None)
         if not self.use_observed_lib_size:
             if library_log_means is None or library_log_vars is None:
-                raise ValueError("A latent library size needs library_log_means and library_log_vars, shape (1, n_batch).")
-            self.register_buffer("library_log_means", torch.as_tensor(library_log_means, dtype=torch.float32).reshape(1, -1))
-            self.register_buffer("library_log_vars", torch.as_tensor(library_log_vars, dtype=torch.float32).reshape(1, -1))
-        # priors (pyro_scvi.models.priors): of z, of the latent log-library, hyper-prior of θ
-        self.z_prior = make_z_prior(z_prior, n_latent, n_prior_components)
+                raise ValueError("A latent library size needs library_log_means and library_log_vars, "
+                                 "shape (1, n_batch).")
+            for name, value in (("library_log_means", library_log_means), ("library_log_vars", library_log_vars)):
+                self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32).reshape(1, -1))
+
+    def _build_priors(self, z_prior, n_prior_components, library_prior, dispersion_prior) -> None:
+        """Priors (:mod:`pyro_scvi.models.priors`): of z, of the latent log-library, hyper-prior of θ."""
+        self.z_prior = make_z_prior(z_prior, self.n_latent, n_prior_components)
         if library_prior is not None and self.use_observed_lib_size:
-            raise ValueError("library_prior needs a latent library: build the model with use_observed_lib_size=False.")
+            raise ValueError("library_prior needs a latent library: build the model with "
+                             "use_observed_lib_size=False.")
         if self.use_observed_lib_size:
             self.library_prior = None
         else:
             self.library_prior = LogNormalLibraryPrior() if library_prior is None else library_prior
         self.dispersion_prior = dispersion_prior
         if dispersion_prior is not None:
-            if self.log_dispersion is None or not get_likelihood(gene_likelihood).dispersion:
-                raise ValueError(f"dispersion_prior={dispersion_prior!r} needs a per-gene θ: dispersion 'gene', 'gene-batch' "
-                                 f"or 'gene-label' and a likelihood with a dispersion (got {dispersion!r}, {gene_likelihood!r}).")
+            if self.log_dispersion is None or not get_likelihood(self.gene_likelihood).dispersion:
+                raise ValueError(f"dispersion_prior={dispersion_prior!r} needs a per-gene θ: dispersion 'gene', "
+                                 "'gene-batch' or 'gene-label' and a likelihood with a dispersion (got "
+                                 f"{self.dispersion!r}, {self.gene_likelihood!r}).")
             dispersion_prior_distribution(dispersion_prior, tuple(self.log_dispersion.shape))  # checks the name
             self.log_dispersion_log_scale = nn.Parameter(torch.full_like(self.log_dispersion, math.log(0.1)))
         #: number of training cells; with a global latent the "cells" plate has this size (see cells_plate)
@@ -167,8 +188,6 @@ class SCVIModule(nn.Module):
         for prior in (self.z_prior, self.library_prior):
             if prior is not None and hasattr(prior, "attach"):
                 prior.attach(self)
-        #: parameter name → boolean mask of entries that training must not change (query mapping)
-        self.frozen_parameters: dict[str, torch.Tensor] = {}
 
     # -- the probabilistic program ---------------------------------------------------------------
     #: user functions ``fn(module, batch, transform_batch=None)`` replacing the built-in model / guide
