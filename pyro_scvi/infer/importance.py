@@ -25,8 +25,8 @@ from ..models.sites import LIBRARY, PARTICLES, X, Z, cell_frame
 from .elbo import traces
 from .posterior import variational_posterior
 
-__all__ = ["log_importance_weights", "log_importance_weights_in_passes", "marginal_log_likelihood", "aggregate_posterior_log_weights",
-           "global_posterior_means"]
+__all__ = ["log_importance_weights", "log_importance_weights_in_passes", "marginal_log_likelihood",
+           "aggregate_posterior_log_weights", "global_posterior_means"]
 
 #: elements of the largest (samples × cells × genes) tensor one pass may create (2M floats: 8 MB per
 #: tensor, ~100 MB for all the temporaries of a pass)
@@ -36,12 +36,14 @@ MAX_PASS_ELEMENTS = 2**21
 def _sample_sites(trace):
     """The per-cell sample sites of a trace (global sites and plate subsample sites left out)."""
     for site in trace.nodes.values():
-        if site["type"] == "sample" and not site["infer"].get("_deterministic", False) and cell_frame(site) is not None:
+        deterministic = site["infer"].get("_deterministic", False)
+        if site["type"] == "sample" and not deterministic and cell_frame(site) is not None:
             yield site
 
 
 def global_posterior_means(guide, batch: Minibatch) -> dict[str, torch.Tensor]:
-    """``{site: E_q[value]}`` for the latent sites of the guide outside the ``"cells"`` plate (``{}`` if none)."""
+    """``{site: E_q[value]}`` for the latent sites of the guide outside the ``"cells"`` plate (``{}`` if
+    none)."""
     trace = prune_subsample_sites(poutine.trace(guide).get_trace(batch))
     return {name: site["fn"].mean.detach() for name, site in trace.nodes.items()
             if site["type"] == "sample" and not site["is_observed"] and cell_frame(site) is None}
@@ -68,7 +70,8 @@ def log_importance_weights(model, guide, batch: Minibatch, n_samples: int, **kwa
 
 
 def log_importance_weights_in_passes(model, guide, batch: Minibatch, n_samples: int = 1000,
-                                     samples_per_pass: int | None = None, n_genes: int | None = None) -> torch.Tensor:
+                                     samples_per_pass: int | None = None, n_genes: int | None = None
+                                     ) -> torch.Tensor:
     """All ``n_samples`` log importance weights ``log p(x, z, l) − log q(z, l | x)`` of each cell of
     ``batch``: ``(S, n)``, drawn in passes (see :func:`marginal_log_likelihood` for the pass size).
 
@@ -90,8 +93,8 @@ def log_importance_weights_in_passes(model, guide, batch: Minibatch, n_samples: 
     return torch.cat(chunks, dim=0)
 
 
-def marginal_log_likelihood(model, guide, batch: Minibatch, n_samples: int = 1000, samples_per_pass: int | None = None,
-                            n_genes: int | None = None) -> torch.Tensor:
+def marginal_log_likelihood(model, guide, batch: Minibatch, n_samples: int = 1000,
+                            samples_per_pass: int | None = None, n_genes: int | None = None) -> torch.Tensor:
     """Importance-sampling estimate of ``log p(x_n)`` for each cell of ``batch``: ``(n,)``.
 
     ``samples_per_pass`` defaults to as many draws as keep one pass under
@@ -101,8 +104,8 @@ def marginal_log_likelihood(model, guide, batch: Minibatch, n_samples: int = 100
     return torch.logsumexp(log_weights, dim=0) - math.log(n_samples)
 
 
-def aggregate_posterior_log_weights(model, guide, z: torch.Tensor, anchors: Minibatch, log_evidence: torch.Tensor,
-                                    latent_library: bool = False) -> torch.Tensor:
+def aggregate_posterior_log_weights(model, guide, z: torch.Tensor, anchors: Minibatch,
+                                    log_evidence: torch.Tensor, latent_library: bool = False) -> torch.Tensor:
     """Log importance weights (unnormalised) of draws ``z`` ``(M, d)`` that move the aggregate
     variational posterior of the anchor cells towards their aggregate true posterior::
 
@@ -124,7 +127,8 @@ def aggregate_posterior_log_weights(model, guide, z: torch.Tensor, anchors: Mini
         with plate(PARTICLES, m, dim=-2):
             trace = poutine.trace(poutine.condition(model, data=values)).get_trace(anchors)
         _check_only_conditioned_latents(trace, values)
-        log_joint = trace.nodes[X]["fn"].log_prob(anchors.x) + trace.nodes[Z]["fn"].log_prob(values[Z])  # (m, A)
+        log_likelihood = trace.nodes[X]["fn"].log_prob(anchors.x)  # (m, A)
+        log_joint = log_likelihood + trace.nodes[Z]["fn"].log_prob(values[Z])  # (m, A)
         log_q = posterior.log_prob(values[Z]).sum(-1)  # (m, A)
         out.append(torch.logsumexp(log_joint - log_evidence, dim=-1) - torch.logsumexp(log_q, dim=-1))
     return torch.cat(out)
@@ -135,5 +139,5 @@ def _check_only_conditioned_latents(trace, values: dict) -> None:
     others = [site["name"] for site in _sample_sites(trace)  # per-cell sites only
               if not site["is_observed"] and site["name"] not in values]
     if others:
-        raise ValueError(f"weights='importance' needs p(x | z) in closed form, but the model has the further per-cell "
-                         f"latent site(s) {others}; use weights='uniform' with this model.")
+        raise ValueError(f"weights='importance' needs p(x | z) in closed form, but the model has the further "
+                         f"per-cell latent site(s) {others}; use weights='uniform' with this model.")

@@ -42,8 +42,10 @@ _IN_CELLS = f"pyro.plate({CELLS!r}, n, dim=-1)"
 def missing_site_message(where: str, name: str) -> str:
     uses = SITE_USES.get(name)
     need = f" {uses} need(s) it" if uses else ""
-    kind = (f"record it with pyro.deterministic(name, value, event_dim=1) inside the {CELLS!r} plate"
-            if name in DETERMINISTIC_SITES else f"add a pyro.sample site of that name inside the {CELLS!r} plate")
+    if name in DETERMINISTIC_SITES:
+        kind = f"record it with pyro.deterministic(name, value, event_dim=1) inside the {CELLS!r} plate"
+    else:
+        kind = f"add a pyro.sample site of that name inside the {CELLS!r} plate"
     return f"The {where} has no site {name!r}:{need}; {kind} (see docs/custom_models.md)."
 
 
@@ -52,7 +54,8 @@ def _in_cells(site) -> bool:
 
 
 def _latent(site) -> bool:
-    return site["type"] == "sample" and not site["is_observed"] and not site["infer"].get("_deterministic", False)
+    deterministic = site["infer"].get("_deterministic", False)
+    return site["type"] == "sample" and not site["is_observed"] and not deterministic
 
 
 def check_model_guide(module, batch) -> None:
@@ -69,7 +72,8 @@ def check_model_guide(module, batch) -> None:
         shape = tuple(site["value"].shape[-2:])
         if shape != (batch.n_cells, module.n_latent):
             raise ValueError(f"The {where}'s site {Z!r} has shape {shape}; expected (n_cells, n_latent) = "
-                             f"{(batch.n_cells, module.n_latent)} (use .to_event(1) on a (n, d) distribution).")
+                             f"{(batch.n_cells, module.n_latent)} (use .to_event(1) on a (n, d) "
+                             "distribution).")
     x = model_trace.nodes.get(X)
     if x is None or x["type"] != "sample" or not x["is_observed"]:
         raise ValueError(missing_site_message("model", X) + " It must observe the counts: obs=batch.x.")
@@ -78,15 +82,17 @@ def check_model_guide(module, batch) -> None:
     unpaired = [name for name, site in model_trace.nodes.items()
                 if _latent(site) and _in_cells(site) and name not in guide_trace.nodes]
     if unpaired:
-        raise ValueError(f"The model's latent site(s) {unpaired} have no guide site of the same name: the ELBO "
-                         "pairs every per-cell latent of the model with the guide's (add them to the guide).")
+        raise ValueError(f"The model's latent site(s) {unpaired} have no guide site of the same name: the "
+                         "ELBO pairs every per-cell latent of the model with the guide's (add them to the "
+                         "guide).")
 
 
 # ---------------------------------------------------------------------------------------------
 # saving the plain ``pyro.param`` values of a custom model (module weights save with the module)
 # ---------------------------------------------------------------------------------------------
 _BOUNDED = {"interval": ("lower_bound", "upper_bound"), "half_open_interval": ("lower_bound", "upper_bound"),
-            "greater_than": ("lower_bound",), "greater_than_eq": ("lower_bound",), "less_than": ("upper_bound",)}
+            "greater_than": ("lower_bound",), "greater_than_eq": ("lower_bound",),
+            "less_than": ("upper_bound",)}
 
 
 def _constraint_to_safe(constraint, param: str) -> dict:
@@ -102,8 +108,9 @@ def _constraint_to_safe(constraint, param: str) -> dict:
     for name, attributes in _BOUNDED.items():
         if type(constraint) is getattr(torch_constraints, name):
             return {"name": name, "args": [getattr(constraint, a) for a in attributes]}
-    raise TypeError(f"pyro.param {param!r} has the constraint {constraint!r}, which cannot be saved; use a named "
-                    "constraint (positive, unit_interval, interval(a, b), ...) or keep the parameter in an nn.Module.")
+    raise TypeError(f"pyro.param {param!r} has the constraint {constraint!r}, which cannot be saved; use a "
+                    "named constraint (positive, unit_interval, interval(a, b), ...) or keep the parameter "
+                    "in an nn.Module.")
 
 
 def _constraint_from_safe(entry: dict):

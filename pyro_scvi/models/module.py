@@ -32,6 +32,11 @@ LATENT_DISTRIBUTIONS = ("normal", "ln")
 NORM_PLACEMENTS = ("encoder", "decoder", "both", "none")
 
 
+def _row(values) -> torch.Tensor:
+    """``values`` as a float32 row ``(1, K)``."""
+    return torch.as_tensor(values, dtype=torch.float32).reshape(1, -1)
+
+
 def _check_choice(name: str, value, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}.")
@@ -129,7 +134,8 @@ class SCVIModule(nn.Module):
             self.batch_embedding = nn.Embedding(self.n_batch, n_embedding)
         cat_list = ([] if n_embedding else [self.n_batch]) + list(n_cats_per_cov or [])
         encoder_cats = cat_list if self.encode_covariates else None
-        n_input_encoder = self.n_input + ((self.n_continuous_cov + n_embedding) if self.encode_covariates else 0)
+        n_appended = (self.n_continuous_cov + n_embedding) if self.encode_covariates else 0
+        n_input_encoder = self.n_input + n_appended
         self.n_input_encoder = n_input_encoder
         bn_encoder = use_batch_norm in ("encoder", "both")
         bn_decoder = use_batch_norm in ("decoder", "both")
@@ -162,8 +168,8 @@ class SCVIModule(nn.Module):
             if library_log_means is None or library_log_vars is None:
                 raise ValueError("A latent library size needs library_log_means and library_log_vars, "
                                  "shape (1, n_batch).")
-            for name, value in (("library_log_means", library_log_means), ("library_log_vars", library_log_vars)):
-                self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32).reshape(1, -1))
+            self.register_buffer("library_log_means", _row(library_log_means))
+            self.register_buffer("library_log_vars", _row(library_log_vars))
 
     def _build_priors(self, z_prior, n_prior_components, library_prior, dispersion_prior) -> None:
         """Priors (:mod:`pyro_scvi.models.priors`): of z, of the latent log-library, hyper-prior of θ."""
@@ -178,10 +184,11 @@ class SCVIModule(nn.Module):
         self.dispersion_prior = dispersion_prior
         if dispersion_prior is not None:
             if self.log_dispersion is None or not get_likelihood(self.gene_likelihood).dispersion:
-                raise ValueError(f"dispersion_prior={dispersion_prior!r} needs a per-gene θ: dispersion 'gene', "
-                                 "'gene-batch' or 'gene-label' and a likelihood with a dispersion (got "
-                                 f"{self.dispersion!r}, {self.gene_likelihood!r}).")
-            dispersion_prior_distribution(dispersion_prior, tuple(self.log_dispersion.shape))  # checks the name
+                raise ValueError(f"dispersion_prior={dispersion_prior!r} needs a per-gene θ: dispersion "
+                                 "'gene', 'gene-batch' or 'gene-label' and a likelihood with a dispersion "
+                                 f"(got {self.dispersion!r}, {self.gene_likelihood!r}).")
+            # checks the name
+            dispersion_prior_distribution(dispersion_prior, tuple(self.log_dispersion.shape))
             self.log_dispersion_log_scale = nn.Parameter(torch.full_like(self.log_dispersion, math.log(0.1)))
         #: number of training cells; with a global latent the "cells" plate has this size (see cells_plate)
         self.n_train_cells: int | None = None
@@ -221,7 +228,8 @@ class SCVIModule(nn.Module):
     # -- priors and global latent variables -----------------------------------------------------
     @property
     def has_global_latents(self) -> bool:
-        """Whether the model has a latent site outside the ``"cells"`` plate (θ with ``dispersion_prior``)."""
+        """Whether the model has a latent site outside the ``"cells"`` plate (θ with
+        ``dispersion_prior``)."""
         return self.dispersion_prior is not None
 
     def cells_plate(self, batch: Minibatch) -> pyro.plate:
@@ -238,11 +246,14 @@ class SCVIModule(nn.Module):
         return pyro.plate(sites.CELLS, self.n_train_cells, subsample=subsample, dim=-1)
 
     def dispersion_hyperprior(self) -> dist.Distribution:
-        """p(θ): batch shape ``(G,)``, event shape ``()`` or ``(B|L,)`` (see :data:`~pyro_scvi.models.priors.DISPERSION_PRIORS`)."""
-        return dispersion_prior_distribution(self.dispersion_prior, tuple(self.log_dispersion.shape), self.log_dispersion.device)
+        """p(θ): batch shape ``(G,)``, event shape ``()`` or ``(B|L,)`` (see
+        :data:`~pyro_scvi.models.priors.DISPERSION_PRIORS`)."""
+        shape = tuple(self.log_dispersion.shape)
+        return dispersion_prior_distribution(self.dispersion_prior, shape, self.log_dispersion.device)
 
     def dispersion_posterior(self) -> dist.Distribution:
-        """q(θ) = LogNormal(log_dispersion, exp(log_dispersion_log_scale)), mean-field; shapes as the prior's."""
+        """q(θ) = LogNormal(log_dispersion, exp(log_dispersion_log_scale)), mean-field; shapes as the
+        prior's."""
         q = dist.LogNormal(self.log_dispersion, self.log_dispersion_log_scale.exp())
         return q.to_event(self.log_dispersion.dim() - 1)
 
@@ -277,7 +288,8 @@ class SCVIModule(nn.Module):
         """Map the Gaussian latent to the decoder's input: identity, or softmax for ``"ln"``."""
         return torch.softmax(z, dim=-1) if self.latent_distribution == "ln" else z
 
-    def decoder_input(self, z: torch.Tensor, batch: Minibatch, batch_index: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def decoder_input(self, z: torch.Tensor, batch: Minibatch, batch_index: torch.Tensor
+                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Decoder input: transformed ``z`` (…, n, d) ⊕ continuous covariates ⊕ batch embedding,
         and the categorical covariates (batch one-hot first unless embedded)."""
         parts = [self.latent_transform(z)]
@@ -290,7 +302,8 @@ class SCVIModule(nn.Module):
 
     def inverse_dispersion(self, hidden: torch.Tensor, batch_index: torch.Tensor, labels: torch.Tensor,
                            theta: torch.Tensor | None = None) -> torch.Tensor:
-        """θ > 0: ``(G,)`` for ``gene``, ``(n, G)`` for ``gene-batch``/``gene-label``, ``(…, n, G)`` for ``gene-cell``.
+        """θ > 0: ``(G,)`` for ``gene``, ``(n, G)`` for ``gene-batch``/``gene-label``, ``(…, n, G)`` for
+        ``gene-cell``.
 
         ``theta``: a draw of the global θ site (``dispersion_prior``), ``(…, G)`` or ``(…, G, B|L)``;
         then ``(…, 1, G)`` or ``(…, n, G)``."""
@@ -307,8 +320,8 @@ class SCVIModule(nn.Module):
             return self.log_dispersion.T[labels.reshape(-1)].exp()
         return self.decoder.dispersion_head(hidden).exp()
 
-    def likelihood(self, mean: torch.Tensor, hidden: torch.Tensor, batch_index: torch.Tensor, labels: torch.Tensor,
-                   theta: torch.Tensor | None = None):
+    def likelihood(self, mean: torch.Tensor, hidden: torch.Tensor, batch_index: torch.Tensor,
+                   labels: torch.Tensor, theta: torch.Tensor | None = None):
         """The count distribution of each gene in each cell (batch shape (…, n, G)), built by the
         registered likelihood ``gene_likelihood`` from the heads it declares it needs (``theta``: a
         draw of the global θ site, see :meth:`inverse_dispersion`)."""

@@ -2,7 +2,8 @@
 
 For each cell n with batch s_n::
 
-    θ_g  ~ Gamma / LogNormal hyper-prior                only with ``dispersion_prior`` (global, "genes" plate)
+    θ_g  ~ Gamma / LogNormal hyper-prior                only with ``dispersion_prior`` (global, "genes"
+                                                        plate)
     z_n ~ p(z)                                          latent state, d dimensions: Normal(0, I) by
                                                         default, or a mixture (module.z_prior)
     l_n  = log Σ_g x_ng        (observed library, the default)
@@ -54,7 +55,8 @@ def scvi_model(module, batch, transform_batch: int | None = None):
         else:
             log_library = pyro.sample(sites.LIBRARY, module.library_prior(counterfactual))  # (n, 1)
 
-        decoder_input, covariates = module.decoder_input(z, batch, batch_index)  # (n, d [+ C + E]), [(n, 1), ...]
+        # (n, d [+ C + E]) and the categorical covariates [(n, 1), ...]
+        decoder_input, covariates = module.decoder_input(z, batch, batch_index)
         hidden = module.decoder(decoder_input, *covariates)  # (n, H)
         rho = module.decoder.scale_head(hidden)  # (n, G), sums to 1 over genes
         mean = log_library.exp() * rho  # (n, G), expected counts before zero-inflation
