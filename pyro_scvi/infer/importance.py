@@ -36,8 +36,9 @@ MAX_PASS_ELEMENTS = 2**21
 def _sample_sites(trace):
     """The per-cell sample sites of a trace (global sites and plate subsample sites left out)."""
     for site in trace.nodes.values():
-        deterministic = site["infer"].get("_deterministic", False)
-        if site["type"] == "sample" and not deterministic and cell_frame(site) is not None:
+        if site["type"] != "sample" or site["infer"].get("_deterministic", False):
+            continue
+        if cell_frame(site) is not None:
             yield site
 
 

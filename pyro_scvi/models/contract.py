@@ -54,8 +54,9 @@ def _in_cells(site) -> bool:
 
 
 def _latent(site) -> bool:
-    deterministic = site["infer"].get("_deterministic", False)
-    return site["type"] == "sample" and not site["is_observed"] and not deterministic
+    if site["type"] != "sample" or site["is_observed"]:
+        return False
+    return not site["infer"].get("_deterministic", False)
 
 
 def check_model_guide(module, batch) -> None:
