@@ -6,8 +6,6 @@ Pyro at once, and makes the train/validation split reproducible.
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pyro
 import torch
@@ -36,10 +34,7 @@ class Settings:
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise TypeError(f"settings.seed must be an int or None, got {value!r}.")
             value = int(value)
-            random.seed(value)
-            np.random.seed(value)
-            torch.manual_seed(value)  # also seeds every CUDA device
-            pyro.set_rng_seed(value)
+            pyro.set_rng_seed(value)  # Python's random, NumPy and torch (which seeds every CUDA device too)
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
         self._seed = value

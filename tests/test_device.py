@@ -42,7 +42,8 @@ def test_device_strings_are_used_as_given(no_cuda):
 def test_messages(no_cuda):
     with pytest.raises(ValueError, match="accelerator='mps' is not one of 'auto', 'cpu', 'gpu', 'cuda'"):
         resolve_device("mps")
-    with pytest.raises(ValueError, match="accelerator='gpu' but CUDA is not available; use accelerator='cpu'"):
+    with pytest.raises(ValueError, match="accelerator='gpu' but CUDA is not available; use "
+                                         "accelerator='cpu'"):
         resolve_device("gpu")
     with pytest.raises(ValueError, match="accelerator='cuda' but CUDA is not available"):
         use_cuda("cuda")

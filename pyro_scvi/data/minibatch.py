@@ -50,20 +50,15 @@ class Minibatch:
     def categorical(self, batch_index: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Categorical inputs of the networks: batch codes first, then one ``(n, 1)`` per covariate."""
         first = self.batch_index if batch_index is None else batch_index
-        rest = [] if self.categorical_covariates is None else list(self.categorical_covariates.split(1, dim=-1))
+        covariates = self.categorical_covariates
+        rest = [] if covariates is None else list(covariates.split(1, dim=-1))
         return [first, *rest]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Minibatch":
         """Copy every tensor to ``device``."""
-        moved = {
-            f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device, non_blocking=non_blocking)
-            for f in fields(self)
-        }
-        return Minibatch(**moved)
-
-    def without_counts(self) -> "Minibatch":
-        """The same cells with ``x=None``, so that a model samples the counts instead of observing them."""
-        return replace(self, x=None)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Minibatch(**{name: None if value is None else value.to(device, non_blocking=non_blocking)
+                            for name, value in values.items()})
 
     def with_batch(self, code: int) -> "Minibatch":
         """The same cells, every one assigned to batch ``code``."""

@@ -16,16 +16,18 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 
+from ..models import sites
+
 __all__ = ["scvi_guide"]
 
 
 def scvi_guide(module, batch, transform_batch: int | None = None):
     """q(z, l | x) for one minibatch; takes the model's arguments (``transform_batch`` is unused:
     the encoder always sees the cell's own batch)."""
-    pyro.module("scvi", module)
+    pyro.module(sites.PYRO_MODULE, module)
     if module.dispersion_prior is not None:
-        with pyro.plate("genes", module.n_input, dim=-1):
-            pyro.sample("inverse_dispersion", module.dispersion_posterior())  # (G,) or (G, B|L)
+        with pyro.plate(sites.GENES, module.n_input, dim=-1):
+            pyro.sample(sites.INVERSE_DISPERSION, module.dispersion_posterior())  # (G,) or (G, B|L)
 
     with module.cells_plate(batch):
         if batch.latent_loc is not None:  # minified data: the stored posterior
@@ -33,8 +35,8 @@ def scvi_guide(module, batch, transform_batch: int | None = None):
         else:
             encoder_input, covariates = module.encoder_input(batch)  # (n, G [+ C]), [(n, 1), ...]
             z_loc, z_scale = module.z_encoder(encoder_input, *covariates)  # (n, d) each
-        pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))  # (n, d)
+        pyro.sample(sites.Z, dist.Normal(z_loc, z_scale).to_event(1))  # (n, d)
 
         if module.latent_library:
             library_loc, library_scale = module.library_encoder(encoder_input, *covariates)  # (n, 1) each
-            pyro.sample("library", dist.Normal(library_loc, library_scale).to_event(1))  # (n, 1)
+            pyro.sample(sites.LIBRARY, dist.Normal(library_loc, library_scale).to_event(1))  # (n, 1)

@@ -3,4 +3,5 @@
 from .elbo import CellMeanELBO, elbo_terms
 from .training import EarlyStopping, TrainingPlan, kl_weight_at, max_epochs_heuristic, run_training
 
-__all__ = ["CellMeanELBO", "elbo_terms", "TrainingPlan", "EarlyStopping", "kl_weight_at", "max_epochs_heuristic", "run_training"]
+__all__ = ["CellMeanELBO", "elbo_terms", "TrainingPlan", "EarlyStopping", "kl_weight_at",
+           "max_epochs_heuristic", "run_training"]

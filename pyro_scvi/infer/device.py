@@ -37,8 +37,8 @@ def resolve_device(accelerator: str = "auto", devices="auto") -> torch.device:
     listed = isinstance(devices, (list, tuple))
     if listed:
         if len(devices) != 1:
-            raise ValueError(f"devices={devices!r}: this runs on a single device; pass one index (data-parallel "
-                             "training is train(devices=N, strategy='ddp') under torchrun).")
+            raise ValueError(f"devices={devices!r}: this runs on a single device; pass one index "
+                             "(data-parallel training is train(devices=N, strategy='ddp') under torchrun).")
         devices = devices[0]
     if isinstance(devices, str) and devices.startswith("cuda"):
         return torch.device(devices)

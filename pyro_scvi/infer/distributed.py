@@ -44,6 +44,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data.distributed import DistributedSampler
 
 from .device import resolve_device, use_cuda
 
@@ -94,7 +95,8 @@ def _count_devices(devices) -> int | None:
     try:
         n = int(devices)
     except (TypeError, ValueError):
-        raise ValueError(f"devices={devices!r} is not a number of devices, a list of device indices or 'auto'.") from None
+        raise ValueError(f"devices={devices!r} is not a number of devices, a list of device indices or "
+                         "'auto'.") from None
     return max(n, 1)  # 0 (or another index below 1): one device, which resolve_device picks or rejects
 
 
@@ -113,8 +115,8 @@ def data_parallel_for(accelerator: str, devices, strategy: str | None) -> "DataP
     strategy = "auto" if strategy is None else strategy
     if strategy not in STRATEGIES:
         raise ValueError(
-            f"strategy={strategy!r} is not available: use 'auto' (one device) or 'ddp' (data-parallel training; "
-            f"{launch_instructions()})."
+            f"strategy={strategy!r} is not available: use 'auto' (one device) or 'ddp' (data-parallel "
+            f"training; {launch_instructions()})."
         )
     n = _count_devices(devices)
     grouped = dist.is_available() and dist.is_initialized()
@@ -133,8 +135,8 @@ def data_parallel_for(accelerator: str, devices, strategy: str | None) -> "DataP
         if n is None or n == 1:
             return DataParallel(rank=0, world_size=1, device=resolve_device(accelerator, devices))
         raise ValueError(
-            f"devices={devices!r} trains data-parallel (DDP) with {n} processes, which pyro-scvi does not spawn "
-            f"itself: {launch_instructions(n)}."
+            f"devices={devices!r} trains data-parallel (DDP) with {n} processes, which pyro-scvi does not "
+            f"spawn itself: {launch_instructions(n)}."
         )
     world_size = _world_size()
     if n is not None and n != world_size:
@@ -152,20 +154,17 @@ def _world_size() -> int:
 
 
 def shard_order(indices: np.ndarray, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
-    """This rank's cells for one epoch, in minibatch order.
+    """This rank's cells for one epoch, in minibatch order: ``torch.utils.data.DistributedSampler``'s.
 
     A permutation of ``indices`` seeded by ``seed + epoch`` (the same on every rank), padded by
     wrapping around to a multiple of ``world_size``, then every ``world_size``-th entry from
     ``rank`` on. All shards have ``ceil(n / world_size)`` cells.
     """
     indices = np.asarray(indices)
-    n = len(indices)
-    generator = torch.Generator().manual_seed(int(seed) + int(epoch))
-    order = indices[torch.randperm(n, generator=generator).numpy()]
-    total = math.ceil(n / world_size) * world_size
-    if total > n:
-        order = np.concatenate([order, np.resize(order, total - n)])
-    return order[rank::world_size]
+    sampler = DistributedSampler(range(len(indices)), num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=int(seed))
+    sampler.set_epoch(int(epoch))
+    return indices[np.fromiter(sampler, dtype=np.int64, count=sampler.num_samples)]
 
 
 def _by_dtype(tensors: Iterable[torch.Tensor]) -> dict[torch.dtype, list[torch.Tensor]]:
@@ -202,8 +201,9 @@ class DataParallel:
             index = int(device_indices[local_rank]) if device_indices else local_rank
             if index >= torch.cuda.device_count():
                 raise ValueError(
-                    f"Process with LOCAL_RANK={local_rank} needs GPU {index} but only {torch.cuda.device_count()} "
-                    "are visible: start at most one process per GPU (torchrun --nproc_per_node)."
+                    f"Process with LOCAL_RANK={local_rank} needs GPU {index} but only "
+                    f"{torch.cuda.device_count()} are visible: start at most one process per GPU "
+                    "(torchrun --nproc_per_node)."
                 )
             device = torch.device(f"cuda:{index}")
             torch.cuda.set_device(device)
@@ -251,7 +251,9 @@ class DataParallel:
 
     def broadcast_module(self, module: torch.nn.Module, buffers_only: bool = False) -> None:
         """Rank 0's parameters (unless ``buffers_only``) and buffers on every rank."""
-        tensors = list(module.buffers()) if buffers_only else list(module.parameters()) + list(module.buffers())
+        tensors = list(module.buffers())
+        if not buffers_only:
+            tensors = list(module.parameters()) + tensors
         self.broadcast_tensors(t for t in tensors if t is not None)
 
     @torch.no_grad()
@@ -266,7 +268,8 @@ class DataParallel:
             return
         for group in _by_dtype(self._parameters).values():
             grads = [p.grad for p in group]
-            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(group, grads)])
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                              for p, g in zip(group, grads)])
             flat = flat.to(self._comm_device)
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             flat /= self.world_size
@@ -308,13 +311,15 @@ class DataParallel:
     def shard_length(self, n_cells: int) -> int:
         return math.ceil(n_cells / self.world_size)
 
-    def epoch_batches(self, indices: np.ndarray, make_batches: Callable[[np.ndarray], Iterable]) -> Callable[[], Iterator]:
+    def epoch_batches(self, indices: np.ndarray, make_batches: Callable[[np.ndarray], Iterable]
+                      ) -> Callable[[], Iterator]:
         """A ``train_batches`` factory for ``run_training``: each call is the next epoch over this
         rank's shard; ``make_batches(order)`` turns the ordered cells into minibatches."""
         epochs = count()
 
         def batches():
-            return iter(make_batches(shard_order(indices, self.seed, next(epochs), self.rank, self.world_size)))
+            order = shard_order(indices, self.seed, next(epochs), self.rank, self.world_size)
+            return iter(make_batches(order))
 
         return batches
 

@@ -29,17 +29,9 @@ from pyro.infer import ELBO
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import kl_divergence
 
-__all__ = ["CellMeanELBO", "ELBOTerms", "elbo_parts", "elbo_terms", "traces", "cell_frame", "CELL_PLATE"]
+from ..models.sites import CELLS, cell_frame
 
-CELL_PLATE = "cells"
-
-
-def cell_frame(site):
-    """The ``"cells"`` plate frame of a trace site, or ``None`` for a global site."""
-    for frame in site["cond_indep_stack"]:
-        if frame.name == CELL_PLATE:
-            return frame
-    return None
+__all__ = ["CellMeanELBO", "ELBOTerms", "elbo_parts", "elbo_terms", "traces", "cell_frame"]
 
 
 class ELBOTerms(NamedTuple):
@@ -101,8 +93,9 @@ def elbo_parts(model, guide, *args, kl_weights: dict[str, float] | None = None, 
             n_obs = frame.full_size or frame.size
         if site["is_observed"]:
             if frame is None:
-                raise ValueError(f"Observed site {site['name']!r} is outside the {CELL_PLATE!r} plate; CellMeanELBO "
-                                 "needs every observation inside it (only latent sites may be global).")
+                raise ValueError(f"Observed site {site['name']!r} is outside the {CELLS!r} plate; "
+                                 "CellMeanELBO needs every observation inside it (only latent sites may be "
+                                 "global).")
             term = -site["fn"].log_prob(site["value"])
             reconstruction[name] = term
             loss = loss + _scaled(term, site["scale"]).sum()
@@ -115,9 +108,10 @@ def elbo_parts(model, guide, *args, kl_weights: dict[str, float] | None = None, 
             else:
                 kl[name] = term
             weight = 1.0 if kl_weights is None else kl_weights.get(name, 1.0)
-            loss = loss + (_scaled(term, q["scale"]).sum() * weight if weight != 1.0 else _scaled(term, q["scale"]).sum())
+            scaled = _scaled(term, q["scale"]).sum()
+            loss = loss + (scaled * weight if weight != 1.0 else scaled)
     if n_obs is None:
-        raise ValueError("The model has no sample site inside the 'cells' plate.")
+        raise ValueError(f"The model has no sample site inside the {CELLS!r} plate.")
     return ELBOTerms(loss / n_obs, reconstruction, kl, kl_global, n_obs)
 
 
@@ -147,7 +141,7 @@ class CellMeanELBO(ELBO):
         self.last_kl: dict[str, torch.Tensor] = {}
         self.last_kl_global = 0.0
 
-    def _get_trace(self, model, guide, args, kwargs):
+    def _get_trace(self, model, guide, args, kwargs):  # abstract in pyro's ELBO; the losses use traces()
         return traces(model, guide, *args, **kwargs)
 
     def _terms(self, model, guide, *args, **kwargs) -> torch.Tensor:

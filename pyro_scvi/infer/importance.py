@@ -18,15 +18,15 @@ import math
 
 import torch
 from pyro import plate, poutine
-
-from ..data.minibatch import Minibatch
 from pyro.poutine.util import prune_subsample_sites
 
-from .elbo import cell_frame, traces
+from ..data.minibatch import Minibatch
+from ..models.sites import LIBRARY, PARTICLES, X, Z, cell_frame
+from .elbo import traces
 from .posterior import variational_posterior
 
-__all__ = ["log_importance_weights", "log_importance_weights_in_passes", "marginal_log_likelihood", "aggregate_posterior_log_weights",
-           "global_posterior_means"]
+__all__ = ["log_importance_weights", "log_importance_weights_in_passes", "marginal_log_likelihood",
+           "aggregate_posterior_log_weights", "global_posterior_means"]
 
 #: elements of the largest (samples × cells × genes) tensor one pass may create (2M floats: 8 MB per
 #: tensor, ~100 MB for all the temporaries of a pass)
@@ -36,12 +36,15 @@ MAX_PASS_ELEMENTS = 2**21
 def _sample_sites(trace):
     """The per-cell sample sites of a trace (global sites and plate subsample sites left out)."""
     for site in trace.nodes.values():
-        if site["type"] == "sample" and not site["infer"].get("_deterministic", False) and cell_frame(site) is not None:
+        if site["type"] != "sample" or site["infer"].get("_deterministic", False):
+            continue
+        if cell_frame(site) is not None:
             yield site
 
 
 def global_posterior_means(guide, batch: Minibatch) -> dict[str, torch.Tensor]:
-    """``{site: E_q[value]}`` for the latent sites of the guide outside the ``"cells"`` plate (``{}`` if none)."""
+    """``{site: E_q[value]}`` for the latent sites of the guide outside the ``"cells"`` plate (``{}`` if
+    none)."""
     trace = prune_subsample_sites(poutine.trace(guide).get_trace(batch))
     return {name: site["fn"].mean.detach() for name, site in trace.nodes.items()
             if site["type"] == "sample" and not site["is_observed"] and cell_frame(site) is None}
@@ -57,7 +60,7 @@ def _at_global_means(model, guide, batch: Minibatch):
 
 def log_importance_weights(model, guide, batch: Minibatch, n_samples: int, **kwargs) -> torch.Tensor:
     """``log p(x, z, l) − log q(z, l | x)`` for ``n_samples`` guide draws per cell: ``(K, n)``."""
-    with plate("particles", n_samples, dim=-2):
+    with plate(PARTICLES, n_samples, dim=-2):
         model_trace, guide_trace = traces(model, guide, batch, **kwargs)
     log_weight = 0.0
     for site in _sample_sites(model_trace):
@@ -68,7 +71,8 @@ def log_importance_weights(model, guide, batch: Minibatch, n_samples: int, **kwa
 
 
 def log_importance_weights_in_passes(model, guide, batch: Minibatch, n_samples: int = 1000,
-                                     samples_per_pass: int | None = None, n_genes: int | None = None) -> torch.Tensor:
+                                     samples_per_pass: int | None = None, n_genes: int | None = None
+                                     ) -> torch.Tensor:
     """All ``n_samples`` log importance weights ``log p(x, z, l) − log q(z, l | x)`` of each cell of
     ``batch``: ``(S, n)``, drawn in passes (see :func:`marginal_log_likelihood` for the pass size).
 
@@ -90,8 +94,8 @@ def log_importance_weights_in_passes(model, guide, batch: Minibatch, n_samples: 
     return torch.cat(chunks, dim=0)
 
 
-def marginal_log_likelihood(model, guide, batch: Minibatch, n_samples: int = 1000, samples_per_pass: int | None = None,
-                            n_genes: int | None = None) -> torch.Tensor:
+def marginal_log_likelihood(model, guide, batch: Minibatch, n_samples: int = 1000,
+                            samples_per_pass: int | None = None, n_genes: int | None = None) -> torch.Tensor:
     """Importance-sampling estimate of ``log p(x_n)`` for each cell of ``batch``: ``(n,)``.
 
     ``samples_per_pass`` defaults to as many draws as keep one pass under
@@ -101,8 +105,8 @@ def marginal_log_likelihood(model, guide, batch: Minibatch, n_samples: int = 100
     return torch.logsumexp(log_weights, dim=0) - math.log(n_samples)
 
 
-def aggregate_posterior_log_weights(model, guide, z: torch.Tensor, anchors: Minibatch, log_evidence: torch.Tensor,
-                                    latent_library: bool = False) -> torch.Tensor:
+def aggregate_posterior_log_weights(model, guide, z: torch.Tensor, anchors: Minibatch,
+                                    log_evidence: torch.Tensor, latent_library: bool = False) -> torch.Tensor:
     """Log importance weights (unnormalised) of draws ``z`` ``(M, d)`` that move the aggregate
     variational posterior of the anchor cells towards their aggregate true posterior::
 
@@ -111,30 +115,30 @@ def aggregate_posterior_log_weights(model, guide, z: torch.Tensor, anchors: Mini
     ``log p(x_a | z_m)`` decodes ``z_m`` with anchor ``a``'s batch, covariates and observed library;
     ``log_evidence`` is ``log p(x_a)`` ``(A,)`` (see :func:`marginal_log_likelihood`). Returns ``(M,)``.
     """
-    posterior = variational_posterior(guide, anchors, "z")  # loc, scale (A, d)
+    posterior = variational_posterior(guide, anchors, Z)  # loc, scale (A, d)
     model, _ = _at_global_means(model, guide, anchors)
     n_anchors, width = anchors.n_cells, anchors.x.shape[-1]
     chunk = max(1, MAX_PASS_ELEMENTS // max(1, n_anchors * width))
     out = []
     for z_chunk in z.split(chunk):
         m = z_chunk.shape[0]
-        values = {"z": z_chunk[:, None, :].expand(m, n_anchors, z.shape[-1])}
+        values = {Z: z_chunk[:, None, :].expand(m, n_anchors, z.shape[-1])}
         if latent_library:
-            values["library"] = anchors.log_library.expand(m, n_anchors, 1)
-        with plate("particles", m, dim=-2):
+            values[LIBRARY] = anchors.log_library.expand(m, n_anchors, 1)
+        with plate(PARTICLES, m, dim=-2):
             trace = poutine.trace(poutine.condition(model, data=values)).get_trace(anchors)
         _check_only_conditioned_latents(trace, values)
-        log_joint = trace.nodes["x"]["fn"].log_prob(anchors.x) + trace.nodes["z"]["fn"].log_prob(values["z"])  # (m, A)
-        log_q = posterior.log_prob(values["z"]).sum(-1)  # (m, A)
+        log_likelihood = trace.nodes[X]["fn"].log_prob(anchors.x)  # (m, A)
+        log_joint = log_likelihood + trace.nodes[Z]["fn"].log_prob(values[Z])  # (m, A)
+        log_q = posterior.log_prob(values[Z]).sum(-1)  # (m, A)
         out.append(torch.logsumexp(log_joint - log_evidence, dim=-1) - torch.logsumexp(log_q, dim=-1))
     return torch.cat(out)
 
 
 def _check_only_conditioned_latents(trace, values: dict) -> None:
     """Importance weights of z need p(x | z) in closed form: no other per-cell latent may be drawn."""
-    others = [site["name"] for site in _sample_sites(trace)
-              if not site["is_observed"] and site["name"] not in values
-              and any(frame.name == "cells" for frame in site["cond_indep_stack"])]
+    others = [site["name"] for site in _sample_sites(trace)  # per-cell sites only
+              if not site["is_observed"] and site["name"] not in values]
     if others:
-        raise ValueError(f"weights='importance' needs p(x | z) in closed form, but the model has the further per-cell "
-                         f"latent site(s) {others}; use weights='uniform' with this model.")
+        raise ValueError(f"weights='importance' needs p(x | z) in closed form, but the model has the further "
+                         f"per-cell latent site(s) {others}; use weights='uniform' with this model.")

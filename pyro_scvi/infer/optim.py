@@ -31,7 +31,8 @@ class JointOptimizer(pyro.optim.PyroOptim):
     ``torch.optim.lr_scheduler.ReduceLROnPlateau``, advanced with :meth:`step` ``(metric)``.
     """
 
-    def __init__(self, optimizer_class: type[torch.optim.Optimizer], optim_args: dict, plateau_args: dict | None = None) -> None:
+    def __init__(self, optimizer_class: type[torch.optim.Optimizer], optim_args: dict,
+                 plateau_args: dict | None = None) -> None:
         super().__init__(optimizer_class, dict(optim_args))
         self.plateau_args = None if plateau_args is None else dict(plateau_args)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -52,7 +53,8 @@ class JointOptimizer(pyro.optim.PyroOptim):
                     groups = [{"params": params[start:start + size]} for start, size in zip(starts, sizes)]
             self.optimizer = self.pt_optim_constructor(groups, **args)
             if self.plateau_args is not None:
-                self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, **self.plateau_args)
+                plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+                self.scheduler = plateau(self.optimizer, **self.plateau_args)
             if self._pending_state is not None:
                 self.optimizer.load_state_dict(self._pending_state["optimizer"])
                 self._pending_state = None

@@ -1,8 +1,9 @@
 """Stochastic variational inference for scVI: KL warm-up, validation, early stopping, history.
 
 The loop is ``pyro.infer.SVI`` with :class:`~pyro_scvi.infer.elbo.CellMeanELBO` and one torch
-Adam (or AdamW) over all parameters (:class:`~pyro_scvi.infer.optim.JointOptimizer`). Per-epoch metrics are accumulated as tensors on the training device and read once
-per epoch, so no step waits for the host. History keys and signs follow scvi-tools: ``elbo_*``
+Adam (or AdamW) over all parameters (:class:`~pyro_scvi.infer.optim.JointOptimizer`). Per-epoch
+metrics are accumulated as tensors on the training device and read once per epoch, so no step
+waits for the host. History keys and signs follow scvi-tools: ``elbo_*``
 are *negative* ELBOs (positive numbers, lower is better).
 """
 
@@ -21,17 +22,20 @@ from pyro.infer import SVI
 from tqdm.auto import tqdm
 
 from ..data.minibatch import Minibatch
+from ..models.sites import Z
 from .elbo import CellMeanELBO, elbo_parts
 from .optim import JointOptimizer
 
-__all__ = ["TrainingPlan", "EarlyStopping", "FrozenEntries", "kl_weight_at", "max_epochs_heuristic", "run_training", "append_history"]
+__all__ = ["TrainingPlan", "EarlyStopping", "FrozenEntries", "kl_weight_at", "max_epochs_heuristic",
+           "run_training", "append_history"]
 
 
 def max_epochs_heuristic(n_obs: int, epochs_cap: int = 400, decay_at_n_obs: int = 20000) -> int:
     """scvi-tools' default number of epochs: ``max(1, min(round(20000 / n_obs · 400), 400))``."""
     n_epochs = max(1, int(min(round((decay_at_n_obs / max(n_obs, 1)) * epochs_cap), epochs_cap)))
     if n_epochs == 1:
-        warnings.warn("The default number of epochs is 1 for this many cells; pass max_epochs to train longer.", UserWarning, stacklevel=3)
+        warnings.warn("The default number of epochs is 1 for this many cells; pass max_epochs to train "
+                      "longer.", UserWarning, stacklevel=3)
     return n_epochs
 
 
@@ -42,9 +46,13 @@ def kl_weight_at(epoch: int, step: int, n_epochs_kl_warmup: int | None, n_steps_
         raise ValueError(f"min_kl_weight ({min_kl_weight}) must not exceed max_kl_weight ({max_kl_weight}).")
     span = max_kl_weight - min_kl_weight
     if n_epochs_kl_warmup:
-        return min_kl_weight + span * epoch / n_epochs_kl_warmup if epoch < n_epochs_kl_warmup else max_kl_weight
+        if epoch < n_epochs_kl_warmup:
+            return min_kl_weight + span * epoch / n_epochs_kl_warmup
+        return max_kl_weight
     if n_steps_kl_warmup:
-        return min_kl_weight + span * step / n_steps_kl_warmup if step < n_steps_kl_warmup else max_kl_weight
+        if step < n_steps_kl_warmup:
+            return min_kl_weight + span * step / n_steps_kl_warmup
+        return max_kl_weight
     return max_kl_weight
 
 
@@ -71,7 +79,8 @@ class TrainingPlan:
         if self.optimizer not in ("Adam", "AdamW"):
             raise ValueError(f"optimizer={self.optimizer!r} is not supported; use 'Adam' or 'AdamW'.")
         if self.min_kl_weight > self.max_kl_weight:
-            raise ValueError(f"min_kl_weight ({self.min_kl_weight}) must not exceed max_kl_weight ({self.max_kl_weight}).")
+            raise ValueError(f"min_kl_weight ({self.min_kl_weight}) must not exceed max_kl_weight "
+                             f"({self.max_kl_weight}).")
 
     def make_optimizer(self) -> JointOptimizer:
         """One torch Adam/AdamW over all parameters, optionally behind ReduceLROnPlateau."""
@@ -84,7 +93,8 @@ class TrainingPlan:
         return JointOptimizer(torch_optim, optim_args, plateau)
 
     def kl_weight(self, epoch: int, step: int) -> float:
-        return kl_weight_at(epoch, step, self.n_epochs_kl_warmup, self.n_steps_kl_warmup, self.min_kl_weight, self.max_kl_weight)
+        return kl_weight_at(epoch, step, self.n_epochs_kl_warmup, self.n_steps_kl_warmup, self.min_kl_weight,
+                            self.max_kl_weight)
 
 
 @dataclass
@@ -109,7 +119,10 @@ class EarlyStopping:
         if epoch < self.warmup_epochs or self.monitor not in metrics:
             return False
         value = metrics[self.monitor]
-        improved = value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        if self.mode == "min":
+            improved = value < self.best - self.min_delta
+        else:
+            improved = value > self.best + self.min_delta
         if improved:
             self.best, self.wait = value, 0
             return False
@@ -141,8 +154,10 @@ class _EpochMetrics:
         self.kl_local = self.kl_local + sum((t.sum() for t in kl.values()), 0.0)
         self.kl_global = self.kl_global + kl_global * n_cells
 
-    def compute(self, split: str, loss_name: str, reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-        values = torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in (self.loss, self.reconstruction, self.kl_local, self.kl_global, self.n_cells)])
+    def compute(self, split: str, loss_name: str,
+                reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        sums = (self.loss, self.reconstruction, self.kl_local, self.kl_global, self.n_cells)
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in sums])
         if reduce_sums is not None:  # data-parallel: sums and cell counts over all processes
             values = reduce_sums(values)
         loss, rec, kl, kl_global = (values[:4] / max(float(values[4]), 1.0)).tolist()
@@ -184,12 +199,13 @@ class FrozenEntries:
             parameter.copy_(torch.where(mask, value, parameter))
 
 
-def _validate(module, model, guide, batches: Iterable[Minibatch], kl_weight: float, reduce_sums=None) -> dict[str, float]:
+def _validate(module, model, guide, batches: Iterable[Minibatch], kl_weight: float,
+              reduce_sums=None) -> dict[str, float]:
     module.eval()
     metrics = _EpochMetrics()
     with torch.no_grad():
         for batch in batches:
-            parts = elbo_parts(model, guide, batch, kl_weights={"z": kl_weight})
+            parts = elbo_parts(model, guide, batch, kl_weights={Z: kl_weight})
             metrics.add(parts.loss, parts.reconstruction, parts.kl, batch.n_cells, parts.kl_global_per_cell)
     module.train()
     return metrics.compute("validation", "validation_loss", reduce_sums)
@@ -211,11 +227,11 @@ def run_training(
     """Train ``module`` (its ``model``/``guide``) with SVI inside the caller's param-store scope.
 
     Entries listed in ``module.frozen_parameters`` (name → boolean mask) stay fixed (see
-    :class:`FrozenEntries`). ``train_batches()`` / ``validation_batches()`` return fresh iterables over minibatches already
-    on the module's device. Returns ``(records, stop_reason)`` where ``records`` maps each history
-    key to a list of ``(epoch, value)``. The records gathered so far are kept when training is
-    interrupted (Ctrl-C) or fails; the exception is re-raised after they are attached to it
-    as ``exc.partial_history``. When an epoch ends with a non-finite loss or non-finite weights,
+    :class:`FrozenEntries`). ``train_batches()`` / ``validation_batches()`` return fresh iterables
+    over minibatches already on the module's device. Returns ``(records, stop_reason)`` where
+    ``records`` maps each history key to a list of ``(epoch, value)``. The records gathered so far
+    are kept when training is interrupted (Ctrl-C) or fails; the exception is re-raised after they
+    are attached to it as ``exc.partial_history``. When an epoch ends with a non-finite loss or non-finite weights,
     the weights of the start of that epoch are restored and ``FloatingPointError`` is raised
     (finiteness is checked once per epoch, never per step).
 
@@ -224,22 +240,10 @@ def run_training(
     float64 vector ``[loss, reconstruction, kl, n_cells]`` of per-epoch sums to its sum over the
     processes; ``epoch_end_hook()`` runs after each training epoch, before validation.
     """
-    elbo = CellMeanELBO()
-    optim = plan.make_optimizer()
-    svi = SVI(module.model, module.guide, optim, loss=elbo)
-    frozen = FrozenEntries(module, getattr(module, "frozen_parameters", {}))
-    step_parameters = _StepParameters()
-    snapshot = None
+    run = _SVIRun(module, plan, gradient_hook)
     records: dict[str, list] = {}
     stop_reason = None
-    step = 0
-    kl_weight = plan.kl_weight(0, 0)
-    validate_every = check_val_every_n_epoch
-
-    def record(epoch: int, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            records.setdefault(key, []).append((epoch, value))
-
+    snapshot = None
     module.train()
     epochs = tqdm(range(max_epochs), desc="Training", unit="epoch", disable=not progress_bar, leave=True)
     # Argument checks of distributions are a pass over each tensor plus a host sync (on CUDA) per
@@ -247,38 +251,20 @@ def run_training(
     with pyro.validation_enabled(False):
         try:
             for epoch in epochs:
-                # weights (and BatchNorm statistics) at the start of the epoch: restored if the epoch goes non-finite
+                # weights (and BatchNorm statistics) at the start of the epoch: restored if it goes non-finite
                 snapshot = _snapshot(module, snapshot)
-                metrics = _EpochMetrics()
-                try:
-                    for batch in train_batches():
-                        kl_weight = plan.kl_weight(epoch, step)
-                        elbo.kl_weights["z"] = kl_weight
-                        loss = _svi_step(svi, batch, gradient_hook, step_parameters)
-                        if frozen:
-                            frozen.restore()
-                        metrics.add(loss, elbo.last_reconstruction, elbo.last_kl, batch.n_cells, elbo.last_kl_global)
-                        step += 1
-                except Exception as error:  # NaN weights or inputs trip the distributions' argument checks mid-epoch
-                    if _NON_FINITE_MARK in str(error) or not _all_finite(module):
-                        module.load_state_dict(snapshot)
-                        raise FloatingPointError(_non_finite_message("values became NaN or infinite", epoch)) from error
-                    raise
+                metrics = run.train_epoch(epoch, train_batches(), snapshot)
                 values = metrics.compute("train", "train_loss", reduce_sums)
-                values["kl_weight"] = kl_weight
-                if not math.isfinite(values["train_loss"]) or not _all_finite(module):
-                    module.load_state_dict(snapshot)
-                    what = f"loss became {values['train_loss']}" if not math.isfinite(values["train_loss"]) else "weights became non-finite"
-                    raise FloatingPointError(_non_finite_message(what, epoch))
+                values["kl_weight"] = run.kl_weight
+                _check_epoch_finite(module, values["train_loss"], snapshot, epoch)
                 if epoch_end_hook is not None:
                     epoch_end_hook()
-                if validation_batches is not None and validate_every and (epoch + 1) % validate_every == 0:
-                    values.update(_validate(module, svi.model, svi.guide, validation_batches(), kl_weight, reduce_sums))
-                    if plan.reduce_lr_on_plateau and plan.lr_scheduler_metric in values:
-                        optim.step(values[plan.lr_scheduler_metric])
+                if validation_batches is not None and _validation_epoch(epoch, check_val_every_n_epoch):
+                    values.update(run.validate(validation_batches(), reduce_sums))
                 if plan.reduce_lr_on_plateau:
-                    values["lr-" + plan.optimizer] = _current_lr(optim, plan.lr)
-                record(epoch, values)
+                    values["lr-" + plan.optimizer] = _current_lr(run.optim, plan.lr)
+                for key, value in values.items():
+                    records.setdefault(key, []).append((epoch, value))
                 epochs.set_postfix(loss=f"{values['train_loss']:.4g}", refresh=False)
                 if early_stopping is not None and early_stopping.should_stop(epoch, values):
                     stop_reason = early_stopping.reason
@@ -292,6 +278,64 @@ def run_training(
     return records, stop_reason
 
 
+class _SVIRun:
+    """The SVI state of one ``run_training`` call: objective, optimiser, step count and KL weight."""
+
+    def __init__(self, module, plan: TrainingPlan, gradient_hook: Callable[[], None] | None) -> None:
+        self.module, self.plan, self.gradient_hook = module, plan, gradient_hook
+        self.elbo = CellMeanELBO()
+        self.optim = plan.make_optimizer()
+        self.svi = SVI(module.model, module.guide, self.optim, loss=self.elbo)
+        self.frozen = FrozenEntries(module, getattr(module, "frozen_parameters", {}))
+        self.step_parameters = _StepParameters()
+        self.step = 0
+        #: KL warm-up weight of the last step (kept over an epoch without minibatches)
+        self.kl_weight = plan.kl_weight(0, 0)
+
+    def train_epoch(self, epoch: int, batches: Iterable[Minibatch], snapshot: dict) -> _EpochMetrics:
+        """One optimiser step per minibatch; on non-finite values, restore ``snapshot`` and raise
+        ``FloatingPointError``."""
+        metrics = _EpochMetrics()
+        elbo = self.elbo
+        try:
+            for batch in batches:
+                self.kl_weight = self.plan.kl_weight(epoch, self.step)
+                elbo.kl_weights[Z] = self.kl_weight
+                loss = _svi_step(self.svi, batch, self.gradient_hook, self.step_parameters)
+                if self.frozen:
+                    self.frozen.restore()
+                metrics.add(loss, elbo.last_reconstruction, elbo.last_kl, batch.n_cells, elbo.last_kl_global)
+                self.step += 1
+        except Exception as error:  # NaN weights or inputs trip the distributions' argument checks mid-epoch
+            if _NON_FINITE_MARK in str(error) or not _all_finite(self.module):
+                self.module.load_state_dict(snapshot)
+                message = _non_finite_message("values became NaN or infinite", epoch)
+                raise FloatingPointError(message) from error
+            raise
+        return metrics
+
+    def validate(self, batches: Iterable[Minibatch], reduce_sums=None) -> dict[str, float]:
+        """Validation metrics; advances the learning-rate schedule when it monitors one of them."""
+        values = _validate(self.module, self.svi.model, self.svi.guide, batches, self.kl_weight, reduce_sums)
+        if self.plan.reduce_lr_on_plateau and self.plan.lr_scheduler_metric in values:
+            self.optim.step(values[self.plan.lr_scheduler_metric])
+        return values
+
+
+def _validation_epoch(epoch: int, every: int | None) -> bool:
+    """Whether validation runs after ``epoch`` (every ``every`` epochs; never when ``every`` is 0 or None)."""
+    return bool(every) and (epoch + 1) % every == 0
+
+
+def _check_epoch_finite(module, train_loss: float, snapshot: dict, epoch: int) -> None:
+    """Restore ``snapshot`` and raise ``FloatingPointError`` when the epoch's loss or weights are not
+    finite."""
+    if not math.isfinite(train_loss) or not _all_finite(module):
+        module.load_state_dict(snapshot)
+        what = f"loss became {train_loss}" if not math.isfinite(train_loss) else "weights became non-finite"
+        raise FloatingPointError(_non_finite_message(what, epoch))
+
+
 #: how torch's distributions report a NaN/inf argument
 _NON_FINITE_MARK = "found invalid values"
 
@@ -300,8 +344,8 @@ def _non_finite_message(what: str, epoch: int) -> str:
     return (
         f"The training {what} in epoch {epoch}; training stopped and the model keeps the weights of the last "
         "finite epoch (its history so far is kept). Likely causes: the registered layer is not raw counts "
-        "(normalised or log data: register the raw counts with `layer=`), NaN or infinite values in the data, or "
-        "a learning rate that is too high (lower it with plan_kwargs={'lr': ...})."
+        "(normalised or log data: register the raw counts with `layer=`), NaN or infinite values in the "
+        "data, or a learning rate that is too high (lower it with plan_kwargs={'lr': ...})."
     )
 
 
@@ -369,7 +413,8 @@ def _current_lr(optim, default: float) -> float:
     return default if lr is None else lr
 
 
-def append_history(history: dict[str, pd.DataFrame] | None, records: dict[str, list]) -> dict[str, pd.DataFrame]:
+def append_history(history: dict[str, pd.DataFrame] | None, records: dict[str, list]
+                   ) -> dict[str, pd.DataFrame]:
     """Append per-epoch records to a history of one-column DataFrames indexed by ``epoch``.
 
     Epochs continue after the last recorded one, so training twice appends rather than overwrites.

@@ -3,7 +3,6 @@
 from .likelihoods import (
     LIKELIHOODS,
     LikelihoodSpec,
-    expression_likelihood,
     get_likelihood,
     register_likelihood,
     unregister_likelihood,
@@ -11,6 +10,6 @@ from .likelihoods import (
 from .priors import LogNormalLibraryPrior, MixtureOfGaussiansPrior, NormalPrior, VampPrior
 from .scvi import scvi_model
 
-__all__ = ["scvi_model", "LIKELIHOODS", "LikelihoodSpec", "expression_likelihood", "get_likelihood",
+__all__ = ["scvi_model", "LIKELIHOODS", "LikelihoodSpec", "get_likelihood",
            "register_likelihood", "unregister_likelihood",
            "NormalPrior", "MixtureOfGaussiansPrior", "VampPrior", "LogNormalLibraryPrior"]

@@ -35,11 +35,12 @@ from ..distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
 
 __all__ = [
     "LIKELIHOODS", "LikelihoodSpec", "register_likelihood", "unregister_likelihood", "get_likelihood",
-    "expression_likelihood", "likelihood_parameters", "BUILTIN_LIKELIHOODS",
+    "likelihood_parameters", "BUILTIN_LIKELIHOODS",
 ]
 
 #: ``(mean (…, n, G), inverse_dispersion or None, zero_inflation_logits or None) → Distribution``
-LikelihoodFactory = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.distributions.Distribution]
+LikelihoodFactory = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"],
+                             torch.distributions.Distribution]
 
 
 @dataclass(frozen=True)
@@ -117,15 +118,16 @@ def _builtin_parameters(distribution) -> dict[str, torch.Tensor]:
         return {"mean": distribution.rate.expand(shape)}
     if isinstance(distribution, dist.Normal):
         return {"mean": distribution.loc.expand(shape), "dispersions": distribution.scale.expand(shape)}
-    raise TypeError(f"No parameter names known for {type(distribution).__name__}: register the likelihood with "
-                    "register_likelihood(..., parameters=fn) to name them.")
+    raise TypeError(f"No parameter names known for {type(distribution).__name__}: register the likelihood "
+                    "with register_likelihood(..., parameters=fn) to name them.")
 
 
 BUILTIN_LIKELIHOODS = ("zinb", "nb", "poisson", "normal")
 
 #: name → :class:`LikelihoodSpec` (callable as ``spec(mean, inverse_dispersion, zero_inflation_logits)``)
 LIKELIHOODS: dict[str, LikelihoodSpec] = {
-    "zinb": LikelihoodSpec("zinb", _zinb, dispersion=True, zero_inflation=True, parameters=_builtin_parameters),
+    "zinb": LikelihoodSpec("zinb", _zinb, dispersion=True, zero_inflation=True,
+                           parameters=_builtin_parameters),
     "nb": LikelihoodSpec("nb", _nb, dispersion=True, parameters=_builtin_parameters),
     "poisson": LikelihoodSpec("poisson", _poisson, dispersion=False, parameters=_builtin_parameters),
     "normal": LikelihoodSpec("normal", _normal, dispersion=True, parameters=_builtin_parameters),
@@ -149,13 +151,15 @@ def register_likelihood(
     if not isinstance(name, str) or not name:
         raise ValueError(f"A likelihood name must be a non-empty string, got {name!r}.")
     if not callable(factory):
-        raise TypeError(f"factory must be callable (mean, inverse_dispersion, zero_inflation_logits) -> Distribution, got {factory!r}.")
+        raise TypeError("factory must be callable (mean, inverse_dispersion, zero_inflation_logits) -> "
+                        f"Distribution, got {factory!r}.")
     if parameters is not None and not callable(parameters):
         raise TypeError("parameters must be a callable Distribution -> {name: tensor} (or None).")
     if name in BUILTIN_LIKELIHOODS:
         raise ValueError(f"{name!r} is a built-in likelihood and cannot be replaced; choose another name.")
     if name in LIKELIHOODS and not overwrite:
-        raise ValueError(f"A likelihood named {name!r} is already registered; pass overwrite=True to replace it.")
+        raise ValueError(f"A likelihood named {name!r} is already registered; pass overwrite=True to "
+                         "replace it.")
     spec = LikelihoodSpec(name, factory, dispersion=bool(dispersion), zero_inflation=bool(zero_inflation),
                           parameters=parameters)
     LIKELIHOODS[name] = spec
@@ -170,22 +174,19 @@ def unregister_likelihood(name: str) -> None:
 
 
 def unknown_likelihood_message(name) -> str:
-    return (f"gene_likelihood={name!r} is not a registered likelihood; registered: {', '.join(map(repr, LIKELIHOODS))}. "
-            "Add one with pyro_scvi.models.register_likelihood(name, factory, dispersion=..., zero_inflation=..., "
-            "parameters=...) before building or loading the model.")
+    registered = ", ".join(map(repr, LIKELIHOODS))
+    return (f"gene_likelihood={name!r} is not a registered likelihood; registered: {registered}. "
+            "Add one with pyro_scvi.models.register_likelihood(name, factory, dispersion=..., "
+            "zero_inflation=..., parameters=...) before building or loading the model.")
 
 
 def get_likelihood(name: str) -> LikelihoodSpec:
-    """The registered :class:`LikelihoodSpec` called ``name`` (``ValueError`` listing the registered names)."""
+    """The registered :class:`LikelihoodSpec` called ``name`` (``ValueError`` listing the registered
+    names)."""
     try:
         return LIKELIHOODS[name]
     except (KeyError, TypeError):
         raise ValueError(unknown_likelihood_message(name)) from None
-
-
-def expression_likelihood(name: str, mean: torch.Tensor, inverse_dispersion=None, zero_inflation_logits=None):
-    """Build the likelihood ``name`` (one of :data:`LIKELIHOODS`)."""
-    return get_likelihood(name)(mean, inverse_dispersion, zero_inflation_logits)
 
 
 def likelihood_parameters(distribution, name: str | None = None) -> dict[str, torch.Tensor]:

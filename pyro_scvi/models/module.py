@@ -19,6 +19,7 @@ from torch import nn
 from ..data.minibatch import Minibatch
 from ..guides.scvi import scvi_guide
 from .likelihoods import get_likelihood
+from . import sites
 from .priors import LogNormalLibraryPrior, dispersion_prior_distribution, make_z_prior
 from .scvi import scvi_model
 from .networks import ExpressionDecoder, GaussianEncoder
@@ -29,6 +30,11 @@ DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
 BATCH_REPRESENTATIONS = ("one-hot", "embedding")
 LATENT_DISTRIBUTIONS = ("normal", "ln")
 NORM_PLACEMENTS = ("encoder", "decoder", "both", "none")
+
+
+def _row(values) -> torch.Tensor:
+    """``values`` as a float32 row ``(1, K)``."""
+    return torch.as_tensor(values, dtype=torch.float32).reshape(1, -1)
 
 
 def _check_choice(name: str, value, choices: Sequence[str]) -> None:
@@ -95,7 +101,8 @@ class SCVIModule(nn.Module):
         _check_choice("use_batch_norm", use_batch_norm, NORM_PLACEMENTS)
         _check_choice("use_layer_norm", use_layer_norm, NORM_PLACEMENTS)
         _check_choice("batch_representation", batch_representation, BATCH_REPRESENTATIONS)
-        self.n_input, self.n_batch, self.n_labels, self.n_latent = n_input, max(n_batch, 1), max(n_labels, 1), n_latent
+        self.n_input, self.n_latent = n_input, n_latent
+        self.n_batch, self.n_labels = max(n_batch, 1), max(n_labels, 1)
         self.dispersion = dispersion
         self.gene_likelihood = gene_likelihood
         self.latent_distribution = latent_distribution
@@ -104,19 +111,31 @@ class SCVIModule(nn.Module):
         self.use_size_factor = bool(use_size_factor_key)
         self.use_observed_lib_size = bool(use_size_factor_key) or use_observed_lib_size
         self.n_continuous_cov = n_continuous_cov
-
-        # the batch enters as a one-hot covariate, or as a learned embedding appended to the inputs
         self.batch_representation = batch_representation
+        # creation order is fixed (it sets the random initial weights and the state-dict order)
+        self._build_networks(n_hidden, n_layers, n_cats_per_cov, dropout_rate, deeply_inject_covariates,
+                             use_batch_norm, use_layer_norm, var_activation, batch_embedding_kwargs)
+        self._build_dispersion_and_library(library_log_means, library_log_vars)
+        self._build_priors(z_prior, n_prior_components, library_prior, dispersion_prior)
+        #: parameter name → boolean mask of entries that training must not change (query mapping)
+        self.frozen_parameters: dict[str, torch.Tensor] = {}
+
+    def _build_networks(self, n_hidden, n_layers, n_cats_per_cov, dropout_rate, inject_covariates,
+                        use_batch_norm, use_layer_norm, var_activation, batch_embedding_kwargs) -> None:
+        """The batch embedding (if any), both encoders and the decoder."""
+        # the batch enters as a one-hot covariate, or as a learned embedding appended to the inputs
         n_embedding = 0
-        if batch_representation == "embedding":
+        if self.batch_representation == "embedding":
             embedding_kwargs = dict(batch_embedding_kwargs or {})
             n_embedding = int(embedding_kwargs.pop("embedding_dim", 5))
             if embedding_kwargs:
-                raise ValueError(f"Unknown batch_embedding_kwargs {sorted(embedding_kwargs)}; only embedding_dim is accepted.")
+                raise ValueError(f"Unknown batch_embedding_kwargs {sorted(embedding_kwargs)}; "
+                                 "only embedding_dim is accepted.")
             self.batch_embedding = nn.Embedding(self.n_batch, n_embedding)
         cat_list = ([] if n_embedding else [self.n_batch]) + list(n_cats_per_cov or [])
-        encoder_cats = cat_list if encode_covariates else None
-        n_input_encoder = n_input + ((n_continuous_cov + n_embedding) if encode_covariates else 0)
+        encoder_cats = cat_list if self.encode_covariates else None
+        n_appended = (self.n_continuous_cov + n_embedding) if self.encode_covariates else 0
+        n_input_encoder = self.n_input + n_appended
         self.n_input_encoder = n_input_encoder
         bn_encoder = use_batch_norm in ("encoder", "both")
         bn_decoder = use_batch_norm in ("decoder", "both")
@@ -124,50 +143,58 @@ class SCVIModule(nn.Module):
         ln_decoder = use_layer_norm in ("decoder", "both")
 
         self.z_encoder = GaussianEncoder(
-            n_input_encoder, n_latent, encoder_cats, n_layers, n_hidden, dropout_rate,
-            bn_encoder, ln_encoder, inject_covariates=deeply_inject_covariates, var_activation=var_activation,
+            n_input_encoder, self.n_latent, encoder_cats, n_layers, n_hidden, dropout_rate,
+            bn_encoder, ln_encoder, inject_covariates=inject_covariates, var_activation=var_activation,
         )
         self.library_encoder = GaussianEncoder(
             n_input_encoder, 1, encoder_cats, 1, n_hidden, dropout_rate,
-            bn_encoder, ln_encoder, inject_covariates=deeply_inject_covariates, var_activation=var_activation,
+            bn_encoder, ln_encoder, inject_covariates=inject_covariates, var_activation=var_activation,
         )
         self.decoder = ExpressionDecoder(
-            n_latent + n_continuous_cov + n_embedding, n_input, cat_list, n_layers, n_hidden,
-            bn_decoder, ln_decoder, inject_covariates=deeply_inject_covariates,
+            self.n_latent + self.n_continuous_cov + n_embedding, self.n_input, cat_list, n_layers, n_hidden,
+            bn_decoder, ln_decoder, inject_covariates=inject_covariates,
             scale_activation="softplus" if self.use_size_factor else "softmax",
         )
-        dispersion_shape = {"gene": (n_input,), "gene-batch": (n_input, self.n_batch), "gene-label": (n_input, self.n_labels)}
-        if dispersion in dispersion_shape:
-            self.log_dispersion = nn.Parameter(torch.randn(dispersion_shape[dispersion]))
+
+    def _build_dispersion_and_library(self, library_log_means, library_log_vars) -> None:
+        """``log_dispersion`` (none for ``gene-cell``) and the per-batch library buffers (latent library)."""
+        shapes = {"gene": (self.n_input,), "gene-batch": (self.n_input, self.n_batch),
+                  "gene-label": (self.n_input, self.n_labels)}
+        if self.dispersion in shapes:
+            self.log_dispersion = nn.Parameter(torch.randn(shapes[self.dispersion]))
         else:
             self.register_parameter("log_dispersion", None)
         if not self.use_observed_lib_size:
             if library_log_means is None or library_log_vars is None:
-                raise ValueError("A latent library size needs library_log_means and library_log_vars, shape (1, n_batch).")
-            self.register_buffer("library_log_means", torch.as_tensor(library_log_means, dtype=torch.float32).reshape(1, -1))
-            self.register_buffer("library_log_vars", torch.as_tensor(library_log_vars, dtype=torch.float32).reshape(1, -1))
-        # priors (pyro_scvi.models.priors): of z, of the latent log-library, hyper-prior of θ
-        self.z_prior = make_z_prior(z_prior, n_latent, n_prior_components)
+                raise ValueError("A latent library size needs library_log_means and library_log_vars, "
+                                 "shape (1, n_batch).")
+            self.register_buffer("library_log_means", _row(library_log_means))
+            self.register_buffer("library_log_vars", _row(library_log_vars))
+
+    def _build_priors(self, z_prior, n_prior_components, library_prior, dispersion_prior) -> None:
+        """Priors (:mod:`pyro_scvi.models.priors`): of z, of the latent log-library, hyper-prior of θ."""
+        self.z_prior = make_z_prior(z_prior, self.n_latent, n_prior_components)
         if library_prior is not None and self.use_observed_lib_size:
-            raise ValueError("library_prior needs a latent library: build the model with use_observed_lib_size=False.")
+            raise ValueError("library_prior needs a latent library: build the model with "
+                             "use_observed_lib_size=False.")
         if self.use_observed_lib_size:
             self.library_prior = None
         else:
             self.library_prior = LogNormalLibraryPrior() if library_prior is None else library_prior
         self.dispersion_prior = dispersion_prior
         if dispersion_prior is not None:
-            if self.log_dispersion is None or not get_likelihood(gene_likelihood).dispersion:
-                raise ValueError(f"dispersion_prior={dispersion_prior!r} needs a per-gene θ: dispersion 'gene', 'gene-batch' "
-                                 f"or 'gene-label' and a likelihood with a dispersion (got {dispersion!r}, {gene_likelihood!r}).")
-            dispersion_prior_distribution(dispersion_prior, tuple(self.log_dispersion.shape))  # checks the name
+            if self.log_dispersion is None or not get_likelihood(self.gene_likelihood).dispersion:
+                raise ValueError(f"dispersion_prior={dispersion_prior!r} needs a per-gene θ: dispersion "
+                                 "'gene', 'gene-batch' or 'gene-label' and a likelihood with a dispersion "
+                                 f"(got {self.dispersion!r}, {self.gene_likelihood!r}).")
+            # checks the name
+            dispersion_prior_distribution(dispersion_prior, tuple(self.log_dispersion.shape))
             self.log_dispersion_log_scale = nn.Parameter(torch.full_like(self.log_dispersion, math.log(0.1)))
         #: number of training cells; with a global latent the "cells" plate has this size (see cells_plate)
         self.n_train_cells: int | None = None
         for prior in (self.z_prior, self.library_prior):
             if prior is not None and hasattr(prior, "attach"):
                 prior.attach(self)
-        #: parameter name → boolean mask of entries that training must not change (query mapping)
-        self.frozen_parameters: dict[str, torch.Tensor] = {}
 
     # -- the probabilistic program ---------------------------------------------------------------
     #: user functions ``fn(module, batch, transform_batch=None)`` replacing the built-in model / guide
@@ -201,7 +228,8 @@ class SCVIModule(nn.Module):
     # -- priors and global latent variables -----------------------------------------------------
     @property
     def has_global_latents(self) -> bool:
-        """Whether the model has a latent site outside the ``"cells"`` plate (θ with ``dispersion_prior``)."""
+        """Whether the model has a latent site outside the ``"cells"`` plate (θ with
+        ``dispersion_prior``)."""
         return self.dispersion_prior is not None
 
     def cells_plate(self, batch: Minibatch) -> pyro.plate:
@@ -213,15 +241,19 @@ class SCVIModule(nn.Module):
         """
         n = batch.n_cells
         if not self.has_global_latents or not self.n_train_cells:
-            return pyro.plate("cells", n, dim=-1)
-        return pyro.plate("cells", self.n_train_cells, subsample=torch.arange(n, device=batch.batch_index.device), dim=-1)
+            return pyro.plate(sites.CELLS, n, dim=-1)
+        subsample = torch.arange(n, device=batch.batch_index.device)
+        return pyro.plate(sites.CELLS, self.n_train_cells, subsample=subsample, dim=-1)
 
     def dispersion_hyperprior(self) -> dist.Distribution:
-        """p(θ): batch shape ``(G,)``, event shape ``()`` or ``(B|L,)`` (see :data:`~pyro_scvi.models.priors.DISPERSION_PRIORS`)."""
-        return dispersion_prior_distribution(self.dispersion_prior, tuple(self.log_dispersion.shape), self.log_dispersion.device)
+        """p(θ): batch shape ``(G,)``, event shape ``()`` or ``(B|L,)`` (see
+        :data:`~pyro_scvi.models.priors.DISPERSION_PRIORS`)."""
+        shape = tuple(self.log_dispersion.shape)
+        return dispersion_prior_distribution(self.dispersion_prior, shape, self.log_dispersion.device)
 
     def dispersion_posterior(self) -> dist.Distribution:
-        """q(θ) = LogNormal(log_dispersion, exp(log_dispersion_log_scale)), mean-field; shapes as the prior's."""
+        """q(θ) = LogNormal(log_dispersion, exp(log_dispersion_log_scale)), mean-field; shapes as the
+        prior's."""
         q = dist.LogNormal(self.log_dispersion, self.log_dispersion_log_scale.exp())
         return q.to_event(self.log_dispersion.dim() - 1)
 
@@ -256,7 +288,8 @@ class SCVIModule(nn.Module):
         """Map the Gaussian latent to the decoder's input: identity, or softmax for ``"ln"``."""
         return torch.softmax(z, dim=-1) if self.latent_distribution == "ln" else z
 
-    def decoder_input(self, z: torch.Tensor, batch: Minibatch, batch_index: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def decoder_input(self, z: torch.Tensor, batch: Minibatch, batch_index: torch.Tensor
+                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Decoder input: transformed ``z`` (…, n, d) ⊕ continuous covariates ⊕ batch embedding,
         and the categorical covariates (batch one-hot first unless embedded)."""
         parts = [self.latent_transform(z)]
@@ -269,7 +302,8 @@ class SCVIModule(nn.Module):
 
     def inverse_dispersion(self, hidden: torch.Tensor, batch_index: torch.Tensor, labels: torch.Tensor,
                            theta: torch.Tensor | None = None) -> torch.Tensor:
-        """θ > 0: ``(G,)`` for ``gene``, ``(n, G)`` for ``gene-batch``/``gene-label``, ``(…, n, G)`` for ``gene-cell``.
+        """θ > 0: ``(G,)`` for ``gene``, ``(n, G)`` for ``gene-batch``/``gene-label``, ``(…, n, G)`` for
+        ``gene-cell``.
 
         ``theta``: a draw of the global θ site (``dispersion_prior``), ``(…, G)`` or ``(…, G, B|L)``;
         then ``(…, 1, G)`` or ``(…, n, G)``."""
@@ -286,8 +320,8 @@ class SCVIModule(nn.Module):
             return self.log_dispersion.T[labels.reshape(-1)].exp()
         return self.decoder.dispersion_head(hidden).exp()
 
-    def likelihood(self, mean: torch.Tensor, hidden: torch.Tensor, batch_index: torch.Tensor, labels: torch.Tensor,
-                   theta: torch.Tensor | None = None):
+    def likelihood(self, mean: torch.Tensor, hidden: torch.Tensor, batch_index: torch.Tensor,
+                   labels: torch.Tensor, theta: torch.Tensor | None = None):
         """The count distribution of each gene in each cell (batch shape (…, n, G)), built by the
         registered likelihood ``gene_likelihood`` from the heads it declares it needs (``theta``: a
         draw of the global θ site, see :meth:`inverse_dispersion`)."""

@@ -20,11 +20,6 @@ from torch import nn
 
 __all__ = ["FCLayers", "GaussianEncoder", "ExpressionDecoder", "one_hot_covariates", "resolve_activation"]
 
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "exp": torch.exp,
-    "softplus": F.softplus,
-}
-
 
 def resolve_activation(var_activation) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Map ``None``, ``"exp"``, ``"softplus"``, ``torch.exp`` or ``nn.Softplus()`` to (name, function).
@@ -34,7 +29,9 @@ def resolve_activation(var_activation) -> tuple[str, Callable[[torch.Tensor], to
     if var_activation is None or var_activation is torch.exp or var_activation == "exp":
         return "exp", torch.exp
     if var_activation == "softplus" or var_activation is F.softplus or (
-        isinstance(var_activation, nn.Softplus) and var_activation.beta == 1 and var_activation.threshold == 20
+        isinstance(var_activation, nn.Softplus)
+        and var_activation.beta == 1
+        and var_activation.threshold == 20
     ):
         return "softplus", F.softplus
     raise ValueError(
@@ -43,7 +40,8 @@ def resolve_activation(var_activation) -> tuple[str, Callable[[torch.Tensor], to
     )
 
 
-def one_hot_covariates(categorical: Sequence[torch.Tensor], n_categories: Sequence[int]) -> torch.Tensor | None:
+def one_hot_covariates(categorical: Sequence[torch.Tensor], n_categories: Sequence[int]
+                       ) -> torch.Tensor | None:
     """One-hot encode integer codes ``(n, 1)`` per covariate and concatenate: ``(n, Σ K_j)``.
 
     Covariates with at most one category contribute no columns (as in scvi-tools).
@@ -181,9 +179,8 @@ class ExpressionDecoder(nn.Module):
         )
         if scale_activation not in ("softmax", "softplus"):
             raise ValueError(f"scale_activation must be 'softmax' or 'softplus', got {scale_activation!r}.")
-        self.scale_head = nn.Sequential(
-            nn.Linear(n_hidden, n_genes), nn.Softmax(dim=-1) if scale_activation == "softmax" else nn.Softplus()
-        )
+        activation = nn.Softmax(dim=-1) if scale_activation == "softmax" else nn.Softplus()
+        self.scale_head = nn.Sequential(nn.Linear(n_hidden, n_genes), activation)
         self.dispersion_head = nn.Linear(n_hidden, n_genes)
         self.zero_inflation_head = nn.Linear(n_hidden, n_genes)
 

@@ -57,7 +57,8 @@ def _attach_once(prior: nn.Module, module: nn.Module) -> None:
     """Remember ``module`` without registering it as a child (no second copy in the state dict)."""
     owner = prior.__dict__.get("_owner")
     if owner is not None and owner is not module:
-        raise ValueError(f"This {type(prior).__name__} already belongs to another model; pass a new instance to each model.")
+        raise ValueError(f"This {type(prior).__name__} already belongs to another model; pass a new instance "
+                         "to each model.")
     object.__setattr__(prior, "_owner", module)
 
 
@@ -162,7 +163,8 @@ class VampPrior(nn.Module):
         shape = (self.n_components, module.n_input_encoder)
         initial = torch.randn(shape) if self._initial is None else self._initial
         if tuple(initial.shape) != shape:
-            raise ValueError(f"pseudo_inputs must have shape {shape} (n_components, encoder input width), got {tuple(initial.shape)}.")
+            raise ValueError(f"pseudo_inputs must have shape {shape} (n_components, encoder input width), "
+                             f"got {tuple(initial.shape)}.")
         self.pseudo_inputs = nn.Parameter(initial.clone())
         self._initial = None
 
@@ -233,7 +235,8 @@ def make_z_prior(spec, n_latent: int, n_components: int = 10) -> nn.Module:
         return MixtureOfGaussiansPrior(n_latent, n_components)
     if spec == "vamp":
         return VampPrior(n_components)
-    raise ValueError(f"z_prior={spec!r} is not one of {', '.join(map(repr, Z_PRIORS))} or an nn.Module following the prior protocol.")
+    raise ValueError(f"z_prior={spec!r} is not one of {', '.join(map(repr, Z_PRIORS))} or an nn.Module "
+                     "following the prior protocol.")
 
 
 #: fixed hyper-priors of the inverse dispersion θ (weakly informative, centred on θ ≈ 5):
@@ -249,7 +252,11 @@ def dispersion_prior_distribution(name: str, shape: tuple[int, ...], device=None
     """The hyper-prior ``name`` of θ over ``shape`` = ``(G,)`` or ``(G, B)``: batch shape ``(G,)``,
     event shape ``()`` or ``(B,)`` (a ``"genes"`` plate covers the first axis)."""
     if name not in DISPERSION_PRIORS:
-        raise ValueError(f"dispersion_prior={name!r} is not one of None, {', '.join(map(repr, DISPERSION_PRIORS))}.")
+        names = ", ".join(map(repr, DISPERSION_PRIORS))
+        raise ValueError(f"dispersion_prior={name!r} is not one of None, {names}.")
     p = {k: torch.tensor(v, device=device) for k, v in DISPERSION_PRIORS[name].items()}
-    prior = dist.Gamma(p["concentration"], p["rate"]) if name == "gamma" else dist.LogNormal(p["loc"], p["scale"])
+    if name == "gamma":
+        prior = dist.Gamma(p["concentration"], p["rate"])
+    else:
+        prior = dist.LogNormal(p["loc"], p["scale"])
     return prior.expand(shape).to_event(len(shape) - 1)

@@ -2,7 +2,8 @@
 
 For each cell n with batch s_n::
 
-    θ_g  ~ Gamma / LogNormal hyper-prior                only with ``dispersion_prior`` (global, "genes" plate)
+    θ_g  ~ Gamma / LogNormal hyper-prior                only with ``dispersion_prior`` (global, "genes"
+                                                        plate)
     z_n ~ p(z)                                          latent state, d dimensions: Normal(0, I) by
                                                         default, or a mixture (module.z_prior)
     l_n  = log Σ_g x_ng        (observed library, the default)
@@ -16,6 +17,8 @@ With ``latent_distribution="ln"`` the decoder sees ``softmax(z_n)`` (logistic-no
 from __future__ import annotations
 
 import pyro
+
+from . import sites
 
 __all__ = ["scvi_model"]
 
@@ -33,31 +36,32 @@ def scvi_model(module, batch, transform_batch: int | None = None):
         Batch code the decoder, the batch-specific dispersion and the library prior use for every
         cell instead of its own (counterfactual expression).
     """
-    pyro.module("scvi", module)
+    pyro.module(sites.PYRO_MODULE, module)
     counterfactual = batch if transform_batch is None else batch.with_batch(transform_batch)
     batch_index = counterfactual.batch_index  # (n, 1)
 
     theta = None
     if module.dispersion_prior is not None:  # global latent θ, its KL spread over the training cells
-        with pyro.plate("genes", module.n_input, dim=-1):
-            theta = pyro.sample("inverse_dispersion", module.dispersion_hyperprior())  # (G,) or (G, B|L)
+        with pyro.plate(sites.GENES, module.n_input, dim=-1):
+            theta = pyro.sample(sites.INVERSE_DISPERSION, module.dispersion_hyperprior())  # (G,) or (G, B|L)
 
     with module.cells_plate(batch):  # n cells (a subsample of n_train_cells when θ is global)
-        z = pyro.sample("z", module.z_prior(batch))  # (n, d)
+        z = pyro.sample(sites.Z, module.z_prior(batch))  # (n, d)
 
         if module.use_size_factor:
             log_library = batch.size_factor.log()  # (n, 1)
         elif module.use_observed_lib_size:
             log_library = batch.log_library  # (n, 1)
         else:
-            log_library = pyro.sample("library", module.library_prior(counterfactual))  # (n, 1)
+            log_library = pyro.sample(sites.LIBRARY, module.library_prior(counterfactual))  # (n, 1)
 
-        decoder_input, covariates = module.decoder_input(z, batch, batch_index)  # (n, d [+ C + E]), [(n, 1), ...]
+        # (n, d [+ C + E]) and the categorical covariates [(n, 1), ...]
+        decoder_input, covariates = module.decoder_input(z, batch, batch_index)
         hidden = module.decoder(decoder_input, *covariates)  # (n, H)
         rho = module.decoder.scale_head(hidden)  # (n, G), sums to 1 over genes
         mean = log_library.exp() * rho  # (n, G), expected counts before zero-inflation
-        pyro.deterministic("normalized_expression", rho, event_dim=1)
-        pyro.deterministic("mean", mean, event_dim=1)
+        pyro.deterministic(sites.NORMALIZED_EXPRESSION, rho, event_dim=1)
+        pyro.deterministic(sites.MEAN, mean, event_dim=1)
 
         likelihood = module.likelihood(mean, hidden, batch_index, batch.labels, theta)  # batch shape (n, G)
-        return pyro.sample("x", likelihood.to_event(1), obs=batch.x)  # (n, G)
+        return pyro.sample(sites.X, likelihood.to_event(1), obs=batch.x)  # (n, G)
