@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data.registry import Registry
 from .io.tenx import VAR_NAMES, read_input
 
 __all__ = ["main", "run_demo", "build_parser"]
@@ -142,7 +143,7 @@ def _load_model(model_dir: str, adata, prefix: str | None = None):
 def _registry_keys(model) -> list[str]:
     """The obs columns the model was set up with (batch, labels), for default colouring."""
     keys = []
-    setup = model.registry_.get("setup_args", {})
+    setup = model.registry_.setup_args
     for name in ("labels_key", "batch_key"):
         if setup.get(name):
             keys.append(setup[name])
@@ -392,14 +393,14 @@ def cmd_info(args) -> int:
     model_file = directory / f"{args.prefix or ''}model.pt"
     if not model_file.is_file():
         raise FileNotFoundError(f"No model in {directory} (expected {model_file.name}).")
-    registry = SCVI.load_registry(directory, prefix=args.prefix)
-    made_by = (f"pyro-scvi {registry['pyro_scvi_version']}" if "pyro_scvi_version" in registry
-               else f"scvi-tools {registry.get('scvi_version', '?')}")
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = SCVI.load(directory, adata=None, prefix=args.prefix)
+    registry = Registry.coerce(SCVI.load_registry(directory, prefix=args.prefix))  # as the file records it
+    made_by = (f"pyro-scvi {registry.pyro_scvi_version}" if registry.pyro_scvi_version
+               else f"scvi-tools {registry.scvi_version or '?'}")
     print(f"Model directory: {directory}")
-    print(f"Saved by: {made_by} (model class {registry.get('model_name', '?')})")
+    print(f"Saved by: {made_by} (model class {registry.model_name})")
     print(model.summary_string)
     setup = io.StringIO()
     with contextlib.redirect_stdout(setup):
@@ -408,10 +409,10 @@ def cmd_info(args) -> int:
     stats = model.summary_stats
     print(f"Data at setup: {stats.get('n_cells', '?')} cells x {stats.get('n_vars', '?')} genes, "
           f"{stats.get('n_batch', 1)} batch(es), {stats.get('n_labels', 1)} label(s)")
-    fields = registry.get("field_registries", {})
     for field, title in (("batch", "batches"), ("labels", "labels")):
-        mapping = fields.get(field, {}).get("state_registry", {}).get("categorical_mapping")
-        key = fields.get(field, {}).get("state_registry", {}).get("original_key")
+        if field not in registry.fields:
+            continue
+        mapping, key = registry.field(field).categories, registry.field(field).original_key
         if mapping is not None and len(mapping) and key and not str(key).startswith("_scvi"):
             shown = ", ".join(map(str, list(mapping)[:20])) + (" ..." if len(mapping) > 20 else "")
             print(f"  {title} ({key}): {shown}")

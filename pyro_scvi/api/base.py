@@ -20,7 +20,7 @@ import torch
 from ..data.loader import RegisteredData, minibatch_from_dict
 from ..data.manager import AnnDataManager
 from ..data.minibatch import Minibatch
-from ..data.registry import MINIFY_TYPE_KEY, format_registry, setup_registry, summary_stats, validate_registered
+from ..data.registry import MINIFY_TYPE_KEY, Registry, format_registry, setup_registry, validate_registered
 from ..settings import settings
 
 __all__ = ["BaseModel"]
@@ -40,7 +40,7 @@ class BaseModel:
     #: ``init_params_["non_kwargs"]`` entries shown by :attr:`summary_string`
     _summary_params: tuple[str, ...] = ()
     #: registries of AnnData objects set up for this class, by ``uns["_scvi_uuid"]`` (one per class)
-    _setup_registries: dict[str, dict] = {}
+    _setup_registries: dict[str, Registry] = {}
     #: their managers (the AnnData object with its registry), by the same key (one per class)
     _setup_managers: dict[str, AnnDataManager] = {}
 
@@ -49,19 +49,19 @@ class BaseModel:
         cls._setup_registries = {}
         cls._setup_managers = {}
 
-    def _init_state(self, adata: anndata.AnnData | None, registry: dict | None) -> None:
+    def _init_state(self, adata: anndata.AnnData | None, registry: Registry | dict | None) -> None:
         """Set the registry (from ``adata``'s setup, or a saved one), the AnnData and an untrained state."""
         if adata is not None:
             registry = self._registry_of(adata)
         elif registry is None:
             raise ValueError(f"{type(self).__name__} needs an AnnData registered with "
                              f"{type(self).__name__}.setup_anndata (or a saved registry).")
-        self.registry_ = registry
+        self.registry_ = Registry.coerce(registry)
         self._adata = adata
         self._data_cache: RegisteredData | None = None
         self._instance_managers: dict[str, AnnDataManager] = {}
         if adata is not None:
-            self._remember(AnnDataManager(adata, registry))
+            self._remember(AnnDataManager(adata, self.registry_))
         #: this model's Pyro parameter-store state (see :meth:`pyro_scope`); saved with the model
         self.param_store_state: dict = {"params": {}, "constraints": {}}
         self.is_trained_ = False
@@ -76,12 +76,12 @@ class BaseModel:
         cls._setup_registries[adata_manager.adata_uuid] = adata_manager.registry
 
     @classmethod
-    def _registry_of(cls, adata: anndata.AnnData) -> dict:
+    def _registry_of(cls, adata: anndata.AnnData) -> Registry:
         """The registry ``cls.setup_anndata`` recorded for ``adata``, checked against its current state."""
         registry = cls._setup_registries.get(adata.uns.get("_scvi_uuid"))
         if registry is None:
             raise ValueError(f"Please set up your AnnData with {cls.__name__}.setup_anndata first.")
-        if registry.get("model_name") != cls.__name__:
+        if registry.model_name != cls.__name__:
             raise ValueError(f"Please set up your AnnData with {cls.__name__}.setup_anndata first. It appears the "
                              "AnnData object has been setup with a different model.")
         validate_registered(adata, registry)
@@ -95,7 +95,7 @@ class BaseModel:
     def deregister_manager(self, adata: anndata.AnnData | None = None) -> None:
         """Forget the manager of ``adata`` (class and instance stores), or with ``None`` every
         manager except the one of the model's own AnnData."""
-        own = self.registry_.get("_scvi_uuid")
+        own = self.registry_.uuid
         if adata is None:
             uuids = [u for u in {*self._instance_managers, *type(self)._setup_managers} if u != own]
         else:
@@ -129,7 +129,7 @@ class BaseModel:
         """The manager of the model's AnnData."""
         if self._adata is None:
             return None
-        manager = self._instance_managers.get(self.registry_.get("_scvi_uuid"))
+        manager = self._instance_managers.get(self.registry_.uuid)
         if manager is None or manager.adata is not self._adata or manager.registry is not self.registry_:
             manager = AnnDataManager(self._adata, self.registry_)
             self._instance_managers[manager.adata_uuid] = manager
@@ -147,10 +147,10 @@ class BaseModel:
     @property
     def summary_stats(self) -> dict:
         """Counts of the registered fields: ``n_vars``, ``n_cells``, ``n_batch``, ``n_labels``, ..."""
-        return summary_stats(self.registry_)
+        return self.registry_.summary_stats
 
     @property
-    def registry(self) -> dict:
+    def registry(self) -> Registry:
         """The model's registry (same as ``registry_``)."""
         return self.registry_
 
@@ -166,7 +166,7 @@ class BaseModel:
         self._adata = adata
         self._data_cache = None
 
-    def transfer_setup(self, adata: anndata.AnnData) -> dict:
+    def transfer_setup(self, adata: anndata.AnnData) -> Registry:
         """Register ``adata`` with the model's setup (same mappings and genes; new categories are an error)
         and return its registry."""
         if adata is self._adata:
@@ -214,7 +214,7 @@ class BaseModel:
     @property
     def var_names(self) -> np.ndarray:
         """The model's genes ``(G,)``, in the order of the count matrix."""
-        return np.asarray(self.registry_["field_registries"]["X"]["state_registry"]["column_names"])
+        return np.asarray(self.registry_.var_names)
 
     def batch_codes(self, transform_batch) -> list[int | None]:
         """Category values of the batch column → codes; ``None`` → ``[None]`` (the cells' own batches)."""
@@ -222,7 +222,7 @@ class BaseModel:
             return [None]
         many = isinstance(transform_batch, (list, tuple, np.ndarray, pd.Index))
         values = transform_batch if many else [transform_batch]
-        mapping = list(self.registry_["field_registries"]["batch"]["state_registry"]["categorical_mapping"])
+        mapping = list(self.registry_.batch_categories)
         codes = []
         for value in values:
             if value not in mapping:

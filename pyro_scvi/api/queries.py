@@ -24,6 +24,7 @@ import torch
 
 from ..infer.importance import aggregate_posterior_log_weights, marginal_log_likelihood
 from ..infer.posterior import observation_distribution, posterior_model_traces, posterior_sites, variational_posterior
+from ..models import sites
 from ..models.likelihoods import likelihood_parameters
 from .training import count_cells
 
@@ -55,7 +56,7 @@ class QueriesMixin:
         locs, variances, values = [], [], []
         with self.pyro_scope():
             for batch in self.minibatches(adata, indices, batch_size, dataloader):
-                qz = variational_posterior(self.module.guide, batch, "z")
+                qz = variational_posterior(self.module.guide, batch, sites.Z)
                 if not (hasattr(qz, "loc") and hasattr(qz, "scale")):
                     raise TypeError(f"get_latent_representation needs a guide site 'z' with a loc and scale "
                                     f"(e.g. Normal); the guide's is {type(qz).__name__}.")
@@ -100,7 +101,7 @@ class QueriesMixin:
                     out.append(batch.log_library.exp().cpu())
                     continue
                 try:
-                    ql = variational_posterior(self.module.guide, batch, "library")
+                    ql = variational_posterior(self.module.guide, batch, sites.LIBRARY)
                 except KeyError:
                     if self.module.latent_library:
                         raise
@@ -202,7 +203,7 @@ class QueriesMixin:
     def _expression_samples(self, adata, indices, transform_batch, mask: np.ndarray, library_size,
                             n_samples: int, batch_size, dataloader) -> tuple[np.ndarray, torch.Tensor]:
         """Draws of the expression ``(S, n, G')`` (averaged over transform batches) and of z ``(S, n, d)``."""
-        site = "mean" if library_size == "latent" else "normalized_expression"
+        site = sites.MEAN if library_size == "latent" else sites.NORMALIZED_EXPRESSION
         factor = 1.0 if library_size == "latent" else float(library_size)
         codes = self.batch_codes(transform_batch)
         genes = torch.as_tensor(mask)
@@ -210,12 +211,12 @@ class QueriesMixin:
         chunks, latents = [], []
         with self.pyro_scope():
             for batch in self.minibatches(adata, indices, batch_size, dataloader):
-                draws = posterior_sites(self.module.model, self.module.guide, batch, n_samples, [site, "z"], codes)
+                draws = posterior_sites(self.module.model, self.module.guide, batch, n_samples, [site, sites.Z], codes)
                 value = draws[0][site] if len(draws) == 1 else torch.stack([d[site] for d in draws]).mean(0)
                 if not genes.all():
                     value = value[..., genes.to(value.device)]
                 chunks.append((value * factor if factor != 1.0 else value).cpu())
-                latents.append(draws[0]["z"].cpu())
+                latents.append(draws[0][sites.Z].cpu())
         return torch.cat(chunks, dim=1).numpy(), torch.cat(latents, dim=1)
 
     @torch.no_grad()
@@ -295,8 +296,9 @@ class QueriesMixin:
                 draws = []
                 for code in codes:
                     predictive = pyro.infer.Predictive(predictive_model, guide=self.module.guide, num_samples=n_samples,
-                                                       parallel=True, return_sites=["x"])
-                    draws.append(predictive(batch, transform_batch=code)["x"].reshape(n_samples, batch.n_cells, -1))
+                                                       parallel=True, return_sites=[sites.X])
+                    x = predictive(batch, transform_batch=code)[sites.X]
+                    draws.append(x.reshape(n_samples, batch.n_cells, -1))
                 x = torch.stack(draws).mean(0)[..., mask.to(batch.x.device)]  # (S, n, G')
                 x = x.permute(1, 2, 0).cpu().numpy()  # (n, G', S)
                 blocks.append(sparse.GCXS.from_numpy(x[..., 0] if n_samples == 1 else x))
@@ -324,7 +326,7 @@ class QueriesMixin:
             with self.pyro_scope():
                 for batch in self.minibatches(adata, indices, batch_size):
                     (trace,) = posterior_model_traces(self.module.model, self.module.guide, batch, n_samples, [code])
-                    rate = rna_size_factor * trace.nodes["normalized_expression"]["value"]
+                    rate = rna_size_factor * trace.nodes[sites.NORMALIZED_EXPRESSION]["value"]
                     rate = rate.expand(n_samples, batch.n_cells, rate.shape[-1])
                     params = likelihood_parameters(observation_distribution(trace), self.module.gene_likelihood)
                     if self.module.gene_likelihood in ("zinb", "nb"):

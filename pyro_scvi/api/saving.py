@@ -19,7 +19,7 @@ import torch
 
 from .. import io
 from ..data.manager import AnnDataManager
-from ..data.registry import setup_registry
+from ..data.registry import Registry, setup_registry
 from ..infer.device import resolve_device
 from ..models.contract import param_store_from_safe, param_store_to_safe
 from ..models.likelihoods import BUILTIN_LIKELIHOODS, LIKELIHOODS, unknown_likelihood_message
@@ -189,9 +189,9 @@ class SavingMixin:
             urllib.request.urlretrieve(backup_url, model_file)
         saved = io.read_model_dir(dir_path, prefix, map_location="cpu")
         attrs = saved["attr_dict"]
-        registry = attrs["registry_"]
+        registry = Registry.coerce(attrs["registry_"])
         allowed = set(allowed_classes_names_list or []) | {cls.__name__}
-        if registry.get("model_name") not in allowed:
+        if registry.model_name not in allowed:
             raise ValueError("It appears you are loading a model from a different class.")
         adata = cls._adata_for_load(dir_path, prefix, adata, saved["var_names"], registry)
         init = dict(attrs["init_params_"]["non_kwargs"])
@@ -220,7 +220,7 @@ class SavingMixin:
                           "results may be wrong.", UserWarning, stacklevel=3)
         if adata.is_view:
             adata._init_as_actual(adata.copy())
-        transferred = setup_registry(adata, source_registry=registry, model_name=registry["model_name"])
+        transferred = setup_registry(adata, source_registry=registry, model_name=registry.model_name)
         cls.register_manager(AnnDataManager(adata, transferred))
         return adata
 

@@ -114,19 +114,18 @@ class SCVI(TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, Minificati
             "kwargs": {"kwargs": _storable_priors(kwargs)},
         }
         stats = self.summary_stats
-        size_factor_registered = bool(registry["field_registries"][REGISTRY_KEYS.SIZE_FACTOR]["data_registry"])
+        size_factor_registered = registry.has_size_factor
         library_log_means = library_log_vars = None
         if not use_observed_lib_size and not size_factor_registered:
             if adata is not None:
                 library_log_means, library_log_vars = library_size_prior(adata, registry)
             else:  # rebuilt from a file: the saved buffers replace these placeholders
                 library_log_means, library_log_vars = np.zeros((1, stats["n_batch"])), np.ones((1, stats["n_batch"]))
-        cat_state = registry["field_registries"][REGISTRY_KEYS.CAT_COVS]["state_registry"]
         self.module = self._module_cls(
             n_input=stats["n_vars"], n_batch=stats["n_batch"], n_labels=stats["n_labels"],
             n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers,
             n_continuous_cov=stats.get("n_extra_continuous_covs", 0),
-            n_cats_per_cov=list(cat_state.get("n_cats_per_key", [])) or None,
+            n_cats_per_cov=registry.n_cats_per_covariate or None,
             dropout_rate=dropout_rate, dispersion=dispersion, gene_likelihood=gene_likelihood,
             latent_distribution=latent_distribution, use_size_factor_key=size_factor_registered,
             use_observed_lib_size=use_observed_lib_size,

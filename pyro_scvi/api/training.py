@@ -155,7 +155,7 @@ class TrainingMixin:
         progress = trainer_kwargs.get("enable_progress_bar", settings.progress_bar)
         self._run_training(
             data, plan,
-            max_epochs if max_epochs is not None else max_epochs_heuristic(data.n_cells or self.summary_stats["n_cells"]),
+            max_epochs if max_epochs is not None else max_epochs_heuristic(data.n_cells or self.registry_.n_cells),
             stopper=_early_stopping(trainer_kwargs) if early_stopping else None, check_val=check_val,
             progress=progress and (parallel is None or parallel.is_main), parallel=parallel,
         )
