@@ -113,7 +113,7 @@ def test_to_arviz_global_latent_site(adata):
 def test_to_arviz_uses_one_draw_of_a_global_latent_for_all_minibatches(adata, monkeypatch):
     """Draw s of the latent dispersion is the same value for the cells of every minibatch, so
     each draw of the posterior (and its log-likelihood) is one joint sample."""
-    import pyro_scvi.diagnostics as diagnostics
+    from pyro_scvi.infer import posterior
 
     settings.seed = 0
     adata = adata[:100].copy()
@@ -121,14 +121,15 @@ def test_to_arviz_uses_one_draw_of_a_global_latent_for_all_minibatches(adata, mo
     model = SCVI(adata, n_hidden=16, n_latent=3, gene_likelihood="nb", dispersion_prior="lognormal")
     model.train(max_epochs=1, enable_progress_bar=False)
     used = []
-    real = diagnostics._predictive_traces
+    real = posterior.posterior_traces
 
     def spy(*args, **kwargs):
-        model_trace, guide_trace = real(*args, **kwargs)
+        guide_trace, model_traces = real(*args, **kwargs)
+        (model_trace,) = model_traces
         used.append((model_trace.nodes["inverse_dispersion"]["value"], guide_trace.nodes["inverse_dispersion"]["value"]))
-        return model_trace, guide_trace
+        return guide_trace, model_traces
 
-    monkeypatch.setattr(diagnostics, "_predictive_traces", spy)
+    monkeypatch.setattr(posterior, "posterior_traces", spy)
     result = model.to_arviz(n_samples=4, batch_size=32)
     assert len(used) == 4  # 100 cells in minibatches of 32
     first_model, first_guide = used[0]

@@ -42,6 +42,7 @@ from ..infer.training import EarlyStopping, TrainingPlan, append_history, max_ep
 from .. import diagnostics, differential
 from ..io import scvi_tools as io_scvi_tools
 from . import reference_mapping as arches
+from .criticism import CriticismMixin
 from ..io.native import FORMAT, FORMAT_VERSION, history_to_safe, to_safe, write_model_dir
 from ..io.scvi_tools import read_model_dir, write_scvi_tools_model
 from ..models.module import SCVIModule
@@ -61,7 +62,7 @@ _TRAINER_KWARGS = (
 )
 
 
-class SCVI:
+class SCVI(CriticismMixin):
     """single-cell Variational Inference (Lopez et al. 2018) with scvi-tools' ``SCVI`` interface.
 
     Parameters
@@ -909,9 +910,6 @@ class SCVI:
     #: Bayesian differential expression between groups of cells; see
     #: :func:`pyro_scvi.differential.differential_expression` (the model is its first argument).
     differential_expression = differential.differential_expression
-
-    #: :func:`pyro_scvi.diagnostics.to_arviz`: the posterior as an ``arviz.InferenceData`` (the model is its first argument).
-    to_arviz = diagnostics.to_arviz
 
     # ------------------------------------------------------------------ evaluation
     def _elbo_terms_per_cell(self, adata, indices, batch_size, dataloader, method: str) -> tuple[torch.Tensor, torch.Tensor]:
