@@ -15,7 +15,6 @@ from pyro_scvi import SCVI, settings
 from pyro_scvi.data import synthetic_iid
 from pyro_scvi.differential import (
     change_statistics,
-    differential_expression,
     estimate_delta,
     fdr_flags,
     hpd_interval,
@@ -166,7 +165,7 @@ def test_change_mode_recovers_known_de_genes(de_model):
     from sklearn.metrics import roc_auc_score
 
     adata = de_model.adata
-    result = differential_expression(de_model, groupby="labels", group1="label_0", mode="change", silent=True)
+    result = de_model.differential_expression(groupby="labels", group1="label_0", mode="change", silent=True)
     assert list(result.columns) == CHANGE_COLUMNS + RAW_COLUMNS + ["is_de_fdr_0.05", "comparison", "group1", "group2"]
     assert (result["comparison"] == "label_0 vs Rest").all()
     assert result["proba_de"].is_monotonic_decreasing
@@ -190,20 +189,20 @@ def test_change_mode_recovers_known_de_genes(de_model):
 def test_batch_correction_and_options(de_model):
     adata = de_model.adata
     marker = (adata.var["marker_of"] != "").to_numpy()
-    corrected = differential_expression(de_model, groupby="labels", group1="label_0", group2="label_1", mode="change",
-                                        batch_correction=True, silent=True, n_samples_overall=2000)
+    corrected = de_model.differential_expression(groupby="labels", group1="label_0", group2="label_1", mode="change",
+                                                 batch_correction=True, silent=True, n_samples_overall=2000)
     assert (corrected["comparison"] == "label_0 vs label_1").all()
     top = corrected.index[: marker.sum()]
     assert adata.var.loc[top, "marker_of"].ne("").mean() >= 0.9
-    one_batch = differential_expression(de_model, groupby="labels", group1="label_0", batch_correction=True,
-                                        batchid1=["batch_0"], batchid2="batch_0", silent=True, n_samples_overall=500)
+    one_batch = de_model.differential_expression(groupby="labels", group1="label_0", batch_correction=True,
+                                                 batchid1=["batch_0"], batchid2="batch_0", silent=True, n_samples_overall=500)
     assert list(one_batch.columns) == VANILLA_COLUMNS + RAW_COLUMNS + ["comparison", "group1", "group2"]
     with pytest.warns(UserWarning, match="differ but overlap"):
-        differential_expression(de_model, groupby="labels", group1="label_0", batch_correction=True,
-                                batchid1=["batch_0", "batch_1"], batchid2="batch_0", silent=True,
-                                n_samples_overall=200)
-    options = differential_expression(
-        de_model, idx1="labels == 'label_0'", mode="change", delta=None, all_stats=False, fdr_target=0.1,
+        de_model.differential_expression(groupby="labels", group1="label_0", batch_correction=True,
+                                         batchid1=["batch_0", "batch_1"], batchid2="batch_0", silent=True,
+                                         n_samples_overall=200)
+    options = de_model.differential_expression(
+        idx1="labels == 'label_0'", mode="change", delta=None, all_stats=False, fdr_target=0.1,
         filter_outlier_cells=True, use_permutation=True, m_permutation=1000, cred_interval_lvls=[0.5, 0.9],
         test_mode="two", n_samples_overall=500, silent=True,
     )
@@ -222,19 +221,19 @@ def test_groups_from_idx_forms_agree(de_model):
     results = []
     for idx1, idx2 in [(mask, ~mask), (np.flatnonzero(mask), None), ("labels == 'label_1'", "labels != 'label_1'")]:
         settings.seed = 7
-        results.append(differential_expression(de_model, idx1=idx1, idx2=idx2, n_samples_overall=300, silent=True))
+        results.append(de_model.differential_expression(idx1=idx1, idx2=idx2, n_samples_overall=300, silent=True))
     for other in results[1:]:
         pd.testing.assert_frame_equal(results[0], other)
     assert list(results[0].columns) == VANILLA_COLUMNS + RAW_COLUMNS
     assert results[0]["bayes_factor"].is_monotonic_decreasing
     settings.seed = 7
-    grouped = differential_expression(de_model, groupby="labels", group1="label_1", n_samples_overall=300, silent=True)
+    grouped = de_model.differential_expression(groupby="labels", group1="label_1", n_samples_overall=300, silent=True)
     pd.testing.assert_frame_equal(results[0], grouped.drop(columns=["comparison", "group1", "group2"]))
     # seeded: the same call twice gives the same table
     settings.seed = 3
-    first = differential_expression(de_model, groupby="labels", mode="change", n_samples_overall=300, silent=True)
+    first = de_model.differential_expression(groupby="labels", mode="change", n_samples_overall=300, silent=True)
     settings.seed = 3
-    second = differential_expression(de_model, groupby="labels", mode="change", n_samples_overall=300, silent=True)
+    second = de_model.differential_expression(groupby="labels", mode="change", n_samples_overall=300, silent=True)
     pd.testing.assert_frame_equal(first, second)
     assert list(first["comparison"].unique()) == ["label_0 vs Rest", "label_1 vs Rest"]
     assert len(first) == 2 * adata.n_vars
@@ -242,7 +241,7 @@ def test_groups_from_idx_forms_agree(de_model):
 
 def test_bad_groups_raise_clear_errors(de_model):
     adata = de_model.adata
-    de = lambda **kw: differential_expression(de_model, silent=True, n_samples_overall=50, **kw)  # noqa: E731
+    de = lambda **kw: de_model.differential_expression(silent=True, n_samples_overall=50, **kw)  # noqa: E731
     with pytest.raises(ValueError, match="not found"):
         de(groupby="labels", group1="label_9")
     with pytest.raises(ValueError, match="not found"):
@@ -291,7 +290,7 @@ def test_agrees_with_scvi_tools_fixture(mode, key):
     model = SCVI.load(FIXTURE / "model")
     reference = pd.read_csv(FIXTURE / f"de_{mode}_cell_line.csv", index_col=0)
     settings.seed = 0
-    ours = differential_expression(model, groupby="cell_line", mode=mode, silent=True)
+    ours = model.differential_expression(groupby="cell_line", mode=mode, silent=True)
     assert list(ours.columns) == list(reference.columns)
     assert list(ours["comparison"].unique()) == list(reference["comparison"].unique())
     correlations = {}
@@ -311,9 +310,9 @@ def test_agrees_with_scvi_tools_fixture(mode, key):
 
 
 def test_importance_weights_run(de_model):
-    result = differential_expression(de_model, groupby="labels", group1="label_0", weights="importance",
-                                     importance_weighting_kwargs={"max_cells": 128, "n_mc_samples": 50},
-                                     n_samples_overall=300, silent=True)
+    result = de_model.differential_expression(groupby="labels", group1="label_0", weights="importance",
+                                              importance_weighting_kwargs={"max_cells": 128, "n_mc_samples": 50},
+                                              n_samples_overall=300, silent=True)
     assert list(result.columns) == VANILLA_COLUMNS + RAW_COLUMNS + ["comparison", "group1", "group2"]
     strongest = result["bayes_factor"].abs().sort_values(ascending=False, kind="stable").index[:40]  # up or down
     # random ranking: 0.2. The importance-weighted ranking is unstable: 0.55–0.8 across float-level

@@ -39,10 +39,11 @@ from ..infer.posterior import observation_distribution, posterior_model_traces, 
 from ..models.contract import check_model_guide, param_store_from_safe, param_store_to_safe
 from ..models.likelihoods import BUILTIN_LIKELIHOODS, LIKELIHOODS, likelihood_parameters, unknown_likelihood_message
 from ..infer.training import EarlyStopping, TrainingPlan, append_history, max_epochs_heuristic, run_training
-from .. import diagnostics, differential
+from .. import diagnostics
 from ..io import scvi_tools as io_scvi_tools
 from . import reference_mapping as arches
 from .criticism import CriticismMixin
+from .differential import DifferentialExpressionMixin
 from ..io.native import FORMAT, FORMAT_VERSION, history_to_safe, to_safe, write_model_dir
 from ..io.scvi_tools import read_model_dir, write_scvi_tools_model
 from ..models.module import SCVIModule
@@ -62,7 +63,7 @@ _TRAINER_KWARGS = (
 )
 
 
-class SCVI(CriticismMixin):
+class SCVI(DifferentialExpressionMixin, CriticismMixin):
     """single-cell Variational Inference (Lopez et al. 2018) with scvi-tools' ``SCVI`` interface.
 
     Parameters
@@ -906,10 +907,6 @@ class SCVI(CriticismMixin):
     prepare_query_anndata = staticmethod(arches.prepare_query_anndata)
     prepare_query_mudata = staticmethod(arches.prepare_query_mudata)
     load_query_data = classmethod(arches.load_query_data)
-
-    #: Bayesian differential expression between groups of cells; see
-    #: :func:`pyro_scvi.differential.differential_expression` (the model is its first argument).
-    differential_expression = differential.differential_expression
 
     # ------------------------------------------------------------------ evaluation
     def _elbo_terms_per_cell(self, adata, indices, batch_size, dataloader, method: str) -> tuple[torch.Tensor, torch.Tensor]:
