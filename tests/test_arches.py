@@ -12,7 +12,7 @@ import torch
 from scipy import sparse
 
 from pyro_scvi import SCVI, settings
-from pyro_scvi.api.reference_mapping import load_query_data, prepare_query_anndata, prepare_query_mudata, query_freeze_masks
+from pyro_scvi.api.reference_mapping import prepare_query_anndata, prepare_query_mudata, query_freeze_masks
 from pyro_scvi.data import synthetic_iid
 from pyro_scvi.metrics import silhouette_score
 from pyro_scvi.models.networks import FCLayers
@@ -134,7 +134,7 @@ def test_prepare_query_mudata(reference_model):
 
 def test_load_query_data_surgery(reference_model):
     query = _query()
-    model = load_query_data(SCVI, query, reference_model)
+    model = SCVI.load_query_data(query, reference_model)
     assert model.is_trained_ is False
     with pytest.raises(RuntimeError, match="untrained"):
         model.get_latent_representation()
@@ -180,7 +180,7 @@ def test_load_query_data_surgery(reference_model):
 
 def test_load_query_data_training_respects_frozen_entries(reference_model):
     query = _query()
-    model = load_query_data(SCVI, query, reference_model)
+    model = SCVI.load_query_data(query, reference_model)
     before = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
     model.train(max_epochs=5, plan_kwargs={"weight_decay": 1e-3}, enable_progress_bar=False)
     after = model.module.state_dict()
@@ -206,7 +206,7 @@ def test_load_query_data_training_respects_frozen_entries(reference_model):
 
 
 def test_load_query_data_unfrozen_trains_everything(reference_model):
-    model = load_query_data(SCVI, _query(), reference_model, unfrozen=True)
+    model = SCVI.load_query_data(_query(), reference_model, unfrozen=True)
     assert model.module.frozen_parameters == {}
     before = {k: v.detach().clone() for k, v in model.module.named_parameters()}
     model.train(max_epochs=3, plan_kwargs={"weight_decay": 1e-3}, enable_progress_bar=False)
@@ -217,7 +217,7 @@ def test_load_query_data_unfrozen_trains_everything(reference_model):
 
 
 def test_load_query_data_options(reference_model):
-    model = load_query_data(SCVI, _query(), reference_model, freeze_expression=False, freeze_decoder_first_layer=False,
+    model = SCVI.load_query_data(_query(), reference_model, freeze_expression=False, freeze_decoder_first_layer=False,
                             freeze_batchnorm_encoder=False, freeze_batchnorm_decoder=True, freeze_dropout=True)
     masks = model.module.frozen_parameters
     assert "z_encoder.hidden.fc_layers.Layer 0.0.weight" not in masks
@@ -232,22 +232,22 @@ def test_load_query_data_options(reference_model):
         if isinstance(sub, torch.nn.Dropout):
             assert sub.p == 0.0
     with pytest.raises(ValueError, match="batch categories unknown to the reference"):
-        load_query_data(SCVI, _query(), reference_model, transfer_batch=False)
+        SCVI.load_query_data(_query(), reference_model, transfer_batch=False)
 
 
 def test_load_query_data_from_directories(reference_model, tmp_path):
     reference_model.save(tmp_path / "ours")
     reference_model.save(tmp_path / "theirs", scvi_tools_format=True)
-    expected = load_query_data(SCVI, _query(), reference_model).module.state_dict()
+    expected = SCVI.load_query_data(_query(), reference_model).module.state_dict()
     for directory in ("ours", "theirs"):
         settings.seed = 0
-        model = load_query_data(SCVI, _query(), tmp_path / directory)
+        model = SCVI.load_query_data(_query(), tmp_path / directory)
         state = model.module.state_dict()
         for name, value in reference_model.module.state_dict().items():
             if value.shape == state[name].shape:
                 assert torch.equal(value, state[name]), (directory, name)
         assert set(state) == set(expected)
-        assert model.module.frozen_parameters.keys() == load_query_data(SCVI, _query(), reference_model).module.frozen_parameters.keys()
+        assert model.module.frozen_parameters.keys() == SCVI.load_query_data(_query(), reference_model).module.frozen_parameters.keys()
 
 
 def test_load_query_data_subset_vars_and_warning():
@@ -258,7 +258,7 @@ def test_load_query_data_subset_vars_and_warning():
     query = query[:, ::-1].copy()
     query.obs["ignored"] = 1
     with pytest.warns(UserWarning, match="encoder cannot adapt"):
-        model = load_query_data(SCVI, query, untrained, inplace_subset_query_vars=True)
+        model = SCVI.load_query_data(query, untrained, inplace_subset_query_vars=True)
     assert list(query.var_names) == list(reference.var_names)
     masks = model.module.frozen_parameters
     for name, _ in model.module.named_parameters():
@@ -299,7 +299,7 @@ def test_query_mapping_cellbench(cellbench):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # encode_covariates=True: no warning expected
         start = time.time()
-        query_model = load_query_data(SCVI, query, ref_model)
+        query_model = SCVI.load_query_data(query, ref_model)
     query_model.train(max_epochs=100, plan_kwargs={"weight_decay": 0.0}, enable_progress_bar=False)
     query_seconds = time.time() - start
 

@@ -5,7 +5,7 @@ Two pieces:
 * :func:`prepare_query_anndata` / :func:`prepare_query_mudata` bring the genes of a query AnnData
   into the reference model's gene order (missing genes become all-zero columns, extra genes are
   dropped);
-* :func:`load_query_data` builds a model for the query from the reference: batch categories (and
+* :meth:`ReferenceMappingMixin.load_query_data` builds a model for the query from the reference: batch categories (and
   other categorical covariates) unseen by the reference are appended to its mappings, the
   weights are copied into the larger network ("weight surgery": reference values everywhere the
   reference had an entry, fresh initial values for the new categories), and every weight except
@@ -14,13 +14,20 @@ Two pieces:
 Freezing uses ``SCVIModule.frozen_parameters`` (parameter name → boolean mask, ``True`` = frozen):
 after each optimiser step training writes the frozen entries back, so neither gradients nor
 weight decay can move them.  BatchNorm running statistics are frozen by ``momentum = 0``.
+
+``load_query_data`` runs in steps: read the reference (:func:`_read_reference`, a model or a
+directory), align the query's genes, register the query with the reference setup (through
+``cls.register_manager``), build the query model with the reference's constructor arguments,
+transfer the weights (:func:`transfer_state_dict`) and freeze (:func:`query_freeze_masks`). The
+weight-surgery and freezing functions take any ``nn.Module`` built from
+:class:`~pyro_scvi.models.networks.FCLayers`, whatever the model class.
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anndata
 import numpy as np
@@ -29,14 +36,18 @@ import torch
 from scipy import sparse
 from torch import nn
 
+from ..data.manager import AnnDataManager
 from ..data.registry import REGISTRY_KEYS, setup_registry, summary_stats
 from ..io.scvi_tools import read_model_dir
 from ..models.networks import FCLayers
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .scvi import SCVI
-
-__all__ = ["prepare_query_anndata", "prepare_query_mudata", "load_query_data", "query_freeze_masks"]
+__all__ = [
+    "ReferenceMappingMixin",
+    "prepare_query_anndata",
+    "prepare_query_mudata",
+    "query_freeze_masks",
+    "transfer_state_dict",
+]
 
 _MIN_OVERLAP = 0.8
 _ENCODER_PREFIXES = ("z_encoder.", "library_encoder.")
@@ -401,63 +412,27 @@ def _freeze_running_statistics(module: nn.Module, encoder: bool, decoder: bool) 
 # --------------------------------------------------------------------------------------------
 
 
-def _batch_categories_missing(adata, registry: dict) -> list:
-    batch_key = registry.get("setup_args", {}).get("batch_key")
-    if batch_key is None:
-        return []
-    mapping = registry["field_registries"][REGISTRY_KEYS.BATCH]["state_registry"]["categorical_mapping"]
-    known = {str(c) for c in np.asarray(mapping, dtype=object)}
-    values = pd.Series(adata.obs[batch_key]).dropna().astype(str).unique()
-    return sorted(set(values) - known)
+def _device(accelerator: str, devices) -> torch.device:
+    """The torch device of ``accelerator``/``devices`` (the package's one device resolver)."""
+    try:
+        from ..infer.device import resolve_device
+    except ImportError:  # the resolver still lives in the SCVI module
+        from .scvi import _resolve_device as resolve_device
+    return resolve_device(accelerator, devices)
 
 
-def load_query_data(
-    cls,
-    adata: anndata.AnnData | None = None,
-    reference_model=None,
-    inplace_subset_query_vars: bool = False,
-    accelerator: str = "auto",
-    device: int | str = "auto",
-    unfrozen: bool = False,
-    freeze_dropout: bool = False,
-    freeze_expression: bool = True,
-    freeze_decoder_first_layer: bool = True,
-    freeze_batchnorm_encoder: bool = True,
-    freeze_batchnorm_decoder: bool = False,
-    freeze_classifier: bool = True,
-    transfer_batch: bool = True,
-    datamodule=None,
-):
-    """A model of class ``cls`` for the query ``adata``, initialised from ``reference_model``.
-
-    ``reference_model``: a trained model or the directory it was saved to (pyro-scvi or
-    scvi-tools 1.x). The query is registered with the reference setup; unseen batch (and other
-    categorical) categories are appended to the reference mappings. The new model starts from the
-    reference weights; entries for the new categories (one-hot input columns, batch-specific
-    dispersion columns, batch-embedding rows) keep their fresh initial values and the library-size
-    prior of new batches is computed on the query. Unless ``unfrozen``, only the weights that let
-    the network adapt to the new categories are trained (see :func:`query_freeze_masks`); the
-    encoder BatchNorm running statistics are frozen with ``freeze_batchnorm_encoder`` and the
-    decoder's with ``freeze_batchnorm_decoder``; ``freeze_dropout`` switches dropout off.
-    ``transfer_batch=False`` refuses query batches unknown to the reference. ``freeze_classifier``
-    is accepted for API compatibility (SCVI has no classifier). The returned model is untrained.
-    """
-    from .scvi import _resolve_device
-
+def _check_arguments(adata, reference_model, datamodule) -> None:
     if datamodule is not None:
         raise ValueError("load_query_data maps an AnnData: pass adata= (datamodule= is for training a built model).")
     if adata is None:
         raise ValueError("load_query_data needs the query AnnData (adata=).")
     if reference_model is None:
         raise ValueError("load_query_data needs reference_model (a trained model or its save directory).")
-    reference = _read_reference(reference_model)
-    registry = reference["registry"]
-    if registry.get("model_name") != cls.__name__:
-        raise ValueError("It appears you are loading a model from a different class.")
-    if adata.is_view:
-        adata._init_as_actual(adata.copy())
 
-    reference_names = reference["var_names"]
+
+def _align_query_genes(adata: anndata.AnnData, reference_names: pd.Index, inplace_subset_query_vars: bool) -> None:
+    """Subset ``adata`` to the reference genes (with ``inplace_subset_query_vars``) or warn when its
+    genes are as many as the reference's but differ."""
     if inplace_subset_query_vars:
         absent = reference_names.difference(pd.Index([str(v) for v in adata.var_names]))
         if len(absent):
@@ -472,57 +447,128 @@ def load_query_data(
             "Query data var_names are not the same as the reference model's (same number, different names or "
             "order); results may be wrong. Use prepare_query_anndata or inplace_subset_query_vars=True.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+
+
+def _batch_categories_missing(adata, registry: dict) -> list:
+    """Batch categories of ``adata`` that the reference ``registry`` does not know (sorted)."""
+    batch_key = registry.get("setup_args", {}).get("batch_key")
+    if batch_key is None:
+        return []
+    mapping = registry["field_registries"][REGISTRY_KEYS.BATCH]["state_registry"]["categorical_mapping"]
+    known = {str(c) for c in np.asarray(mapping, dtype=object)}
+    values = pd.Series(adata.obs[batch_key]).dropna().astype(str).unique()
+    return sorted(set(values) - known)
+
+
+def _register_query(cls, adata: anndata.AnnData, registry: dict, transfer_batch: bool) -> None:
+    """Register ``adata`` with the reference setup, new categories appended, through
+    ``cls.register_manager``. An unlabeled query gets the new label category ``"unlabeled"``."""
     if not transfer_batch:
         unknown = _batch_categories_missing(adata, registry)
         if unknown:
             raise ValueError(
                 f"transfer_batch=False but the query has batch categories unknown to the reference: {unknown}."
             )
-
     labels_key = registry["setup_args"].get("labels_key")
-    if labels_key is not None and labels_key not in adata.obs:  # an unlabeled query: one new label category
+    if labels_key is not None and labels_key not in adata.obs:
         warnings.warn(f'The query has no obs["{labels_key}"]: its cells get the new label category "unlabeled".',
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=4)
         adata.obs[labels_key] = pd.Categorical(["unlabeled"] * adata.n_obs)
     query_registry = setup_registry(adata, source_registry=registry, extend_categories=True, model_name=cls.__name__)
-    cls._setup_registries[query_registry["_scvi_uuid"]] = query_registry
+    cls.register_manager(AnnDataManager(adata, query_registry))
 
-    init_params = reference["init_params"]
-    init = dict(init_params["non_kwargs"])
-    init.update(init_params.get("kwargs", {}).get("kwargs", {}))
-    model = cls(adata, **init, **_custom_functions(reference_model))
 
-    ref_cats = _covariate_cat_list(registry, init)
-    state = transfer_state_dict(model.module, reference["state_dict"], ref_cats)
-    model.module.load_state_dict(state, strict=True)
-    model.module.eval()
-
-    if not unfrozen:
-        if not init.get("encode_covariates", False) and freeze_expression:
-            warnings.warn(
-                "The reference model was trained with encode_covariates=False: the encoder cannot adapt to the "
-                "query's batches and stays exactly the reference encoder; train the reference with "
-                "encode_covariates=True for scArches mapping.",
-                UserWarning,
-                stacklevel=3,
-            )
-        model.module.frozen_parameters = query_freeze_masks(
-            model.module,
-            freeze_expression=freeze_expression,
-            freeze_decoder_first_layer=freeze_decoder_first_layer,
-            freeze_batchnorm_encoder=freeze_batchnorm_encoder,
-            freeze_batchnorm_decoder=freeze_batchnorm_decoder,
+def _freeze_query_module(module: nn.Module, init: dict, unfrozen: bool, freeze_dropout: bool,
+                         **freeze: bool) -> None:
+    """Set ``module.frozen_parameters`` (see :func:`query_freeze_masks`, with the ``freeze``
+    flags), the BatchNorm running statistics and, with ``freeze_dropout``, dropout; nothing is
+    frozen when ``unfrozen``."""
+    if unfrozen:
+        module.frozen_parameters = {}
+        return
+    if not init.get("encode_covariates", False) and freeze["freeze_expression"]:
+        warnings.warn(
+            "The reference model was trained with encode_covariates=False: the encoder cannot adapt to the "
+            "query's batches and stays exactly the reference encoder; train the reference with "
+            "encode_covariates=True for scArches mapping.",
+            UserWarning,
+            stacklevel=4,
         )
-        _freeze_running_statistics(model.module, freeze_batchnorm_encoder, freeze_batchnorm_decoder)
-        if freeze_dropout:
-            for sub in model.module.modules():
-                if isinstance(sub, nn.Dropout):
-                    sub.p = 0.0
-    else:
-        model.module.frozen_parameters = {}
+    module.frozen_parameters = query_freeze_masks(module, **freeze)
+    _freeze_running_statistics(module, freeze["freeze_batchnorm_encoder"], freeze["freeze_batchnorm_decoder"])
+    if freeze_dropout:
+        for sub in module.modules():
+            if isinstance(sub, nn.Dropout):
+                sub.p = 0.0
 
-    model.is_trained_ = False
-    model.module.to(_resolve_device(accelerator, device))
-    return model
+
+class ReferenceMappingMixin:
+    """scArches reference mapping for a model class: :meth:`prepare_query_anndata`,
+    :meth:`prepare_query_mudata` and :meth:`load_query_data`.
+
+    Needs only the class's public API: ``cls(adata, **init_params)``, ``cls.register_manager``
+    and, on instances, ``module`` (with ``frozen_parameters``), ``registry_``, ``init_params_`` and
+    ``is_trained_`` (:class:`~pyro_scvi.api.protocol.ModelProtocol`).
+    """
+
+    prepare_query_anndata = staticmethod(prepare_query_anndata)
+    prepare_query_mudata = staticmethod(prepare_query_mudata)
+
+    @classmethod
+    def load_query_data(
+        cls,
+        adata: anndata.AnnData | None = None,
+        reference_model=None,
+        inplace_subset_query_vars: bool = False,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        unfrozen: bool = False,
+        freeze_dropout: bool = False,
+        freeze_expression: bool = True,
+        freeze_decoder_first_layer: bool = True,
+        freeze_batchnorm_encoder: bool = True,
+        freeze_batchnorm_decoder: bool = False,
+        freeze_classifier: bool = True,
+        transfer_batch: bool = True,
+        datamodule=None,
+    ):
+        """A model of this class for the query ``adata``, initialised from ``reference_model``.
+
+        ``reference_model``: a trained model or the directory it was saved to (pyro-scvi or
+        scvi-tools 1.x). The query is registered with the reference setup; unseen batch (and other
+        categorical) categories are appended to the reference mappings. The new model starts from
+        the reference weights; entries for the new categories (one-hot input columns,
+        batch-specific dispersion columns, batch-embedding rows) keep their fresh initial values
+        and the library-size prior of new batches is computed on the query. Unless ``unfrozen``,
+        only the weights that let the network adapt to the new categories are trained (see
+        :func:`query_freeze_masks`); the encoder BatchNorm running statistics are frozen with
+        ``freeze_batchnorm_encoder`` and the decoder's with ``freeze_batchnorm_decoder``;
+        ``freeze_dropout`` switches dropout off. ``transfer_batch=False`` refuses query batches
+        unknown to the reference. ``freeze_classifier`` is accepted for API compatibility (a model
+        without a classifier ignores it). The returned model is untrained.
+        """
+        _check_arguments(adata, reference_model, datamodule)
+        reference = _read_reference(reference_model)
+        registry = reference["registry"]
+        if registry.get("model_name") != cls.__name__:
+            raise ValueError("It appears you are loading a model from a different class.")
+        if adata.is_view:
+            adata._init_as_actual(adata.copy())
+        _align_query_genes(adata, reference["var_names"], inplace_subset_query_vars)
+        _register_query(cls, adata, registry, transfer_batch)
+
+        init = dict(reference["init_params"]["non_kwargs"])
+        init.update(reference["init_params"].get("kwargs", {}).get("kwargs", {}))
+        model = cls(adata, **init, **_custom_functions(reference_model))
+        state = transfer_state_dict(model.module, reference["state_dict"], _covariate_cat_list(registry, init))
+        model.module.load_state_dict(state, strict=True)
+        model.module.eval()
+        _freeze_query_module(
+            model.module, init, unfrozen, freeze_dropout, freeze_expression=freeze_expression,
+            freeze_decoder_first_layer=freeze_decoder_first_layer, freeze_batchnorm_encoder=freeze_batchnorm_encoder,
+            freeze_batchnorm_decoder=freeze_batchnorm_decoder)
+        model.is_trained_ = False
+        model.module.to(_device(accelerator, device))
+        return model

@@ -41,9 +41,9 @@ from ..models.likelihoods import BUILTIN_LIKELIHOODS, LIKELIHOODS, likelihood_pa
 from ..infer.training import EarlyStopping, TrainingPlan, append_history, max_epochs_heuristic, run_training
 from .. import diagnostics
 from ..io import scvi_tools as io_scvi_tools
-from . import reference_mapping as arches
 from .criticism import CriticismMixin
 from .differential import DifferentialExpressionMixin
+from .reference_mapping import ReferenceMappingMixin
 from ..io.native import FORMAT, FORMAT_VERSION, history_to_safe, to_safe, write_model_dir
 from ..io.scvi_tools import read_model_dir, write_scvi_tools_model
 from ..models.module import SCVIModule
@@ -63,7 +63,7 @@ _TRAINER_KWARGS = (
 )
 
 
-class SCVI(DifferentialExpressionMixin, CriticismMixin):
+class SCVI(ReferenceMappingMixin, DifferentialExpressionMixin, CriticismMixin):
     """single-cell Variational Inference (Lopez et al. 2018) with scvi-tools' ``SCVI`` interface.
 
     Parameters
@@ -902,11 +902,6 @@ class SCVI(DifferentialExpressionMixin, CriticismMixin):
         rows = [self.module.batch_embedding(batch.batch_index.reshape(-1)).cpu()
                 for batch in self.minibatches(adata, indices, batch_size)]
         return torch.cat(rows).numpy()
-
-    #: scArches reference mapping (see :mod:`pyro_scvi.api.reference_mapping`)
-    prepare_query_anndata = staticmethod(arches.prepare_query_anndata)
-    prepare_query_mudata = staticmethod(arches.prepare_query_mudata)
-    load_query_data = classmethod(arches.load_query_data)
 
     # ------------------------------------------------------------------ evaluation
     def _elbo_terms_per_cell(self, adata, indices, batch_size, dataloader, method: str) -> tuple[torch.Tensor, torch.Tensor]:
