@@ -107,7 +107,11 @@ def vanilla_statistics(s1: np.ndarray, s2: np.ndarray, eps: float = EPS) -> dict
         raise ValueError(f"s1 and s2 must be paired (M, G) arrays, got {s1.shape} and {s2.shape}.")
     proba_m1 = np.mean(s1 > s2, axis=0)
     proba_m2 = 1.0 - proba_m1
-    return {"proba_m1": proba_m1, "proba_m2": proba_m2, "bayes_factor": np.log(proba_m1 + eps) - np.log(proba_m2 + eps)}
+    return {
+        "proba_m1": proba_m1,
+        "proba_m2": proba_m2,
+        "bayes_factor": np.log(proba_m1 + eps) - np.log(proba_m2 + eps),
+    }
 
 
 def log_fold_change(s1: np.ndarray, s2: np.ndarray, pseudocounts: float = 0.0) -> np.ndarray:
@@ -143,7 +147,9 @@ def estimate_delta(lfc_means: np.ndarray, coef: float = 0.6, min_thres: float = 
 
     lfc_means = np.asarray(lfc_means, dtype=np.float64).reshape(-1, 1)
     if len(lfc_means) < 3:
-        raise ValueError("delta=None estimates δ with a 3-component mixture over genes: it needs at least 3 genes.")
+        raise ValueError(
+            "delta=None estimates δ with a 3-component mixture over genes: it needs at least 3 genes."
+        )
     mixture = GaussianMixture(n_components=3, random_state=np.random.randint(2**31 - 1)).fit(lfc_means)
     modes = np.sort(mixture.means_.ravel())
     return float(max(min_thres, coef * 0.5 * (abs(modes[0]) + abs(modes[-1]))))
@@ -152,19 +158,18 @@ def estimate_delta(lfc_means: np.ndarray, coef: float = 0.6, min_thres: float = 
 def hpd_interval(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
     """Highest posterior density interval of each column of ``samples`` ``(M, G)``.
 
-    The shortest interval ``[x_(i), x_(i+k)]`` of the sorted draws with ``k = ⌊level · M⌋``.
-    Returns ``(low, high)``, each ``(G,)``.
+    The shortest interval ``[x_(i), x_(i+k)]`` of the sorted draws with ``k = ⌊level · M⌋``
+    (``arviz.hdi``). Returns ``(low, high)``, each ``(G,)``.
     """
+    from .diagnostics import import_arviz
+
     if not 0.0 < level < 1.0:
         raise ValueError(f"credible interval levels must lie in (0, 1), got {level!r}.")
-    ordered = np.sort(np.asarray(samples), axis=0)
-    n = ordered.shape[0]
-    k = int(np.floor(level * n))
-    if k < 1:
-        raise ValueError(f"level {level} with {n} samples leaves an empty interval.")
-    widths = ordered[k:] - ordered[: n - k]  # (n − k, G)
-    start = np.argmin(widths, axis=0)[None, :]
-    return np.take_along_axis(ordered, start, 0)[0], np.take_along_axis(ordered, start + k, 0)[0]
+    samples = np.asarray(samples)
+    if int(np.floor(level * samples.shape[0])) < 1:
+        raise ValueError(f"level {level} with {samples.shape[0]} samples leaves an empty interval.")
+    interval = np.asarray(import_arviz().hdi(samples[None], hdi_prob=level))  # one chain: (G, 2)
+    return interval[:, 0], interval[:, 1]
 
 
 def change_statistics(
@@ -213,7 +218,9 @@ def change_statistics(
     if change_fn is None or change_fn == "log-fold":
         change_fn = log_fold_change
     elif not callable(change_fn):
-        raise ValueError(f"change_fn must be None, 'log-fold' or a callable (x, y, pseudocounts), got {change_fn!r}.")
+        raise ValueError(
+            f"change_fn must be None, 'log-fold' or a callable (x, y, pseudocounts), got {change_fn!r}."
+        )
 
     change = np.asarray(change_fn(s1, s2, pseudocounts))
     if m1_domain_fn is not None:
@@ -236,7 +243,8 @@ def change_statistics(
         "delta": delta,
         "lfc_mean": lfc.mean(axis=0, dtype=np.float64),
         "lfc_median": _median_over_draws(lfc),
-        "lfc_std": torch.std(torch.as_tensor(lfc), dim=0, correction=0).numpy(),  # NumPy's float64 std is slow
+        # torch: NumPy's float64 std is slow
+        "lfc_std": torch.std(torch.as_tensor(lfc), dim=0, correction=0).numpy(),
         "lfc_min": lfc.min(axis=0),
         "lfc_max": lfc.max(axis=0),
     }
@@ -390,7 +398,9 @@ def cells_mask(idx, obs: pd.DataFrame, name: str) -> np.ndarray:
         values = np.asarray(idx)
         if values.dtype == bool:
             if values.shape != (n_obs,):
-                raise ValueError(f"{name} is a boolean mask of shape {values.shape}; adata has {n_obs} cells.")
+                raise ValueError(
+                    f"{name} is a boolean mask of shape {values.shape}; adata has {n_obs} cells."
+                )
             mask = values
         elif values.size == 0 or np.issubdtype(values.dtype, np.integer):
             values = values.astype(np.int64).ravel()
@@ -399,7 +409,10 @@ def cells_mask(idx, obs: pd.DataFrame, name: str) -> np.ndarray:
             mask = np.zeros(n_obs, dtype=bool)
             mask[values] = True
         else:
-            raise TypeError(f"{name} must be a boolean mask, integer positions or a query string, got dtype {values.dtype}.")
+            raise TypeError(
+                f"{name} must be a boolean mask, integer positions or a query string, "
+                f"got dtype {values.dtype}."
+            )
     if not mask.any():
         raise ValueError(f"{name} selects no cell: each group needs at least one cell.")
     return mask
@@ -426,21 +439,27 @@ def comparison_masks(obs: pd.DataFrame, groupby=None, group1=None, group2=None, 
     if idx2 is not None:
         raise ValueError("idx2 was given without idx1.")
     if groupby is None:
-        raise ValueError("Pass groupby (with optional group1/group2) or idx1 (with optional idx2) to define the groups.")
+        raise ValueError(
+            "Pass groupby (with optional group1/group2) or idx1 (with optional idx2) to define the groups."
+        )
     if groupby not in obs.columns:
         raise ValueError(f"groupby={groupby!r} is not a column of adata.obs (columns: {list(obs.columns)}).")
     column = obs[groupby].astype("category")
     categories = list(column.cat.categories)
     if group1 is None:
         if len(categories) < 2:
-            raise ValueError(f"adata.obs[{groupby!r}] has a single category {categories}: there is nothing to compare.")
+            raise ValueError(
+                f"adata.obs[{groupby!r}] has a single category {categories}: there is nothing to compare."
+            )
         group1 = categories
     elif isinstance(group1, str) or not isinstance(group1, (list, tuple, np.ndarray, pd.Index)):
         group1 = [group1]
     for name, values in (("group1", group1), ("group2", [] if group2 is None else [group2])):
         unknown = [g for g in values if g not in categories]
         if unknown:
-            raise ValueError(f"{name} {unknown} not found in adata.obs[{groupby!r}] (categories: {categories}).")
+            raise ValueError(
+                f"{name} {unknown} not found in adata.obs[{groupby!r}] (categories: {categories})."
+            )
 
     def cells_of(g):
         mask = np.asarray(column == g)
@@ -455,7 +474,9 @@ def comparison_masks(obs: pd.DataFrame, groupby=None, group1=None, group2=None, 
         if group2 is None:
             mask2 = ~mask1
             if not mask2.any():
-                raise ValueError(f"Every cell is in group {g1!r}: the rest of adata.obs[{groupby!r}] is empty.")
+                raise ValueError(
+                    f"Every cell is in group {g1!r}: the rest of adata.obs[{groupby!r}] is empty."
+                )
             comparisons.append((mask1, mask2, g1, "Rest"))
         else:
             comparisons.append((mask1, cells_of(group2), g1, group2))
@@ -504,7 +525,9 @@ def comparison_table(
     else:
         psi = options["pseudocounts"]
         if psi is None:
-            psi = pseudocounts_from_counts(all1, all2, raw["raw_mean1"], raw["raw_mean2"], options["threshold_counts"])
+            psi = pseudocounts_from_counts(
+                all1, all2, raw["raw_mean1"], raw["raw_mean2"], options["threshold_counts"]
+            )
         stats = change_statistics(s1, s2, delta=delta, pseudocounts=psi, change_fn=options["change_fn"],
                                   m1_domain_fn=options["m1_domain_fn"], test_mode=options["test_mode"],
                                   cred_interval_lvls=options["cred_interval_lvls"])
