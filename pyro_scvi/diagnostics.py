@@ -198,8 +198,13 @@ def _coverage_from_pit(pit: np.ndarray, levels: Sequence[float]) -> np.ndarray:
     return np.array([(distance <= level / 2).mean() for level in levels])
 
 
-def calibration_coverage(observed, samples, levels: Sequence[float] = CALIBRATION_LEVELS, sample_axis: int = 0,
-                         seed: int | None = 0) -> np.ndarray:
+def calibration_coverage(
+    observed,
+    samples,
+    levels: Sequence[float] = CALIBRATION_LEVELS,
+    sample_axis: int = 0,
+    seed: int | None = 0,
+) -> np.ndarray:
     """Fraction of observed entries inside the central predictive interval of each nominal
     ``level`` (``|u − 0.5| ≤ level / 2`` for the randomised PIT ``u`` of :func:`predictive_pit`).
     A calibrated predictive covers a fraction ``level``. Returns ``(len(levels),)``."""
@@ -231,10 +236,16 @@ class _Accumulator:
             warnings.simplefilter("ignore", RuntimeWarning)  # cells with zero counts in every draw
             self.cell_generated.append(np.nanmean(coefficient_of_variation(samples, axis=-1), axis=0))
         sums = {
-            "observed": observed.sum(0), "observed_sq": (observed**2).sum(0), "observed_zeros": (observed == 0).sum(0),
-            "generated": samples.sum(1), "generated_sq": (samples**2).sum(1), "generated_zeros": (samples == 0).sum(1),
+            "observed": observed.sum(0),
+            "observed_sq": (observed**2).sum(0),
+            "observed_zeros": (observed == 0).sum(0),
+            "generated": samples.sum(1),
+            "generated_sq": (samples**2).sum(1),
+            "generated_zeros": (samples == 0).sum(1),
         }
-        self.sums = sums if self.sums is None else {key: self.sums[key] + value for key, value in sums.items()}
+        self.sums = (
+            sums if self.sums is None else {key: self.sums[key] + value for key, value in sums.items()}
+        )
         self.n_cells += observed.shape[0]
         below = (samples < observed).mean(axis=0)
         at_or_below = (samples <= observed).mean(axis=0)
@@ -297,8 +308,16 @@ class PosteriorPredictiveCheck:
     n_samples: int
 
     @classmethod
-    def from_arrays(cls, observed, samples, sample_axis: int = 0, cell_names=None, gene_names=None,
-                    levels: Sequence[float] = CALIBRATION_LEVELS, seed: int | None = 0) -> "PosteriorPredictiveCheck":
+    def from_arrays(
+        cls,
+        observed,
+        samples,
+        sample_axis: int = 0,
+        cell_names=None,
+        gene_names=None,
+        levels: Sequence[float] = CALIBRATION_LEVELS,
+        seed: int | None = 0,
+    ) -> "PosteriorPredictiveCheck":
         """The check from observed counts ``(cells, genes)`` and predictive draws with the draws
         at ``sample_axis`` (``(S, cells, genes)`` by default; ``sample_axis=-1`` for the
         ``(cells, genes, S)`` arrays of :meth:`~pyro_scvi.SCVI.posterior_predictive_sample`)."""
@@ -345,12 +364,20 @@ class PosteriorPredictiveCheck:
         """Coverage of the central predictive intervals against their nominal level."""
         from .plotting import plot_calibration
 
-        return plot_calibration(self.calibration.index.to_numpy(), self.calibration["coverage"].to_numpy(), ax=ax)
+        return plot_calibration(
+            self.calibration.index.to_numpy(), self.calibration["coverage"].to_numpy(), ax=ax
+        )
 
 
-def posterior_predictive_check(model, adata=None, indices=None, n_samples: int = 25, batch_size: int | None = None,
-                               levels: Sequence[float] = CALIBRATION_LEVELS, seed: int | None = 0
-                               ) -> PosteriorPredictiveCheck:
+def posterior_predictive_check(
+    model,
+    adata=None,
+    indices=None,
+    n_samples: int = 25,
+    batch_size: int | None = None,
+    levels: Sequence[float] = CALIBRATION_LEVELS,
+    seed: int | None = 0,
+) -> PosteriorPredictiveCheck:
     """Posterior-predictive check of a trained model on its cells (or ``indices`` of ``adata``):
     ``n_samples`` predictive count matrices are drawn minibatch by minibatch and summarised on
     the fly (memory ``n_samples × batch_size × genes``, never the whole matrix of draws).

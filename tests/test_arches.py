@@ -24,7 +24,9 @@ def _split(seed: int = 3, n_genes: int = 80):
     """Generated data, 3 batches: the reference holds batch_0/1, the query batch_2 (+ a new donor)."""
     data = synthetic_iid(batch_size=120, n_genes=n_genes, n_batches=3, n_labels=3, seed=seed)
     rng = np.random.default_rng(seed)
-    donors = np.where(data.obs["batch"] == "batch_2", "d2", np.where(rng.random(data.n_obs) < 0.5, "d0", "d1"))
+    donors = np.where(
+        data.obs["batch"] == "batch_2", "d2", np.where(rng.random(data.n_obs) < 0.5, "d0", "d1")
+    )
     data.obs["donor"] = pd.Categorical(donors)
     data.obs["percent_mito"] = rng.random(data.n_obs).astype(np.float32)
     reference = data[data.obs["batch"] != "batch_2"].copy()
@@ -140,7 +142,9 @@ def test_load_query_data_surgery(reference_model):
         model.get_latent_representation()
     batch_map = model.registry_["field_registries"]["batch"]["state_registry"]["categorical_mapping"]
     assert list(batch_map) == ["batch_0", "batch_1", "batch_2"]
-    donor_map = model.registry_["field_registries"]["extra_categorical_covs"]["state_registry"]["mappings"]["donor"]
+    donor_map = model.registry_["field_registries"]["extra_categorical_covs"]["state_registry"]["mappings"][
+        "donor"
+    ]
     assert list(donor_map) == ["d0", "d1", "d2"]
     assert model.registry_["_scvi_uuid"] in SCVI._setup_registries
 
@@ -217,8 +221,15 @@ def test_load_query_data_unfrozen_trains_everything(reference_model):
 
 
 def test_load_query_data_options(reference_model):
-    model = SCVI.load_query_data(_query(), reference_model, freeze_expression=False, freeze_decoder_first_layer=False,
-                            freeze_batchnorm_encoder=False, freeze_batchnorm_decoder=True, freeze_dropout=True)
+    model = SCVI.load_query_data(
+        _query(),
+        reference_model,
+        freeze_expression=False,
+        freeze_decoder_first_layer=False,
+        freeze_batchnorm_encoder=False,
+        freeze_batchnorm_decoder=True,
+        freeze_dropout=True,
+    )
     masks = model.module.frozen_parameters
     assert "z_encoder.hidden.fc_layers.Layer 0.0.weight" not in masks
     assert "z_encoder.hidden.fc_layers.Layer 0.0.bias" not in masks
@@ -247,7 +258,10 @@ def test_load_query_data_from_directories(reference_model, tmp_path):
             if value.shape == state[name].shape:
                 assert torch.equal(value, state[name]), (directory, name)
         assert set(state) == set(expected)
-        assert model.module.frozen_parameters.keys() == SCVI.load_query_data(_query(), reference_model).module.frozen_parameters.keys()
+        assert (
+            model.module.frozen_parameters.keys()
+            == SCVI.load_query_data(_query(), reference_model).module.frozen_parameters.keys()
+        )
 
 
 def test_load_query_data_subset_vars_and_warning():
@@ -353,7 +367,9 @@ def test_query_freezing_survives_save_and_load(tmp_path):
     loaded = SCVI.load(tmp_path / "q")
     assert set(loaded.module.frozen_parameters) == set(query.module.frozen_parameters)
     for name, mask in query.module.frozen_parameters.items():
-        assert torch.equal(torch.as_tensor(loaded.module.frozen_parameters[name]), torch.as_tensor(mask).cpu())
+        assert torch.equal(
+            torch.as_tensor(loaded.module.frozen_parameters[name]), torch.as_tensor(mask).cpu()
+        )
     modules = dict(loaded.module.named_modules())
     for name, module in query.module.named_modules():
         if isinstance(module, torch.nn.BatchNorm1d):

@@ -21,7 +21,8 @@ from ..infer import posterior
 
 __all__ = ["CriticismMixin", "LARGE_PREDICTIVE_ELEMENTS"]
 
-#: draws × cells × genes above which :meth:`CriticismMixin.to_arviz` warns about the size of posterior_predictive
+#: draws × cells × genes above which :meth:`CriticismMixin.to_arviz` warns about the size of
+#: posterior_predictive
 LARGE_PREDICTIVE_ELEMENTS = 2.5e8
 
 
@@ -114,7 +115,9 @@ class _PosteriorDraws:
         """Store the draws of one minibatch of ``m`` cells (rows ``offset:offset + m``)."""
         rows = slice(self.offset, self.offset + batch.n_cells)
         self._add_latents(guide_trace, rows, batch.n_cells)
-        values, cell_log_lik, discrete = posterior.predictive_observation(model_trace, batch.x, self.n_samples)
+        values, cell_log_lik, discrete = posterior.predictive_observation(
+            model_trace, batch.x, self.n_samples
+        )
         if self.observed is None:
             dtype = np.int32 if discrete else np.float32
             self.observed = np.empty((self.n_cells, self.n_genes), dtype=dtype)
@@ -129,7 +132,9 @@ class _PosteriorDraws:
         self.offset += batch.n_cells
 
     def _add_latents(self, guide_trace, rows: slice, n_cells: int) -> None:
-        for name, (value, global_dims) in posterior.guide_latent_values(guide_trace, self.n_samples, n_cells).items():
+        for name, (value, global_dims) in posterior.guide_latent_values(
+            guide_trace, self.n_samples, n_cells
+        ).items():
             if global_dims is not None:  # kept from the first minibatch (the others replay it)
                 if name not in self.latent:
                     self.latent[name] = value.cpu().numpy().astype(np.float32)
@@ -137,7 +142,9 @@ class _PosteriorDraws:
                     self.global_sites.add(name)
                 continue
             if name not in self.latent:
-                self.latent[name] = np.empty((self.n_samples, self.n_cells, *value.shape[2:]), dtype=np.float32)
+                self.latent[name] = np.empty(
+                    (self.n_samples, self.n_cells, *value.shape[2:]), dtype=np.float32
+                )
             self.latent[name][:, rows] = value.cpu().numpy()
         if self.global_trace is None and self.global_sites:
             self.global_trace = poutine.Trace()

@@ -69,8 +69,10 @@ def _check_options(mode, weights, batch_correction, batchid1, batchid2, kwargs: 
     if weights not in (None, "uniform", "importance"):
         raise ValueError(f"weights must be 'uniform' or 'importance', got {weights!r}.")
     if not batch_correction and (batchid1 is not None or batchid2 is not None):
-        raise ValueError("Inconsistent batch policy: batchid1/batchid2 choose the batches to decode in, which only "
-                         "applies with batch_correction=True.")
+        raise ValueError(
+            "Inconsistent batch policy: batchid1/batchid2 choose the batches to decode in, which only "
+            "applies with batch_correction=True."
+        )
     if int(options["n_samples_overall"]) < 1:
         raise ValueError(f"n_samples_overall must be positive, got {int(options['n_samples_overall'])}.")
     return options
@@ -84,7 +86,9 @@ def _batch_list(model, batchid, name: str) -> list:
     values = [batchid] if isinstance(batchid, str) or np.isscalar(batchid) else list(batchid)
     unknown = [b for b in values if b not in categories]
     if unknown or not values:
-        raise ValueError(f"{name}={batchid!r}: {unknown or 'no batch'} not among the batch categories {categories}.")
+        raise ValueError(
+            f"{name}={batchid!r}: {unknown or 'no batch'} not among the batch categories {categories}."
+        )
     return values
 
 
@@ -96,10 +100,15 @@ def _inliers(model, adata, cells: np.ndarray) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            keep = EllipticEnvelope(random_state=np.random.randint(2**31 - 1)).fit(latent).predict(latent) == 1
+            keep = (
+                EllipticEnvelope(random_state=np.random.randint(2**31 - 1)).fit(latent).predict(latent) == 1
+            )
     except ValueError:
-        warnings.warn("Outlier filtering failed (the latent covariance could not be estimated): keeping all cells.",
-                      UserWarning, stacklevel=4)
+        warnings.warn(
+            "Outlier filtering failed (the latent covariance could not be estimated): keeping all cells.",
+            UserWarning,
+            stacklevel=4,
+        )
         return cells
     return cells[keep]
 
@@ -112,8 +121,12 @@ def _draw(model, adata, cells: np.ndarray, batches: list | None, plan: _Plan) ->
     else:
         per_batch = int(n_samples / len(batches))
         if per_batch < 2:
-            warnings.warn(f"n_samples_overall={n_samples} over {len(batches)} batches leaves fewer than 2 draws per "
-                          "batch: using 2.", UserWarning, stacklevel=4)
+            warnings.warn(
+                f"n_samples_overall={n_samples} over {len(batches)} batches leaves fewer than 2 draws per "
+                "batch: using 2.",
+                UserWarning,
+                stacklevel=4,
+            )
             per_batch = 2
         draws_per_batch = {b: per_batch for b in batches}
     return {
@@ -124,7 +137,9 @@ def _draw(model, adata, cells: np.ndarray, batches: list | None, plan: _Plan) ->
     }
 
 
-def _compare(model, adata, counts, mask1: np.ndarray, mask2: np.ndarray, batches: tuple, plan: _Plan) -> pd.DataFrame:
+def _compare(
+    model, adata, counts, mask1: np.ndarray, mask2: np.ndarray, batches: tuple, plan: _Plan
+) -> pd.DataFrame:
     """The table of one comparison of the cells of ``mask1`` and ``mask2`` (boolean ``(n,)``)."""
     cells1, cells2 = np.flatnonzero(mask1), np.flatnonzero(mask2)
     if plan.filter_outlier_cells:

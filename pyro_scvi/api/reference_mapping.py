@@ -5,8 +5,9 @@ Two pieces:
 * :func:`prepare_query_anndata` / :func:`prepare_query_mudata` bring the genes of a query AnnData
   into the reference model's gene order (missing genes become all-zero columns, extra genes are
   dropped);
-* :meth:`ReferenceMappingMixin.load_query_data` builds a model for the query from the reference: batch categories (and
-  other categorical covariates) unseen by the reference are appended to its mappings, the
+* :meth:`ReferenceMappingMixin.load_query_data` builds a model for the query from the reference:
+  batch categories (and other categorical covariates) unseen by the reference are appended to its
+  mappings, the
   weights are copied into the larger network ("weight surgery": reference values everywhere the
   reference had an entry, fresh initial values for the new categories), and every weight except
   the ones allowed to adapt to the new categories is frozen.
@@ -65,12 +66,15 @@ def _is_model(obj) -> bool:
 
 def _reference_var_names(reference_model) -> pd.Index:
     if _is_model(reference_model):
-        names = reference_model.registry_["field_registries"][REGISTRY_KEYS.X]["state_registry"]["column_names"]
+        names = reference_model.registry_["field_registries"][REGISTRY_KEYS.X]["state_registry"][
+            "column_names"
+        ]
     elif isinstance(reference_model, (str, Path)):
         names = read_model_dir(reference_model, map_location="cpu")["var_names"]
     else:
         raise TypeError(
-            f"reference_model must be a trained model or the directory it was saved to, got {type(reference_model).__name__}."
+            "reference_model must be a trained model or the directory it was saved to, "
+            f"got {type(reference_model).__name__}."
         )
     return pd.Index([str(v) for v in np.asarray(names, dtype=object)])
 
@@ -82,8 +86,10 @@ def _custom_functions(reference_model) -> dict:
                 if getattr(reference_model.module, k, None) is not None}
     custom = read_model_dir(reference_model, map_location="cpu")["attr_dict"].get("custom_model_") or {}
     if custom.get("model_fn") or custom.get("guide_fn"):
-        raise ValueError("The reference was saved with custom model/guide functions: load it with "
-                         "SCVI.load(dir_path, model_fn=..., guide_fn=...) and pass the loaded model as reference_model.")
+        raise ValueError(
+            "The reference was saved with custom model/guide functions: load it with "
+            "SCVI.load(dir_path, model_fn=..., guide_fn=...) and pass the loaded model as reference_model."
+        )
     return {}
 
 
@@ -106,7 +112,8 @@ def _read_reference(reference_model) -> dict[str, Any]:
             "var_names": pd.Index([str(v) for v in np.asarray(saved["var_names"], dtype=object)]),
         }
     raise TypeError(
-        f"reference_model must be a trained model or the directory it was saved to, got {type(reference_model).__name__}."
+        "reference_model must be a trained model or the directory it was saved to, "
+            f"got {type(reference_model).__name__}."
     )
 
 
@@ -183,7 +190,11 @@ def _padded_anndata(adata: anndata.AnnData, reference_names: pd.Index) -> anndat
     for key, value in adata.varm.items():
         padded = _pad_varm(value, take, present)
         if padded is None:
-            warnings.warn(f"varm[{key!r}] cannot be padded to the reference genes and is dropped.", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"varm[{key!r}] cannot be padded to the reference genes and is dropped.",
+                UserWarning,
+                stacklevel=3,
+            )
         else:
             if isinstance(padded, pd.DataFrame):
                 padded.index = reference_names
@@ -254,7 +265,9 @@ def prepare_query_mudata(
     try:
         import mudata  # noqa: F401
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("prepare_query_mudata needs the mudata package: pip install pyro-scvi[mudata]") from error
+        raise ImportError(
+            "prepare_query_mudata needs the mudata package: pip install pyro-scvi[mudata]"
+        ) from error
     reference_names = _reference_var_names(reference_model)
     if return_reference_var_names:
         return reference_names
@@ -276,7 +289,9 @@ def _covariate_cat_list(registry: dict, init: dict) -> list[int]:
     stats = summary_stats(registry)
     cat_state = registry["field_registries"].get(REGISTRY_KEYS.CAT_COVS, {}).get("state_registry", {})
     embedding = init.get("batch_representation", "one-hot") == "embedding"
-    sizes = ([] if embedding else [int(stats["n_batch"])]) + [int(k) for k in cat_state.get("n_cats_per_key", [])]
+    sizes = ([] if embedding else [int(stats["n_batch"])]) + [
+        int(k) for k in cat_state.get("n_cats_per_key", [])
+    ]
     return [k if k > 1 else 0 for k in sizes]
 
 
@@ -297,7 +312,8 @@ def _pad_tensor(name: str, reference: torch.Tensor, fresh: torch.Tensor) -> torc
         return reference.to(fresh.dtype).clone()
     if reference.dim() != fresh.dim() or any(r > f for r, f in zip(reference.shape, fresh.shape)):
         raise ValueError(
-            f"Cannot transfer {name!r}: reference shape {tuple(reference.shape)} does not fit the query model's "
+            f"Cannot transfer {name!r}: reference shape {tuple(reference.shape)} does not fit "
+            "the query model's "
             f"{tuple(fresh.shape)}."
         )
     out = fresh.detach().clone()
@@ -305,7 +321,9 @@ def _pad_tensor(name: str, reference: torch.Tensor, fresh: torch.Tensor) -> torc
     return out
 
 
-def _surgery_linear(name: str, reference: torch.Tensor, fresh: torch.Tensor, ref_cats: list[int], new_cats: list[int]):
+def _surgery_linear(
+    name: str, reference: torch.Tensor, fresh: torch.Tensor, ref_cats: list[int], new_cats: list[int]
+):
     """Copy the reference's input columns block by block: the non-covariate inputs, then each
     covariate's one-hot block at its (possibly shifted) position; new categories keep fresh values."""
     if len(ref_cats) != len(new_cats) or any(r > n for r, n in zip(ref_cats, new_cats)):
@@ -313,7 +331,8 @@ def _surgery_linear(name: str, reference: torch.Tensor, fresh: torch.Tensor, ref
     n_base = reference.shape[1] - sum(ref_cats)
     if reference.shape[0] != fresh.shape[0] or fresh.shape[1] - sum(new_cats) != n_base:
         raise ValueError(
-            f"Cannot transfer {name!r}: reference shape {tuple(reference.shape)} does not fit the query model's "
+            f"Cannot transfer {name!r}: reference shape {tuple(reference.shape)} does not fit "
+            "the query model's "
             f"{tuple(fresh.shape)}."
         )
     out = fresh.detach().clone()
@@ -327,7 +346,9 @@ def _surgery_linear(name: str, reference: torch.Tensor, fresh: torch.Tensor, ref
     return out
 
 
-def transfer_state_dict(module: nn.Module, reference_state: dict, ref_cats: list[int]) -> dict[str, torch.Tensor]:
+def transfer_state_dict(
+    module: nn.Module, reference_state: dict, ref_cats: list[int]
+) -> dict[str, torch.Tensor]:
     """The reference weights fitted into ``module``'s (possibly larger) tensors."""
     fresh_state = module.state_dict()
     missing = sorted(set(fresh_state) - set(reference_state))
@@ -385,14 +406,18 @@ def query_freeze_masks(
         n_cov = sum(sub.n_cat_list)
         for i, block in enumerate(sub.fc_layers):
             base = f"{prefix}.fc_layers.Layer {i}"
-            open_first = i == 0 and ((is_encoder and not freeze_expression) or (is_decoder and not freeze_decoder_first_layer))
+            open_first = i == 0 and (
+                (is_encoder and not freeze_expression) or (is_decoder and not freeze_decoder_first_layer)
+            )
             if open_first:
                 trainable[f"{base}.0.weight"][...] = True
                 trainable[f"{base}.0.bias"][...] = True
             elif n_cov > 0 and sub._injects(i):
                 trainable[f"{base}.0.weight"][:, -n_cov:] = True
             if block[1] is not None:
-                bn_open = (is_encoder and not freeze_batchnorm_encoder) or (is_decoder and not freeze_batchnorm_decoder)
+                bn_open = (is_encoder and not freeze_batchnorm_encoder) or (
+                    is_decoder and not freeze_batchnorm_decoder
+                )
                 if bn_open and block[1].affine:
                     trainable[f"{base}.1.weight"][...] = True
                     trainable[f"{base}.1.bias"][...] = True
@@ -403,7 +428,9 @@ def _freeze_running_statistics(module: nn.Module, encoder: bool, decoder: bool) 
     for prefix, sub in module.named_modules():
         if not isinstance(sub, nn.modules.batchnorm._BatchNorm):
             continue
-        if (encoder and prefix.startswith(_ENCODER_PREFIXES)) or (decoder and prefix.startswith(_DECODER_PREFIXES)):
+        if (encoder and prefix.startswith(_ENCODER_PREFIXES)) or (
+            decoder and prefix.startswith(_DECODER_PREFIXES)
+        ):
             sub.momentum = 0.0
 
 
@@ -423,14 +450,18 @@ def _device(accelerator: str, devices) -> torch.device:
 
 def _check_arguments(adata, reference_model, datamodule) -> None:
     if datamodule is not None:
-        raise ValueError("load_query_data maps an AnnData: pass adata= (datamodule= is for training a built model).")
+        raise ValueError(
+            "load_query_data maps an AnnData: pass adata= (datamodule= is for training a built model)."
+        )
     if adata is None:
         raise ValueError("load_query_data needs the query AnnData (adata=).")
     if reference_model is None:
         raise ValueError("load_query_data needs reference_model (a trained model or its save directory).")
 
 
-def _align_query_genes(adata: anndata.AnnData, reference_names: pd.Index, inplace_subset_query_vars: bool) -> None:
+def _align_query_genes(
+    adata: anndata.AnnData, reference_names: pd.Index, inplace_subset_query_vars: bool
+) -> None:
     """Subset ``adata`` to the reference genes (with ``inplace_subset_query_vars``) or warn when its
     genes are as many as the reference's but differ."""
     if inplace_subset_query_vars:
@@ -469,14 +500,20 @@ def _register_query(cls, adata: anndata.AnnData, registry: dict, transfer_batch:
         unknown = _batch_categories_missing(adata, registry)
         if unknown:
             raise ValueError(
-                f"transfer_batch=False but the query has batch categories unknown to the reference: {unknown}."
+                "transfer_batch=False but the query has batch categories unknown to the reference: "
+                f"{unknown}."
             )
     labels_key = registry["setup_args"].get("labels_key")
     if labels_key is not None and labels_key not in adata.obs:
-        warnings.warn(f'The query has no obs["{labels_key}"]: its cells get the new label category "unlabeled".',
-                      UserWarning, stacklevel=4)
+        warnings.warn(
+            f'The query has no obs["{labels_key}"]: its cells get the new label category "unlabeled".',
+            UserWarning,
+            stacklevel=4,
+        )
         adata.obs[labels_key] = pd.Categorical(["unlabeled"] * adata.n_obs)
-    query_registry = setup_registry(adata, source_registry=registry, extend_categories=True, model_name=cls.__name__)
+    query_registry = setup_registry(
+        adata, source_registry=registry, extend_categories=True, model_name=cls.__name__
+    )
     cls.register_manager(AnnDataManager(adata, query_registry))
 
 
@@ -562,13 +599,21 @@ class ReferenceMappingMixin:
         init = dict(reference["init_params"]["non_kwargs"])
         init.update(reference["init_params"].get("kwargs", {}).get("kwargs", {}))
         model = cls(adata, **init, **_custom_functions(reference_model))
-        state = transfer_state_dict(model.module, reference["state_dict"], _covariate_cat_list(registry, init))
+        state = transfer_state_dict(
+            model.module, reference["state_dict"], _covariate_cat_list(registry, init)
+        )
         model.module.load_state_dict(state, strict=True)
         model.module.eval()
         _freeze_query_module(
-            model.module, init, unfrozen, freeze_dropout, freeze_expression=freeze_expression,
-            freeze_decoder_first_layer=freeze_decoder_first_layer, freeze_batchnorm_encoder=freeze_batchnorm_encoder,
-            freeze_batchnorm_decoder=freeze_batchnorm_decoder)
+            model.module,
+            init,
+            unfrozen,
+            freeze_dropout,
+            freeze_expression=freeze_expression,
+            freeze_decoder_first_layer=freeze_decoder_first_layer,
+            freeze_batchnorm_encoder=freeze_batchnorm_encoder,
+            freeze_batchnorm_decoder=freeze_batchnorm_decoder,
+        )
         model.is_trained_ = False
         model.module.to(_device(accelerator, device))
         return model

@@ -101,7 +101,9 @@ def observation_distribution(model_trace, site: str = "x"):
     return _base(model_trace.nodes[site]["fn"])
 
 
-def guide_latent_values(guide_trace, n_samples: int, n_cells: int) -> dict[str, tuple[torch.Tensor, list | None]]:
+def guide_latent_values(
+    guide_trace, n_samples: int, n_cells: int
+) -> dict[str, tuple[torch.Tensor, list | None]]:
     """Values of the guide's latent sample sites, from a :func:`posterior_traces` guide trace.
 
     Sites in the ``"cells"`` plate: ``(S, n, ·)`` with ``None`` as names. Global sites (e.g. a
