@@ -1,10 +1,6 @@
-"""Model criticism for a trained :class:`~pyro_scvi.SCVI`: ArviZ conversion, Pareto-smoothed
-importance sampling (PSIS) diagnostics and posterior-predictive checks.
+"""Model-agnostic statistics for criticising a fitted model: Pareto-smoothed importance sampling
+(PSIS) diagnostics, effective sample sizes and posterior-predictive checks.
 
-* :func:`to_arviz` (also the method :meth:`SCVI.to_arviz <pyro_scvi.SCVI.to_arviz>`): posterior
-  draws of the latent variables, posterior-predictive counts, the observed counts, the per-cell
-  log-likelihood and the batch/label of each cell as an :class:`arviz.InferenceData`, so that
-  ``az.loo``, ``az.plot_ppc``, ``az.summary`` ... work with the cell as the observation.
 * :func:`psis_diagnostics` and :func:`effective_sample_size`: the Pareto shape k̂ and the effective
   sample size of importance weights, e.g. those of the marginal-likelihood estimator
   (:meth:`SCVI.get_marginal_ll(..., return_diagnostics=True) <pyro_scvi.SCVI.get_marginal_ll>`).
@@ -15,15 +11,17 @@ importance sampling (PSIS) diagnostics and posterior-predictive checks.
   :func:`predictive_pit`, :func:`calibration_coverage` and :func:`calibration_error` compute each
   statistic on their own.
 
-Every posterior quantity comes from traces of ``model.module.guide`` and ``model.module.model``:
-the guide is traced under a ``"particles"`` plate and the model, its observation site
-unconditioned, is replayed on those draws (what ``pyro.infer.Predictive`` does in
-:meth:`~pyro_scvi.SCVI.posterior_predictive_sample`). Custom models and guides therefore work as
-long as the counts are the sample site ``"x"`` inside the ``"cells"`` plate. The "posterior" is the
-variational posterior q(z, l | x): PSIS-LOO computed from it treats the guide's draws as posterior
-draws.
+The ArviZ conversion is the model method :meth:`SCVI.to_arviz <pyro_scvi.SCVI.to_arviz>`
+(:mod:`pyro_scvi.api.criticism`). :func:`posterior_predictive_check` takes any model that follows
+:class:`~pyro_scvi.api.protocol.ModelProtocol`; its draws come from
+:func:`pyro_scvi.infer.posterior.posterior_traces` (the guide traced under a ``"particles"``
+plate, the model replayed on the draws with its observation site ``"x"`` unconditioned), so
+custom models and guides work as long as the counts are the sample site ``"x"`` inside the
+``"cells"`` plate. The "posterior" is the variational posterior q(z, l | x).
 
-ArviZ is imported only when a function needs it (it is a dependency of the package).
+This module imports neither the user classes nor :mod:`pyro_scvi.plotting` at import time; the
+plot methods of :class:`PosteriorPredictiveCheck` call :mod:`pyro_scvi.plotting`, which does not
+import this module. ArviZ is imported only when a function needs it (it is a dependency).
 """
 
 from __future__ import annotations
@@ -36,8 +34,8 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from pyro import plate, poutine
-from pyro.poutine.util import prune_subsample_sites
+
+from .infer import posterior
 
 __all__ = [
     "CALIBRATION_LEVELS",
@@ -51,19 +49,14 @@ __all__ = [
     "posterior_predictive_check",
     "predictive_pit",
     "psis_diagnostics",
-    "to_arviz",
     "zero_fraction",
 ]
 
 #: nominal levels of the central predictive intervals checked by :func:`calibration_coverage`
 CALIBRATION_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-#: draws × cells × genes above which :func:`to_arviz` warns about the size of posterior_predictive
-LARGE_PREDICTIVE_ELEMENTS = 2.5e8
-OBSERVED_SITE = "x"
-CELL_PLATE = "cells"
 
 
-def _arviz():
+def import_arviz():
     """``arviz``, without its import-time FutureWarning about the coming refactor."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -82,186 +75,6 @@ def _numpy(array, dtype=np.float64) -> np.ndarray:
         if hasattr(array, "toarray"):
             array = array.toarray()
     return np.asarray(array, dtype=dtype)
-
-
-# ---------------------------------------------------------------------------- posterior draws
-def _predictive_traces(model, guide, batch, n_samples: int, global_trace=None):
-    """``(model_trace, guide_trace)``: ``n_samples`` guide draws per cell (``"particles"`` plate)
-    and the model replayed on them with its observation sampled rather than observed.
-
-    ``global_trace``: a trace of the guide's global sites whose draws this minibatch reuses (so
-    that draw ``s`` of a global latent is one value for every cell)."""
-    if global_trace is not None:
-        guide = poutine.replay(guide, trace=global_trace)
-    with plate("particles", n_samples, dim=-2):
-        guide_trace = poutine.trace(guide).get_trace(batch)
-        model_trace = poutine.trace(poutine.replay(poutine.uncondition(model), trace=guide_trace)).get_trace(batch)
-    return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
-
-
-def _latent_values(guide_trace, n_samples: int, n_cells: int) -> dict[str, tuple[torch.Tensor, list[str] | None]]:
-    """Values of the guide's latent sample sites: ``(S, n, ·)`` for sites in the ``"cells"``
-    plate (dims ``None``); for global sites (e.g. a latent dispersion) ``(S, ·)`` with the names
-    of the dimensions after the draw axis (``"gene"`` for the axis of a ``"genes"`` plate)."""
-    out = {}
-    for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"] or site["infer"].get("_deterministic", False):
-            continue
-        value, event_dim = site["value"], site["fn"].event_dim
-        frames = {frame.name: frame.dim for frame in site["cond_indep_stack"]}
-        if CELL_PLATE in frames:
-            event = tuple(value.shape[value.dim() - event_dim:]) if event_dim else ()
-            out[name] = (value.expand(n_samples, n_cells, *event), None)
-            continue
-        # a global site: drop the singleton axes the particles plate left between draws and values
-        axis_names = {value.dim() - event_dim + dim: "gene" for plate_name, dim in frames.items() if plate_name == "genes"}
-        keep = [i for i in range(1, value.dim()) if value.shape[i] != 1 or i in axis_names]
-        value = value.expand(n_samples, *value.shape[1:]) if value.shape[0] == 1 else value
-        value = value.reshape(n_samples, *[value.shape[i] for i in keep])
-        out[name] = (value, [axis_names.get(i, f"{name}_dim_{j}") for j, i in enumerate(keep)])
-    return out
-
-
-def _observation(model_trace, x: torch.Tensor, n_samples: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Predictive draws ``(S, n, G)``, per-cell log-likelihood of ``x`` ``(S, n)`` (summed over
-    genes) and whether the likelihood is discrete."""
-    if OBSERVED_SITE not in model_trace.nodes:
-        raise KeyError(f"The model has no observation site {OBSERVED_SITE!r}.")
-    site = model_trace.nodes[OBSERVED_SITE]
-    log_lik = site["fn"].log_prob(x)
-    while log_lik.dim() > 2:
-        log_lik = log_lik.sum(-1)
-    draws = site["value"]
-    discrete = bool(getattr(site["fn"].support, "is_discrete", False))
-    return draws.expand(n_samples, *x.shape), log_lik.expand(n_samples, x.shape[0]), discrete
-
-
-def _category_names(model, key: str, codes: np.ndarray) -> np.ndarray:
-    """Category of each code of the registered field ``key``; the codes when there is no mapping."""
-    try:
-        mapping = np.asarray(model.registry_["field_registries"][key]["state_registry"]["categorical_mapping"])
-    except (KeyError, TypeError):
-        return codes
-    return mapping[codes].astype(str)
-
-
-def to_arviz(model, adata=None, indices=None, n_samples: int = 100, batch_size: int | None = None, *,
-             posterior_predictive: bool = True):
-    """The posterior of a trained model as an :class:`arviz.InferenceData` (one chain of
-    ``n_samples`` draws of the variational posterior per cell).
-
-    Groups (``cell`` coordinates are the cell names, ``gene`` the gene names):
-
-    * ``posterior``: ``z`` ``(chain, draw, cell, latent_dim)`` (the Gaussian variable, before the
-      softmax of ``latent_distribution="ln"``) and, when the library is latent, ``library``
-      ``(chain, draw, cell)``, the log-library; any other latent site of a custom guide likewise.
-      A global latent site (outside the ``"cells"`` plate, e.g. ``inverse_dispersion`` with a
-      ``dispersion_prior``) has dims ``(chain, draw, gene, ...)``; draw ``s`` is one value for all
-      cells (every minibatch reuses the draws made with the first).
-    * ``posterior_predictive``: counts ``x`` ``(chain, draw, cell, gene)`` drawn from p(x̃ | z, l)
-      at the same draws (int32 for count likelihoods, float32 otherwise).
-    * ``log_likelihood``: ``x`` ``(chain, draw, cell)``: log p(x_n | z, l) summed over genes, so
-      that ``az.loo(idata)`` and ``az.waic(idata)`` treat each cell as one observation.
-    * ``observed_data``: the counts ``x`` ``(cell, gene)``.
-    * ``constant_data``: ``batch`` and ``labels`` ``(cell,)``, the category of each cell.
-
-    **Memory**: ``posterior_predictive`` holds ``n_samples × cells × genes`` numbers (4 bytes
-    each: 100 draws of 10,000 cells × 2,000 genes are 8 GB). Pass ``indices`` to check a subset
-    of cells, lower ``n_samples``, or ``posterior_predictive=False`` to leave that group out (the
-    other groups are small). A warning is issued above 2.5·10⁸ elements.
-    """
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be ≥ 1, got {n_samples}.")
-    az = _arviz()
-    model.check_trained()
-    model.check_not_minified("to_arviz", adata)
-    module = model.module
-    module.eval()
-    cells = np.asarray(model.cell_names(adata, indices)).astype(str)
-    genes = np.asarray(model.var_names).astype(str)
-    n_cells, n_genes = len(cells), len(genes)
-    if n_cells == 0:
-        raise ValueError("to_arviz: no cells selected.")
-    if posterior_predictive and n_samples * n_cells * n_genes > LARGE_PREDICTIVE_ELEMENTS:
-        warnings.warn(
-            f"to_arviz: posterior_predictive holds {n_samples} × {n_cells} × {n_genes} values "
-            f"(~{4 * n_samples * n_cells * n_genes / 1e9:.1f} GB); pass indices=, a smaller n_samples or "
-            "posterior_predictive=False.", UserWarning, stacklevel=2)
-
-    latent: dict[str, np.ndarray] = {}
-    dims = {"x": ["cell", "gene"], "batch": ["cell"], "labels": ["cell"]}
-    global_sites: set[str] = set()
-    log_lik = np.empty((n_samples, n_cells), dtype=np.float64)
-    observed = predictive = None
-    batch_codes = np.empty(n_cells, dtype=np.int64)
-    label_codes = np.empty(n_cells, dtype=np.int64)
-    offset = 0
-    global_trace = None  # the first minibatch's draws of the global latents, reused by the others
-    with model.pyro_scope(), torch.no_grad():
-        for batch in model.minibatches(adata, indices, batch_size):
-            m = batch.n_cells
-            rows = slice(offset, offset + m)
-            model_trace, guide_trace = _predictive_traces(module.model, module.guide, batch, n_samples, global_trace)
-            for name, (value, global_dims) in _latent_values(guide_trace, n_samples, m).items():
-                if global_dims is not None:
-                    if name not in latent:
-                        latent[name] = value.cpu().numpy().astype(np.float32)
-                        dims[name] = global_dims
-                        global_sites.add(name)
-                    continue
-                if name not in latent:
-                    latent[name] = np.empty((n_samples, n_cells, *value.shape[2:]), dtype=np.float32)
-                latent[name][:, rows] = value.cpu().numpy()
-            if global_trace is None and global_sites:
-                global_trace = poutine.Trace()
-                for name in global_sites:
-                    global_trace.add_node(name, **guide_trace.nodes[name])
-            draws, cell_log_lik, discrete = _observation(model_trace, batch.x, n_samples)
-            dtype = np.int32 if discrete else np.float32
-            if observed is None:
-                observed = np.empty((n_cells, n_genes), dtype=dtype)
-                if posterior_predictive:
-                    predictive = np.empty((n_samples, n_cells, n_genes), dtype=dtype)
-            observed[rows] = batch.x.cpu().numpy()
-            if posterior_predictive:
-                predictive[:, rows] = draws.cpu().numpy()
-            log_lik[:, rows] = cell_log_lik.double().cpu().numpy()
-            batch_codes[rows] = batch.batch_index.reshape(-1).cpu().numpy()
-            label_codes[rows] = batch.labels.reshape(-1).cpu().numpy()
-            offset += m
-    if offset != n_cells:
-        raise RuntimeError(f"Expected {n_cells} cells, got {offset} from the minibatches.")
-
-    coords = {"cell": cells, "gene": genes}
-    posterior = {}
-    for name, value in latent.items():
-        if name in global_sites:
-            posterior[name] = value[None]
-            continue
-        if name == "library" and value.ndim == 3 and value.shape[-1] == 1:
-            value = value[..., 0]
-        if name == "z":
-            dims[name] = ["cell", "latent_dim"]
-            coords["latent_dim"] = np.arange(value.shape[-1])
-        else:
-            dims[name] = ["cell"] + [f"{name}_dim_{i}" for i in range(value.ndim - 2)]
-        posterior[name] = value[None]
-    attrs = {"inference_library": "pyro_scvi", "posterior": "variational (amortised guide)", "n_samples": n_samples}
-
-    def dataset(data, dims_, sample_dims=True):
-        kwargs = {} if sample_dims else {"default_dims": []}
-        return az.dict_to_dataset(data, coords=coords, dims=dims_, attrs=attrs, library=None, **kwargs)
-
-    groups = {
-        "posterior": dataset(posterior, dims),
-        "log_likelihood": dataset({"x": log_lik[None]}, {"x": ["cell"]}),
-        "observed_data": dataset({"x": observed}, dims, sample_dims=False),
-        "constant_data": dataset({"batch": _category_names(model, "batch", batch_codes),
-                                  "labels": _category_names(model, "labels", label_codes)}, dims, sample_dims=False),
-    }
-    if posterior_predictive:
-        groups["posterior_predictive"] = dataset({"x": predictive[None]}, dims)
-    return az.InferenceData(**groups)
 
 
 # ---------------------------------------------------------------------------- importance-sampling diagnostics
@@ -299,7 +112,7 @@ def psis_diagnostics(log_weights) -> PSISDiagnostics:
     have no tail: k̂ = −inf and ESS = S. k̂ needs a few hundred draws to be stable (with fewer
     than ~25 draws the tail is too short and ArviZ reports inf).
     """
-    az = _arviz()
+    az = import_arviz()
     lw = _numpy(log_weights)
     one_set = lw.ndim == 1
     if one_set:
@@ -385,8 +198,13 @@ def _coverage_from_pit(pit: np.ndarray, levels: Sequence[float]) -> np.ndarray:
     return np.array([(distance <= level / 2).mean() for level in levels])
 
 
-def calibration_coverage(observed, samples, levels: Sequence[float] = CALIBRATION_LEVELS, sample_axis: int = 0,
-                         seed: int | None = 0) -> np.ndarray:
+def calibration_coverage(
+    observed,
+    samples,
+    levels: Sequence[float] = CALIBRATION_LEVELS,
+    sample_axis: int = 0,
+    seed: int | None = 0,
+) -> np.ndarray:
     """Fraction of observed entries inside the central predictive interval of each nominal
     ``level`` (``|u − 0.5| ≤ level / 2`` for the randomised PIT ``u`` of :func:`predictive_pit`).
     A calibrated predictive covers a fraction ``level``. Returns ``(len(levels),)``."""
@@ -418,10 +236,16 @@ class _Accumulator:
             warnings.simplefilter("ignore", RuntimeWarning)  # cells with zero counts in every draw
             self.cell_generated.append(np.nanmean(coefficient_of_variation(samples, axis=-1), axis=0))
         sums = {
-            "observed": observed.sum(0), "observed_sq": (observed**2).sum(0), "observed_zeros": (observed == 0).sum(0),
-            "generated": samples.sum(1), "generated_sq": (samples**2).sum(1), "generated_zeros": (samples == 0).sum(1),
+            "observed": observed.sum(0),
+            "observed_sq": (observed**2).sum(0),
+            "observed_zeros": (observed == 0).sum(0),
+            "generated": samples.sum(1),
+            "generated_sq": (samples**2).sum(1),
+            "generated_zeros": (samples == 0).sum(1),
         }
-        self.sums = sums if self.sums is None else {key: self.sums[key] + value for key, value in sums.items()}
+        self.sums = (
+            sums if self.sums is None else {key: self.sums[key] + value for key, value in sums.items()}
+        )
         self.n_cells += observed.shape[0]
         below = (samples < observed).mean(axis=0)
         at_or_below = (samples <= observed).mean(axis=0)
@@ -484,8 +308,16 @@ class PosteriorPredictiveCheck:
     n_samples: int
 
     @classmethod
-    def from_arrays(cls, observed, samples, sample_axis: int = 0, cell_names=None, gene_names=None,
-                    levels: Sequence[float] = CALIBRATION_LEVELS, seed: int | None = 0) -> "PosteriorPredictiveCheck":
+    def from_arrays(
+        cls,
+        observed,
+        samples,
+        sample_axis: int = 0,
+        cell_names=None,
+        gene_names=None,
+        levels: Sequence[float] = CALIBRATION_LEVELS,
+        seed: int | None = 0,
+    ) -> "PosteriorPredictiveCheck":
         """The check from observed counts ``(cells, genes)`` and predictive draws with the draws
         at ``sample_axis`` (``(S, cells, genes)`` by default; ``sample_axis=-1`` for the
         ``(cells, genes, S)`` arrays of :meth:`~pyro_scvi.SCVI.posterior_predictive_sample`)."""
@@ -532,18 +364,28 @@ class PosteriorPredictiveCheck:
         """Coverage of the central predictive intervals against their nominal level."""
         from .plotting import plot_calibration
 
-        return plot_calibration(self.calibration.index.to_numpy(), self.calibration["coverage"].to_numpy(), ax=ax)
+        return plot_calibration(
+            self.calibration.index.to_numpy(), self.calibration["coverage"].to_numpy(), ax=ax
+        )
 
 
-def posterior_predictive_check(model, adata=None, indices=None, n_samples: int = 25, batch_size: int | None = None,
-                               levels: Sequence[float] = CALIBRATION_LEVELS, seed: int | None = 0
-                               ) -> PosteriorPredictiveCheck:
+def posterior_predictive_check(
+    model,
+    adata=None,
+    indices=None,
+    n_samples: int = 25,
+    batch_size: int | None = None,
+    levels: Sequence[float] = CALIBRATION_LEVELS,
+    seed: int | None = 0,
+) -> PosteriorPredictiveCheck:
     """Posterior-predictive check of a trained model on its cells (or ``indices`` of ``adata``):
     ``n_samples`` predictive count matrices are drawn minibatch by minibatch and summarised on
     the fly (memory ``n_samples × batch_size × genes``, never the whole matrix of draws).
 
-    ``seed`` seeds the randomised PIT of the calibration; the predictive draws use Pyro's global
-    RNG (``pyro_scvi.settings.seed``). Returns a :class:`PosteriorPredictiveCheck`::
+    ``model``: any object following :class:`~pyro_scvi.api.protocol.ModelProtocol` (e.g. a
+    trained :class:`~pyro_scvi.SCVI`). ``seed`` seeds the randomised PIT of the calibration; the
+    predictive draws use Pyro's global RNG (``pyro_scvi.settings.seed``). Returns a
+    :class:`PosteriorPredictiveCheck`::
 
         ppc = posterior_predictive_check(model, n_samples=25)
         ppc.metrics              # pearson / spearman / mae of CV per cell, CV per gene, zeros per gene
@@ -559,8 +401,9 @@ def posterior_predictive_check(model, adata=None, indices=None, n_samples: int =
     accumulator = _Accumulator(levels, seed)
     with model.pyro_scope(), torch.no_grad():
         for batch in model.minibatches(adata, indices, batch_size):
-            model_trace, _ = _predictive_traces(module.model, module.guide, batch, n_samples)
-            draws, _, _ = _observation(model_trace, batch.x, n_samples)
+            _, (model_trace,) = posterior.posterior_traces(module.model, module.guide, batch, n_samples,
+                                                           sample_observed=True)
+            draws, _, _ = posterior.predictive_observation(model_trace, batch.x, n_samples)
             accumulator.add(batch.x.double().cpu().numpy(), draws.double().cpu().numpy())
     cells = np.asarray(model.cell_names(adata, indices)).astype(str)
     return accumulator.result(n_samples, cells, np.asarray(model.var_names).astype(str))

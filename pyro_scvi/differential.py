@@ -1,4 +1,4 @@
-"""Bayesian differential expression between two groups of cells (``SCVI.differential_expression``).
+"""Statistics of Bayesian differential expression between two groups of cells.
 
 The posterior of each group's normalized expression ρ (``library_size=1``) is represented by
 Monte-Carlo draws from the Pyro model and guide (:meth:`SCVI.get_normalized_expression` with
@@ -13,10 +13,13 @@ Two tests:
   down-regulation being tested separately (``test_mode="three"``, the default) or together
   (``"two"``); genes are tagged DE at a target posterior expected false discovery rate.
 
-The pure statistics (:func:`vanilla_statistics`, :func:`change_statistics`,
-:func:`pseudocounts_from_counts`, :func:`estimate_delta`, :func:`hpd_interval`,
-:func:`fdr_flags`, :func:`raw_count_statistics`) take NumPy arrays and have no model dependency;
-:func:`differential_expression` builds the groups, draws the samples and assembles the table.
+Everything here takes NumPy arrays (or ``adata.obs`` for :func:`comparison_masks`) and returns
+arrays or DataFrames, with no model dependency: :func:`vanilla_statistics`,
+:func:`change_statistics`, :func:`pseudocounts_from_counts`, :func:`estimate_delta`,
+:func:`hpd_interval`, :func:`fdr_flags`, :func:`raw_count_statistics`, :func:`pair_samples` and
+:func:`comparison_table`, which assembles the table of one comparison. The model method
+:meth:`SCVI.differential_expression <pyro_scvi.SCVI.differential_expression>`
+(:mod:`pyro_scvi.api.differential`) selects the groups, draws the samples and calls these.
 
 Column names and order follow scvi-tools 1.4's output (checked against its tables): the credible
 intervals are ``lfc_confidence_interval_{lvl}_min/_max`` and ``is_de_fdr_{target}`` comes after the
@@ -46,7 +49,9 @@ import scipy.sparse as sp
 import torch
 
 __all__ = [
-    "differential_expression",
+    "cells_mask",
+    "comparison_masks",
+    "comparison_table",
     "vanilla_statistics",
     "change_statistics",
     "pseudocounts_from_counts",
@@ -55,10 +60,12 @@ __all__ = [
     "fdr_flags",
     "raw_count_statistics",
     "pair_samples",
+    "stacked_draws",
 ]
 
 EPS = 1e-8
-_DE_KWARGS = {
+#: the extra keyword arguments of ``differential_expression`` and their defaults
+DE_KWARGS = {
     "n_samples_overall": 5000,
     "use_permutation": False,
     "m_permutation": 10000,
@@ -69,18 +76,10 @@ _DE_KWARGS = {
     "test_mode": "three",
     "cred_interval_lvls": None,
 }
-_RAW_COLUMNS = (
+RAW_COLUMNS = (
     "raw_mean1", "raw_mean2", "non_zeros_proportion1", "non_zeros_proportion2",
     "raw_normalized_mean1", "raw_normalized_mean2",
 )
-
-
-def _sklearn(module: str, name: str, feature: str):
-    """``sklearn.<module>.<name>``, with a clear message when scikit-learn is missing."""
-    try:
-        return getattr(__import__(f"sklearn.{module}", fromlist=[name]), name)
-    except ImportError as error:
-        raise ImportError(f"{feature} needs scikit-learn: pip install scikit-learn.") from error
 
 
 # ============================================================================ pure statistics
@@ -108,7 +107,11 @@ def vanilla_statistics(s1: np.ndarray, s2: np.ndarray, eps: float = EPS) -> dict
         raise ValueError(f"s1 and s2 must be paired (M, G) arrays, got {s1.shape} and {s2.shape}.")
     proba_m1 = np.mean(s1 > s2, axis=0)
     proba_m2 = 1.0 - proba_m1
-    return {"proba_m1": proba_m1, "proba_m2": proba_m2, "bayes_factor": np.log(proba_m1 + eps) - np.log(proba_m2 + eps)}
+    return {
+        "proba_m1": proba_m1,
+        "proba_m2": proba_m2,
+        "bayes_factor": np.log(proba_m1 + eps) - np.log(proba_m2 + eps),
+    }
 
 
 def log_fold_change(s1: np.ndarray, s2: np.ndarray, pseudocounts: float = 0.0) -> np.ndarray:
@@ -140,10 +143,13 @@ def estimate_delta(lfc_means: np.ndarray, coef: float = 0.6, min_thres: float = 
     genes); ``δ = max(min_thres, coef · (|lowest mean| + |highest mean|) / 2)``. The mixture uses
     NumPy's global random state (seeded by ``pyro_scvi.settings.seed``).
     """
-    GaussianMixture = _sklearn("mixture", "GaussianMixture", "delta=None")
+    from sklearn.mixture import GaussianMixture
+
     lfc_means = np.asarray(lfc_means, dtype=np.float64).reshape(-1, 1)
     if len(lfc_means) < 3:
-        raise ValueError("delta=None estimates δ with a 3-component mixture over genes: it needs at least 3 genes.")
+        raise ValueError(
+            "delta=None estimates δ with a 3-component mixture over genes: it needs at least 3 genes."
+        )
     mixture = GaussianMixture(n_components=3, random_state=np.random.randint(2**31 - 1)).fit(lfc_means)
     modes = np.sort(mixture.means_.ravel())
     return float(max(min_thres, coef * 0.5 * (abs(modes[0]) + abs(modes[-1]))))
@@ -152,19 +158,18 @@ def estimate_delta(lfc_means: np.ndarray, coef: float = 0.6, min_thres: float = 
 def hpd_interval(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
     """Highest posterior density interval of each column of ``samples`` ``(M, G)``.
 
-    The shortest interval ``[x_(i), x_(i+k)]`` of the sorted draws with ``k = ⌊level · M⌋``.
-    Returns ``(low, high)``, each ``(G,)``.
+    The shortest interval ``[x_(i), x_(i+k)]`` of the sorted draws with ``k = ⌊level · M⌋``
+    (``arviz.hdi``). Returns ``(low, high)``, each ``(G,)``.
     """
+    from .diagnostics import import_arviz
+
     if not 0.0 < level < 1.0:
         raise ValueError(f"credible interval levels must lie in (0, 1), got {level!r}.")
-    ordered = np.sort(np.asarray(samples), axis=0)
-    n = ordered.shape[0]
-    k = int(np.floor(level * n))
-    if k < 1:
-        raise ValueError(f"level {level} with {n} samples leaves an empty interval.")
-    widths = ordered[k:] - ordered[: n - k]  # (n − k, G)
-    start = np.argmin(widths, axis=0)[None, :]
-    return np.take_along_axis(ordered, start, 0)[0], np.take_along_axis(ordered, start + k, 0)[0]
+    samples = np.asarray(samples)
+    if int(np.floor(level * samples.shape[0])) < 1:
+        raise ValueError(f"level {level} with {samples.shape[0]} samples leaves an empty interval.")
+    interval = np.asarray(import_arviz().hdi(samples[None], hdi_prob=level))  # one chain: (G, 2)
+    return interval[:, 0], interval[:, 1]
 
 
 def change_statistics(
@@ -213,7 +218,9 @@ def change_statistics(
     if change_fn is None or change_fn == "log-fold":
         change_fn = log_fold_change
     elif not callable(change_fn):
-        raise ValueError(f"change_fn must be None, 'log-fold' or a callable (x, y, pseudocounts), got {change_fn!r}.")
+        raise ValueError(
+            f"change_fn must be None, 'log-fold' or a callable (x, y, pseudocounts), got {change_fn!r}."
+        )
 
     change = np.asarray(change_fn(s1, s2, pseudocounts))
     if m1_domain_fn is not None:
@@ -236,7 +243,8 @@ def change_statistics(
         "delta": delta,
         "lfc_mean": lfc.mean(axis=0, dtype=np.float64),
         "lfc_median": _median_over_draws(lfc),
-        "lfc_std": torch.std(torch.as_tensor(lfc), dim=0, correction=0).numpy(),  # NumPy's float64 std is slow
+        # torch: NumPy's float64 std is slow
+        "lfc_std": torch.std(torch.as_tensor(lfc), dim=0, correction=0).numpy(),
         "lfc_min": lfc.min(axis=0),
         "lfc_max": lfc.max(axis=0),
     }
@@ -365,17 +373,17 @@ def pair_samples(
     if batch_correction and set(samples1) & set(samples2):
         warnings.warn("Batches of group 1 and group 2 differ but overlap: draws are paired across batches.",
                       UserWarning, stacklevel=3)
-    return pair(_stacked(samples1), _stacked(samples2), m_permutation)
+    return pair(stacked_draws(samples1), stacked_draws(samples2), m_permutation)
 
 
-def _stacked(draws: dict) -> np.ndarray:
+def stacked_draws(draws: dict) -> np.ndarray:
     """All draws of a group ``{batch: (K_b, G)}`` as one ``(ΣK_b, G)`` array (no copy for one batch)."""
     values = list(draws.values())
     return values[0] if len(values) == 1 else np.concatenate(values)
 
 
 # ============================================================================ groups
-def _cells_from_idx(idx, obs: pd.DataFrame, name: str) -> np.ndarray:
+def cells_mask(idx, obs: pd.DataFrame, name: str) -> np.ndarray:
     """A boolean ``(n_obs,)`` mask from a mask, integer positions or a ``DataFrame.query`` string."""
     n_obs = len(obs)
     if isinstance(idx, str):
@@ -390,7 +398,9 @@ def _cells_from_idx(idx, obs: pd.DataFrame, name: str) -> np.ndarray:
         values = np.asarray(idx)
         if values.dtype == bool:
             if values.shape != (n_obs,):
-                raise ValueError(f"{name} is a boolean mask of shape {values.shape}; adata has {n_obs} cells.")
+                raise ValueError(
+                    f"{name} is a boolean mask of shape {values.shape}; adata has {n_obs} cells."
+                )
             mask = values
         elif values.size == 0 or np.issubdtype(values.dtype, np.integer):
             values = values.astype(np.int64).ravel()
@@ -399,41 +409,57 @@ def _cells_from_idx(idx, obs: pd.DataFrame, name: str) -> np.ndarray:
             mask = np.zeros(n_obs, dtype=bool)
             mask[values] = True
         else:
-            raise TypeError(f"{name} must be a boolean mask, integer positions or a query string, got dtype {values.dtype}.")
+            raise TypeError(
+                f"{name} must be a boolean mask, integer positions or a query string, "
+                f"got dtype {values.dtype}."
+            )
     if not mask.any():
         raise ValueError(f"{name} selects no cell: each group needs at least one cell.")
     return mask
 
 
-def _comparisons(obs: pd.DataFrame, groupby, group1, group2, idx1, idx2) -> list[tuple[np.ndarray, np.ndarray, object, object]]:
-    """``[(mask1, mask2, name1, name2)]``; names are None when groups come from ``idx1``/``idx2``."""
+def comparison_masks(obs: pd.DataFrame, groupby=None, group1=None, group2=None, idx1=None, idx2=None
+                     ) -> list[tuple[np.ndarray, np.ndarray, object, object]]:
+    """The comparisons of a DE call on cells described by ``obs`` (``n`` rows).
+
+    ``idx1`` against ``idx2`` (default: the other cells), or with ``groupby`` each category in
+    ``group1`` (default: all) against ``group2`` (default: the other cells, ``"Rest"``). Returns
+    ``[(mask1, mask2, name1, name2)]`` with boolean ``(n,)`` masks; names are ``None`` when the
+    groups come from ``idx1``/``idx2``.
+    """
     if idx1 is not None:
-        mask1 = _cells_from_idx(idx1, obs, "idx1")
+        mask1 = cells_mask(idx1, obs, "idx1")
         if idx2 is None:
             mask2 = ~mask1
             if not mask2.any():
                 raise ValueError("idx1 selects every cell, so group 2 (the other cells) is empty; pass idx2.")
         else:
-            mask2 = _cells_from_idx(idx2, obs, "idx2")
+            mask2 = cells_mask(idx2, obs, "idx2")
         return [(mask1, mask2, None, None)]
     if idx2 is not None:
         raise ValueError("idx2 was given without idx1.")
     if groupby is None:
-        raise ValueError("Pass groupby (with optional group1/group2) or idx1 (with optional idx2) to define the groups.")
+        raise ValueError(
+            "Pass groupby (with optional group1/group2) or idx1 (with optional idx2) to define the groups."
+        )
     if groupby not in obs.columns:
         raise ValueError(f"groupby={groupby!r} is not a column of adata.obs (columns: {list(obs.columns)}).")
     column = obs[groupby].astype("category")
     categories = list(column.cat.categories)
     if group1 is None:
         if len(categories) < 2:
-            raise ValueError(f"adata.obs[{groupby!r}] has a single category {categories}: there is nothing to compare.")
+            raise ValueError(
+                f"adata.obs[{groupby!r}] has a single category {categories}: there is nothing to compare."
+            )
         group1 = categories
     elif isinstance(group1, str) or not isinstance(group1, (list, tuple, np.ndarray, pd.Index)):
         group1 = [group1]
     for name, values in (("group1", group1), ("group2", [] if group2 is None else [group2])):
         unknown = [g for g in values if g not in categories]
         if unknown:
-            raise ValueError(f"{name} {unknown} not found in adata.obs[{groupby!r}] (categories: {categories}).")
+            raise ValueError(
+                f"{name} {unknown} not found in adata.obs[{groupby!r}] (categories: {categories})."
+            )
 
     def cells_of(g):
         mask = np.asarray(column == g)
@@ -448,177 +474,71 @@ def _comparisons(obs: pd.DataFrame, groupby, group1, group2, idx1, idx2) -> list
         if group2 is None:
             mask2 = ~mask1
             if not mask2.any():
-                raise ValueError(f"Every cell is in group {g1!r}: the rest of adata.obs[{groupby!r}] is empty.")
+                raise ValueError(
+                    f"Every cell is in group {g1!r}: the rest of adata.obs[{groupby!r}] is empty."
+                )
             comparisons.append((mask1, mask2, g1, "Rest"))
         else:
             comparisons.append((mask1, cells_of(group2), g1, group2))
     return comparisons
 
 
-# ============================================================================ sampling
-def _inliers(model, adata, cells: np.ndarray) -> np.ndarray:
-    """The cells of ``cells`` that an EllipticEnvelope on their latent means calls inliers."""
-    EllipticEnvelope = _sklearn("covariance", "EllipticEnvelope", "filter_outlier_cells=True")
-    latent = model.get_latent_representation(adata, indices=cells)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            keep = EllipticEnvelope(random_state=np.random.randint(2**31 - 1)).fit(latent).predict(latent) == 1
-    except ValueError:
-        warnings.warn("Outlier filtering failed (the latent covariance could not be estimated): keeping all cells.",
-                      UserWarning, stacklevel=4)
-        return cells
-    return cells[keep]
-
-
-def _draw(model, adata, cells: np.ndarray, batches: list | None, n_samples: int, weights, batch_size,
-          importance_weighting_kwargs: dict) -> dict:
-    """Draws of ρ for a group: ``{batch category (or None): (K, G)}``."""
-    if batches is None:
-        plan = {None: n_samples}
-    else:
-        per_batch = int(n_samples / len(batches))
-        if per_batch < 2:
-            warnings.warn(f"n_samples_overall={n_samples} over {len(batches)} batches leaves fewer than 2 draws per "
-                          "batch: using 2.", UserWarning, stacklevel=4)
-            per_batch = 2
-        plan = {b: per_batch for b in batches}
-    return {
-        b: np.asarray(model.get_normalized_expression(
-            adata, indices=cells, transform_batch=b, n_samples_overall=k, weights=weights, batch_size=batch_size,
-            return_numpy=True, silent=True, **importance_weighting_kwargs))
-        for b, k in plan.items()
-    }
-
-
-def _batch_list(model, batchid, name: str) -> list:
-    categories = list(model.registry["field_registries"]["batch"]["state_registry"]["categorical_mapping"])
-    if batchid is None:
-        return categories
-    values = [batchid] if isinstance(batchid, str) or np.isscalar(batchid) else list(batchid)
-    unknown = [b for b in values if b not in categories]
-    if unknown or not values:
-        raise ValueError(f"{name}={batchid!r}: {unknown or 'no batch'} not among the batch categories {categories}.")
-    return values
-
-
-# ============================================================================ entry point
-def differential_expression(
-    model,
-    adata=None,
-    groupby: str | None = None,
-    group1=None,
-    group2=None,
-    idx1=None,
-    idx2=None,
+# ============================================================================ one comparison
+def comparison_table(
+    s1: np.ndarray,
+    s2: np.ndarray,
+    all1: np.ndarray,
+    all2: np.ndarray,
+    genes: pd.Index,
     mode: str = "vanilla",
-    delta: float | None = 0.25,
-    batch_size: int | None = None,
+    raw: dict[str, np.ndarray] | None = None,
     all_stats: bool = True,
-    batch_correction: bool = False,
-    batchid1=None,
-    batchid2=None,
+    delta: float | None = 0.25,
     fdr_target: float = 0.05,
-    silent: bool = False,
-    weights: str | None = "uniform",
-    filter_outlier_cells: bool = False,
-    importance_weighting_kwargs: dict | None = None,
-    **kwargs,
+    **options,
 ) -> pd.DataFrame:
-    """Bayesian differential expression of every gene between groups of cells.
+    """The DE table of one comparison, indexed by ``genes`` ``(G,)``, sorted by the test statistic.
 
-    Groups: ``idx1`` (boolean mask, integer positions or a ``DataFrame.query`` string on
-    ``adata.obs``) against ``idx2`` (same forms; default: all other cells), or, with ``groupby``
-    (an ``obs`` column), each category in ``group1`` (default: every category) against ``group2``
-    (a category; default: all other cells, named ``"Rest"``).
-
-    For each group, ``n_samples_overall`` (5000) draws of ρ are resampled over its cells'
-    posterior draws (its own batch per cell, or with ``batch_correction=True`` an equal share
-    decoded in each batch of ``batchid1``/``batchid2``, default all batches), optionally
-    importance-weighted (``weights="importance"``) and after dropping latent-space outliers
-    (``filter_outlier_cells``). The draws are paired and tested (:func:`vanilla_statistics`, or
-    :func:`change_statistics` with ``delta``, pseudocounts from :func:`pseudocounts_from_counts`
-    and :func:`fdr_flags` at ``fdr_target``).
-
-    ``kwargs``: ``n_samples_overall``, ``use_permutation``, ``m_permutation``, ``change_fn``,
-    ``m1_domain_fn``, ``pseudocounts``, ``threshold_counts``, ``test_mode``, ``cred_interval_lvls``.
-
-    Returns
-    -------
-    A DataFrame indexed by gene names. ``vanilla``: ``proba_m1, proba_m2, bayes_factor, scale1,
-    scale2`` sorted by ``bayes_factor``; ``change``: ``proba_de, proba_not_de, bayes_factor,
-    scale1, scale2, pseudocounts, delta, lfc_mean, lfc_median, lfc_std, lfc_min, lfc_max``
-    (+ ``lfc_confidence_interval_{lvl}_min/_max``) sorted by ``proba_de``; both descending. Then,
-    with ``all_stats``, the count statistics of :func:`raw_count_statistics`; in change mode
-    ``is_de_fdr_{fdr_target}``; with ``groupby``, ``comparison`` (``"g1 vs g2"``), ``group1`` and
-    ``group2``, the comparisons being stacked in category order.
+    Parameters
+    ----------
+    s1, s2
+        Paired draws ``(M, G)`` of each group's normalized expression (see :func:`pair_samples`).
+    all1, all2
+        All draws of each group ``(M1, G)``, ``(M2, G)``: their means are ``scale1``/``scale2``, and
+        they set the pseudocounts (:func:`pseudocounts_from_counts`).
+    mode
+        ``"vanilla"`` (:func:`vanilla_statistics`, sorted by ``bayes_factor``) or ``"change"``
+        (:func:`change_statistics`, sorted by ``proba_de``, with ``is_de_fdr_{fdr_target}`` from
+        :func:`fdr_flags`); both descending.
+    raw
+        The :func:`raw_count_statistics` of the two groups; needed with ``all_stats`` (the count
+        columns are added) and in change mode without ``pseudocounts``.
+    options
+        ``pseudocounts``, ``threshold_counts``, ``change_fn``, ``m1_domain_fn``, ``test_mode``,
+        ``cred_interval_lvls`` (defaults in :data:`DE_KWARGS`).
     """
-    unknown = sorted(set(kwargs) - set(_DE_KWARGS))
-    if unknown:
-        raise TypeError(f"differential_expression got unexpected keyword argument(s) {unknown}; "
-                        f"accepted: {sorted(_DE_KWARGS)}.")
-    options = {**_DE_KWARGS, **kwargs}
-    if mode not in ("vanilla", "change"):
-        raise ValueError(f"mode must be 'vanilla' or 'change', got {mode!r}.")
-    if options["test_mode"] not in ("three", "two"):
-        raise ValueError(f"test_mode must be 'three' or 'two', got {options['test_mode']!r}.")
-    if weights not in (None, "uniform", "importance"):
-        raise ValueError(f"weights must be 'uniform' or 'importance', got {weights!r}.")
-    if not batch_correction and (batchid1 is not None or batchid2 is not None):
-        raise ValueError("Inconsistent batch policy: batchid1/batchid2 choose the batches to decode in, which only "
-                         "applies with batch_correction=True.")
-    n_samples = int(options["n_samples_overall"])
-    if n_samples < 1:
-        raise ValueError(f"n_samples_overall must be positive, got {n_samples}.")
-
-    adata, data = model.registered_data(adata)
-    comparisons = _comparisons(adata.obs, groupby, group1, group2, idx1, idx2)
-    batches1 = _batch_list(model, batchid1, "batchid1") if batch_correction else None
-    batches2 = _batch_list(model, batchid2, "batchid2") if batch_correction else None
-    need_counts = all_stats or (mode == "change" and options["pseudocounts"] is None)
-    genes = pd.Index(model.var_names)
-    iw_kwargs = dict(importance_weighting_kwargs or {})
-
-    if not silent and len(comparisons) > 1:
-        from tqdm.auto import tqdm
-
-        comparisons = tqdm(comparisons, desc="DE", unit="comparison")
-    tables = []
-    for mask1, mask2, name1, name2 in comparisons:
-        cells1, cells2 = np.flatnonzero(mask1), np.flatnonzero(mask2)
-        if filter_outlier_cells:
-            cells1, cells2 = _inliers(model, adata, cells1), _inliers(model, adata, cells2)
-        draws1 = _draw(model, adata, cells1, batches1, n_samples, weights, batch_size, iw_kwargs)
-        draws2 = _draw(model, adata, cells2, batches2, n_samples, weights, batch_size, iw_kwargs)
-        all1, all2 = _stacked(draws1), _stacked(draws2)
-        s1, s2 = pair_samples(draws1, draws2, batch_correction, options["use_permutation"], options["m_permutation"])
-        raw = raw_count_statistics(data.counts, mask1, mask2) if need_counts else None
-
-        if mode == "vanilla":
-            stats = vanilla_statistics(s1, s2)
-            columns = {**stats, "scale1": all1.mean(0), "scale2": all2.mean(0)}
-            sort_key = "bayes_factor"
-        else:
-            psi = options["pseudocounts"]
-            if psi is None:
-                psi = pseudocounts_from_counts(all1, all2, raw["raw_mean1"], raw["raw_mean2"], options["threshold_counts"])
-            stats = change_statistics(s1, s2, delta=delta, pseudocounts=psi, change_fn=options["change_fn"],
-                                      m1_domain_fn=options["m1_domain_fn"], test_mode=options["test_mode"],
-                                      cred_interval_lvls=options["cred_interval_lvls"])
-            columns = {
-                "proba_de": stats.pop("proba_de"), "proba_not_de": stats.pop("proba_not_de"),
-                "bayes_factor": stats.pop("bayes_factor"), "scale1": all1.mean(0), "scale2": all2.mean(0),
-                "pseudocounts": psi, "delta": stats.pop("delta"), **stats,
-            }
-            sort_key = "proba_de"
-        if all_stats:
-            columns.update({key: raw[key] for key in _RAW_COLUMNS})
-        if mode == "change":
-            columns[f"is_de_fdr_{fdr_target}"] = fdr_flags(columns["proba_de"], fdr_target)
-        table = pd.DataFrame(columns, index=genes).sort_values(sort_key, ascending=False, kind="stable")
-        if name1 is not None:
-            table["comparison"] = f"{name1} vs {name2}"
-            table["group1"] = name1
-            table["group2"] = name2
-        tables.append(table)
-    return pd.concat(tables) if len(tables) > 1 else tables[0]
+    options = {**DE_KWARGS, **options}
+    scales = {"scale1": all1.mean(0), "scale2": all2.mean(0)}
+    if mode == "vanilla":
+        columns = {**vanilla_statistics(s1, s2), **scales}
+        sort_key = "bayes_factor"
+    else:
+        psi = options["pseudocounts"]
+        if psi is None:
+            psi = pseudocounts_from_counts(
+                all1, all2, raw["raw_mean1"], raw["raw_mean2"], options["threshold_counts"]
+            )
+        stats = change_statistics(s1, s2, delta=delta, pseudocounts=psi, change_fn=options["change_fn"],
+                                  m1_domain_fn=options["m1_domain_fn"], test_mode=options["test_mode"],
+                                  cred_interval_lvls=options["cred_interval_lvls"])
+        columns = {
+            "proba_de": stats.pop("proba_de"), "proba_not_de": stats.pop("proba_not_de"),
+            "bayes_factor": stats.pop("bayes_factor"), **scales,
+            "pseudocounts": psi, "delta": stats.pop("delta"), **stats,
+        }
+        sort_key = "proba_de"
+    if all_stats:
+        columns.update({key: raw[key] for key in RAW_COLUMNS})
+    if mode == "change":
+        columns[f"is_de_fdr_{fdr_target}"] = fdr_flags(columns["proba_de"], fdr_target)
+    return pd.DataFrame(columns, index=genes).sort_values(sort_key, ascending=False, kind="stable")

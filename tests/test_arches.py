@@ -12,7 +12,7 @@ import torch
 from scipy import sparse
 
 from pyro_scvi import SCVI, settings
-from pyro_scvi.api.reference_mapping import load_query_data, prepare_query_anndata, prepare_query_mudata, query_freeze_masks
+from pyro_scvi.api.reference_mapping import prepare_query_anndata, prepare_query_mudata, query_freeze_masks
 from pyro_scvi.data import synthetic_iid
 from pyro_scvi.metrics import silhouette_score
 from pyro_scvi.models.networks import FCLayers
@@ -24,7 +24,9 @@ def _split(seed: int = 3, n_genes: int = 80):
     """Generated data, 3 batches: the reference holds batch_0/1, the query batch_2 (+ a new donor)."""
     data = synthetic_iid(batch_size=120, n_genes=n_genes, n_batches=3, n_labels=3, seed=seed)
     rng = np.random.default_rng(seed)
-    donors = np.where(data.obs["batch"] == "batch_2", "d2", np.where(rng.random(data.n_obs) < 0.5, "d0", "d1"))
+    donors = np.where(
+        data.obs["batch"] == "batch_2", "d2", np.where(rng.random(data.n_obs) < 0.5, "d0", "d1")
+    )
     data.obs["donor"] = pd.Categorical(donors)
     data.obs["percent_mito"] = rng.random(data.n_obs).astype(np.float32)
     reference = data[data.obs["batch"] != "batch_2"].copy()
@@ -134,13 +136,15 @@ def test_prepare_query_mudata(reference_model):
 
 def test_load_query_data_surgery(reference_model):
     query = _query()
-    model = load_query_data(SCVI, query, reference_model)
+    model = SCVI.load_query_data(query, reference_model)
     assert model.is_trained_ is False
     with pytest.raises(RuntimeError, match="untrained"):
         model.get_latent_representation()
     batch_map = model.registry_["field_registries"]["batch"]["state_registry"]["categorical_mapping"]
     assert list(batch_map) == ["batch_0", "batch_1", "batch_2"]
-    donor_map = model.registry_["field_registries"]["extra_categorical_covs"]["state_registry"]["mappings"]["donor"]
+    donor_map = model.registry_["field_registries"]["extra_categorical_covs"]["state_registry"]["mappings"][
+        "donor"
+    ]
     assert list(donor_map) == ["d0", "d1", "d2"]
     assert model.registry_["_scvi_uuid"] in SCVI._setup_registries
 
@@ -180,7 +184,7 @@ def test_load_query_data_surgery(reference_model):
 
 def test_load_query_data_training_respects_frozen_entries(reference_model):
     query = _query()
-    model = load_query_data(SCVI, query, reference_model)
+    model = SCVI.load_query_data(query, reference_model)
     before = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
     model.train(max_epochs=5, plan_kwargs={"weight_decay": 1e-3}, enable_progress_bar=False)
     after = model.module.state_dict()
@@ -206,7 +210,7 @@ def test_load_query_data_training_respects_frozen_entries(reference_model):
 
 
 def test_load_query_data_unfrozen_trains_everything(reference_model):
-    model = load_query_data(SCVI, _query(), reference_model, unfrozen=True)
+    model = SCVI.load_query_data(_query(), reference_model, unfrozen=True)
     assert model.module.frozen_parameters == {}
     before = {k: v.detach().clone() for k, v in model.module.named_parameters()}
     model.train(max_epochs=3, plan_kwargs={"weight_decay": 1e-3}, enable_progress_bar=False)
@@ -217,8 +221,15 @@ def test_load_query_data_unfrozen_trains_everything(reference_model):
 
 
 def test_load_query_data_options(reference_model):
-    model = load_query_data(SCVI, _query(), reference_model, freeze_expression=False, freeze_decoder_first_layer=False,
-                            freeze_batchnorm_encoder=False, freeze_batchnorm_decoder=True, freeze_dropout=True)
+    model = SCVI.load_query_data(
+        _query(),
+        reference_model,
+        freeze_expression=False,
+        freeze_decoder_first_layer=False,
+        freeze_batchnorm_encoder=False,
+        freeze_batchnorm_decoder=True,
+        freeze_dropout=True,
+    )
     masks = model.module.frozen_parameters
     assert "z_encoder.hidden.fc_layers.Layer 0.0.weight" not in masks
     assert "z_encoder.hidden.fc_layers.Layer 0.0.bias" not in masks
@@ -232,22 +243,25 @@ def test_load_query_data_options(reference_model):
         if isinstance(sub, torch.nn.Dropout):
             assert sub.p == 0.0
     with pytest.raises(ValueError, match="batch categories unknown to the reference"):
-        load_query_data(SCVI, _query(), reference_model, transfer_batch=False)
+        SCVI.load_query_data(_query(), reference_model, transfer_batch=False)
 
 
 def test_load_query_data_from_directories(reference_model, tmp_path):
     reference_model.save(tmp_path / "ours")
     reference_model.save(tmp_path / "theirs", scvi_tools_format=True)
-    expected = load_query_data(SCVI, _query(), reference_model).module.state_dict()
+    expected = SCVI.load_query_data(_query(), reference_model).module.state_dict()
     for directory in ("ours", "theirs"):
         settings.seed = 0
-        model = load_query_data(SCVI, _query(), tmp_path / directory)
+        model = SCVI.load_query_data(_query(), tmp_path / directory)
         state = model.module.state_dict()
         for name, value in reference_model.module.state_dict().items():
             if value.shape == state[name].shape:
                 assert torch.equal(value, state[name]), (directory, name)
         assert set(state) == set(expected)
-        assert model.module.frozen_parameters.keys() == load_query_data(SCVI, _query(), reference_model).module.frozen_parameters.keys()
+        assert (
+            model.module.frozen_parameters.keys()
+            == SCVI.load_query_data(_query(), reference_model).module.frozen_parameters.keys()
+        )
 
 
 def test_load_query_data_subset_vars_and_warning():
@@ -258,7 +272,7 @@ def test_load_query_data_subset_vars_and_warning():
     query = query[:, ::-1].copy()
     query.obs["ignored"] = 1
     with pytest.warns(UserWarning, match="encoder cannot adapt"):
-        model = load_query_data(SCVI, query, untrained, inplace_subset_query_vars=True)
+        model = SCVI.load_query_data(query, untrained, inplace_subset_query_vars=True)
     assert list(query.var_names) == list(reference.var_names)
     masks = model.module.frozen_parameters
     for name, _ in model.module.named_parameters():
@@ -299,7 +313,7 @@ def test_query_mapping_cellbench(cellbench):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # encode_covariates=True: no warning expected
         start = time.time()
-        query_model = load_query_data(SCVI, query, ref_model)
+        query_model = SCVI.load_query_data(query, ref_model)
     query_model.train(max_epochs=100, plan_kwargs={"weight_decay": 0.0}, enable_progress_bar=False)
     query_seconds = time.time() - start
 
@@ -353,7 +367,9 @@ def test_query_freezing_survives_save_and_load(tmp_path):
     loaded = SCVI.load(tmp_path / "q")
     assert set(loaded.module.frozen_parameters) == set(query.module.frozen_parameters)
     for name, mask in query.module.frozen_parameters.items():
-        assert torch.equal(torch.as_tensor(loaded.module.frozen_parameters[name]), torch.as_tensor(mask).cpu())
+        assert torch.equal(
+            torch.as_tensor(loaded.module.frozen_parameters[name]), torch.as_tensor(mask).cpu()
+        )
     modules = dict(loaded.module.named_modules())
     for name, module in query.module.named_modules():
         if isinstance(module, torch.nn.BatchNorm1d):

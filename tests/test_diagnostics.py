@@ -39,11 +39,22 @@ def idata(trained):
 
 
 def test_to_arviz_groups_dims_and_coords(trained, idata):
-    assert set(idata.groups()) == {"posterior", "posterior_predictive", "log_likelihood", "observed_data", "constant_data"}
+    assert set(idata.groups()) == {
+        "posterior",
+        "posterior_predictive",
+        "log_likelihood",
+        "observed_data",
+        "constant_data",
+    }
     cells = np.asarray(trained.adata.obs_names[CELLS])
     genes = np.asarray(trained.adata.var_names)
     z = idata.posterior["z"]
-    assert z.dims == ("chain", "draw", "cell", "latent_dim") and z.shape == (1, 20, 100, trained.module.n_latent)
+    assert z.dims == ("chain", "draw", "cell", "latent_dim") and z.shape == (
+        1,
+        20,
+        100,
+        trained.module.n_latent,
+    )
     assert "library" not in idata.posterior  # observed library: not a latent variable
     x_rep = idata.posterior_predictive["x"]
     assert x_rep.dims == ("chain", "draw", "cell", "gene") and x_rep.shape == (1, 20, 100, 150)
@@ -53,8 +64,12 @@ def test_to_arviz_groups_dims_and_coords(trained, idata):
     np.testing.assert_array_equal(idata.posterior.cell.values, cells)
     np.testing.assert_array_equal(idata.posterior_predictive.gene.values, genes)
     np.testing.assert_array_equal(idata.observed_data["x"].values, np.asarray(trained.adata.X[CELLS]))
-    np.testing.assert_array_equal(idata.constant_data["batch"].values, trained.adata.obs["batch"].to_numpy()[CELLS].astype(str))
-    np.testing.assert_array_equal(idata.constant_data["labels"].values, trained.adata.obs["labels"].to_numpy()[CELLS].astype(str))
+    np.testing.assert_array_equal(
+        idata.constant_data["batch"].values, trained.adata.obs["batch"].to_numpy()[CELLS].astype(str)
+    )
+    np.testing.assert_array_equal(
+        idata.constant_data["labels"].values, trained.adata.obs["labels"].to_numpy()[CELLS].astype(str)
+    )
     # the posterior mean of z is the guide's mean
     latent = trained.get_latent_representation(indices=CELLS)
     assert np.abs(z.mean(("chain", "draw")).values - latent).mean() < 0.15
@@ -73,7 +88,9 @@ def test_to_arviz_predictive_matches_posterior_predictive_sample(trained, idata)
     draws: Predictive consumes random numbers to guess the plate nesting)."""
     pytest.importorskip("sparse")
     settings.seed = 4
-    reference = np.moveaxis(trained.posterior_predictive_sample(indices=CELLS, n_samples=10, batch_size=64).todense(), -1, 0)
+    reference = np.moveaxis(
+        trained.posterior_predictive_sample(indices=CELLS, n_samples=10, batch_size=64).todense(), -1, 0
+    )
     ours = idata.posterior_predictive["x"].values[0]  # (S, n, G)
     assert ours.shape[1:] == reference.shape[1:]
     gene_mean, reference_mean = ours.mean((0, 1)), reference.mean((0, 1))
@@ -113,7 +130,7 @@ def test_to_arviz_global_latent_site(adata):
 def test_to_arviz_uses_one_draw_of_a_global_latent_for_all_minibatches(adata, monkeypatch):
     """Draw s of the latent dispersion is the same value for the cells of every minibatch, so
     each draw of the posterior (and its log-likelihood) is one joint sample."""
-    import pyro_scvi.diagnostics as diagnostics
+    from pyro_scvi.infer import posterior
 
     settings.seed = 0
     adata = adata[:100].copy()
@@ -121,14 +138,20 @@ def test_to_arviz_uses_one_draw_of_a_global_latent_for_all_minibatches(adata, mo
     model = SCVI(adata, n_hidden=16, n_latent=3, gene_likelihood="nb", dispersion_prior="lognormal")
     model.train(max_epochs=1, enable_progress_bar=False)
     used = []
-    real = diagnostics._predictive_traces
+    real = posterior.posterior_traces
 
     def spy(*args, **kwargs):
-        model_trace, guide_trace = real(*args, **kwargs)
-        used.append((model_trace.nodes["inverse_dispersion"]["value"], guide_trace.nodes["inverse_dispersion"]["value"]))
-        return model_trace, guide_trace
+        guide_trace, model_traces = real(*args, **kwargs)
+        (model_trace,) = model_traces
+        used.append(
+            (
+                model_trace.nodes["inverse_dispersion"]["value"],
+                guide_trace.nodes["inverse_dispersion"]["value"],
+            )
+        )
+        return guide_trace, model_traces
 
-    monkeypatch.setattr(diagnostics, "_predictive_traces", spy)
+    monkeypatch.setattr(posterior, "posterior_traces", spy)
     result = model.to_arviz(n_samples=4, batch_size=32)
     assert len(used) == 4  # 100 cells in minibatches of 32
     first_model, first_guide = used[0]
@@ -168,7 +191,9 @@ def test_effective_sample_size_by_hand():
     assert diagnostics.effective_sample_size(np.array([0.0, -1e3, -1e3])) == pytest.approx(1.0)
     # per column, invariant to a constant shift
     lw = np.random.default_rng(0).normal(size=(40, 3))
-    np.testing.assert_allclose(diagnostics.effective_sample_size(lw + 500.0), diagnostics.effective_sample_size(lw))
+    np.testing.assert_allclose(
+        diagnostics.effective_sample_size(lw + 500.0), diagnostics.effective_sample_size(lw)
+    )
 
 
 @pytest.mark.parametrize("k_true", [0.2, 0.5, 0.9])
@@ -190,8 +215,9 @@ def test_psis_equal_weights_and_one_set():
     assert np.ndim(one.pareto_k) == 0 and one.pareto_k < 0.5 and one.ess > 450
 
 
-# ---------------------------------------------------------------------------- importance sampling: a conjugate toy model
-NOISE = 0.5  # x | z ~ Normal(z, NOISE²), z ~ Normal(0, 1): z | x ~ Normal(x / (1 + NOISE²), NOISE² / (1 + NOISE²))
+# -------------------------------------------------------------- importance sampling: a conjugate toy model
+# x | z ~ Normal(z, NOISE²), z ~ Normal(0, 1): z | x ~ Normal(x / (1 + NOISE²), NOISE² / (1 + NOISE²))
+NOISE = 0.5
 
 
 def _toy_model(batch):
@@ -213,13 +239,17 @@ def _toy_guide(scale_factor):
 def _toy_batch(n=6):
     x = torch.linspace(-2, 2, n, dtype=torch.float64)[:, None]
     zeros = torch.zeros((n, 1), dtype=torch.long)
-    return Minibatch(x=x, batch_index=zeros, labels=zeros, log_library=torch.zeros((n, 1), dtype=torch.float64))
+    return Minibatch(
+        x=x, batch_index=zeros, labels=zeros, log_library=torch.zeros((n, 1), dtype=torch.float64)
+    )
 
 
 def test_importance_weights_exact_posterior_proposal():
     pyro.set_rng_seed(0)
     batch = _toy_batch()
-    log_weights = log_importance_weights_in_passes(_toy_model, _toy_guide(1.0), batch, 500, samples_per_pass=128)
+    log_weights = log_importance_weights_in_passes(
+        _toy_model, _toy_guide(1.0), batch, 500, samples_per_pass=128
+    )
     assert log_weights.shape == (500, 6)
     evidence = dist.Normal(0.0, math.sqrt(1 + NOISE**2)).log_prob(batch.x[:, 0])
     np.testing.assert_allclose(log_weights.numpy(), evidence.expand(500, 6).numpy(), atol=1e-10)  # w = p(x)
@@ -231,10 +261,16 @@ def test_importance_weights_exact_posterior_proposal():
 def test_importance_weights_good_and_bad_proposals():
     batch = _toy_batch()
     pyro.set_rng_seed(1)
-    wide = diagnostics.psis_diagnostics(log_importance_weights_in_passes(_toy_model, _toy_guide(1.5), batch, 2000))
+    wide = diagnostics.psis_diagnostics(
+        log_importance_weights_in_passes(_toy_model, _toy_guide(1.5), batch, 2000)
+    )
     pyro.set_rng_seed(1)
-    narrow = diagnostics.psis_diagnostics(log_importance_weights_in_passes(_toy_model, _toy_guide(0.2), batch, 2000))
-    assert (wide.pareto_k < 0.5).all() and (wide.ess > 0.5 * 2000).all()  # a wider proposal has bounded weights
+    narrow = diagnostics.psis_diagnostics(
+        log_importance_weights_in_passes(_toy_model, _toy_guide(0.2), batch, 2000)
+    )
+    assert (wide.pareto_k < 0.5).all() and (
+        wide.ess > 0.5 * 2000
+    ).all()  # a wider proposal has bounded weights
     # a proposal with 0.2 × the posterior's scale: weight tail with k = 1 − 0.2² = 0.96 (k̂ is biased low)
     assert np.median(narrow.pareto_k) > 0.7 and (narrow.pareto_k > wide.pareto_k + 0.4).all()
     assert (narrow.ess < 0.25 * 2000).all()
@@ -245,13 +281,15 @@ def test_marginal_ll_is_logsumexp_of_the_weights_in_passes():
     pyro.set_rng_seed(5)
     estimate = marginal_log_likelihood(_toy_model, _toy_guide(1.5), batch, 300, samples_per_pass=64)
     pyro.set_rng_seed(5)
-    log_weights = log_importance_weights_in_passes(_toy_model, _toy_guide(1.5), batch, 300, samples_per_pass=64)
+    log_weights = log_importance_weights_in_passes(
+        _toy_model, _toy_guide(1.5), batch, 300, samples_per_pass=64
+    )
     torch.testing.assert_close(estimate, torch.logsumexp(log_weights, 0) - math.log(300))
     evidence = dist.Normal(0.0, math.sqrt(1 + NOISE**2)).log_prob(batch.x[:, 0])
     torch.testing.assert_close(estimate, evidence, atol=0.05, rtol=0)
 
 
-# ---------------------------------------------------------------------------- get_marginal_ll(return_diagnostics=True)
+# ------------------------------------------------------------------ get_marginal_ll(return_diagnostics=True)
 def test_marginal_ll_diagnostics_on_the_trained_model(trained):
     settings.seed = 7
     plain = trained.get_marginal_ll(indices=CELLS, n_mc_samples=200, return_mean=False, batch_size=64)
@@ -259,22 +297,30 @@ def test_marginal_ll_diagnostics_on_the_trained_model(trained):
     table = trained.get_marginal_ll(indices=CELLS, n_mc_samples=200, batch_size=64, return_diagnostics=True)
     assert isinstance(table, pd.DataFrame) and list(table.columns) == ["marginal_ll", "pareto_k", "ess"]
     assert list(table.index) == list(trained.adata.obs_names[CELLS])
-    np.testing.assert_allclose(table["marginal_ll"].to_numpy(), plain.numpy(), rtol=1e-6)  # same draws, same estimate
+    np.testing.assert_allclose(
+        table["marginal_ll"].to_numpy(), plain.numpy(), rtol=1e-6
+    )  # same draws, same estimate
     assert np.isfinite(table["pareto_k"]).all()
     assert ((table["ess"] >= 1) & (table["ess"] <= 200)).all()
-    assert table["pareto_k"].corr(table["ess"], method="spearman") < -0.5  # heavier tail, fewer effective draws
+    assert (
+        table["pareto_k"].corr(table["ess"], method="spearman") < -0.5
+    )  # heavier tail, fewer effective draws
     # the trained guide is a much better proposal than an untrained one
     settings.seed = 7
     untrained = SCVI(trained.adata)
     untrained.is_trained_ = True
-    untrained_table = untrained.get_marginal_ll(indices=CELLS, n_mc_samples=200, batch_size=64, return_diagnostics=True)
+    untrained_table = untrained.get_marginal_ll(
+        indices=CELLS, n_mc_samples=200, batch_size=64, return_diagnostics=True
+    )
     assert table["pareto_k"].median() < untrained_table["pareto_k"].median()
     assert table["marginal_ll"].mean() > untrained_table["marginal_ll"].mean()
 
 
 # ---------------------------------------------------------------------------- posterior-predictive statistics
 OBSERVED = np.array([[0, 2, 4, 0], [1, 1, 1, 0], [3, 0, 6, 0]], dtype=float)
-SAMPLES = np.stack([OBSERVED + 1, np.array([[0, 0, 5, 0], [2, 2, 0, 0], [1, 0, 3, 2]], dtype=float)])  # (S=2, 3, 4)
+SAMPLES = np.stack(
+    [OBSERVED + 1, np.array([[0, 0, 5, 0], [2, 2, 0, 0], [1, 0, 3, 2]], dtype=float)]
+)  # (S=2, 3, 4)
 
 
 def _cv(a, axis):
@@ -284,10 +330,14 @@ def _cv(a, axis):
 
 
 def test_statistics_equal_numpy_by_hand():
-    np.testing.assert_allclose(diagnostics.coefficient_of_variation(OBSERVED, axis=-1),
-                               [np.std([0, 2, 4, 0]) / 1.5, np.std([1, 1, 1, 0]) / 0.75, np.std([3, 0, 6, 0]) / 2.25])
+    np.testing.assert_allclose(
+        diagnostics.coefficient_of_variation(OBSERVED, axis=-1),
+        [np.std([0, 2, 4, 0]) / 1.5, np.std([1, 1, 1, 0]) / 0.75, np.std([3, 0, 6, 0]) / 2.25],
+    )
     cv_gene = diagnostics.coefficient_of_variation(OBSERVED, axis=-2)
-    np.testing.assert_allclose(cv_gene[:3], [np.std([0, 1, 3]) / (4 / 3), np.std([2, 1, 0]) / 1.0, np.std([4, 1, 6]) / (11 / 3)])
+    np.testing.assert_allclose(
+        cv_gene[:3], [np.std([0, 1, 3]) / (4 / 3), np.std([2, 1, 0]) / 1.0, np.std([4, 1, 6]) / (11 / 3)]
+    )
     assert np.isnan(cv_gene[3])  # gene with no counts
     np.testing.assert_allclose(diagnostics.zero_fraction(OBSERVED), [1 / 3, 1 / 3, 0, 1])
 
@@ -295,21 +345,31 @@ def test_statistics_equal_numpy_by_hand():
     np.testing.assert_allclose(ppc.cv_cell["observed"], _cv(OBSERVED, 1))
     np.testing.assert_allclose(ppc.cv_cell["generated"], np.nanmean(_cv(SAMPLES, 2), axis=0))
     np.testing.assert_allclose(ppc.cv_gene["observed"], _cv(OBSERVED, 0))
-    np.testing.assert_allclose(ppc.cv_gene["generated"], np.nanmean(_cv(SAMPLES, 1), axis=0))  # draw 0 of gene 3 only
+    np.testing.assert_allclose(
+        ppc.cv_gene["generated"], np.nanmean(_cv(SAMPLES, 1), axis=0)
+    )  # draw 0 of gene 3 only
     np.testing.assert_allclose(ppc.zero_fraction["observed"], (OBSERVED == 0).mean(0))
     np.testing.assert_allclose(ppc.zero_fraction["generated"], (SAMPLES == 0).mean(1).mean(0))
     assert list(ppc.cv_cell.index) == list("abc")
     # the (cells, genes, S) layout of posterior_predictive_sample gives the same check
-    moved = diagnostics.PosteriorPredictiveCheck.from_arrays(OBSERVED, np.moveaxis(SAMPLES, 0, -1), sample_axis=-1)
+    moved = diagnostics.PosteriorPredictiveCheck.from_arrays(
+        OBSERVED, np.moveaxis(SAMPLES, 0, -1), sample_axis=-1
+    )
     pd.testing.assert_frame_equal(moved.cv_gene, ppc.cv_gene)
 
     metrics = ppc.metrics
     assert list(metrics.index) == ["cv_cell", "cv_gene", "zero_fraction"]
     zeros = ppc.zero_fraction
-    assert metrics.loc["zero_fraction", "mae"] == pytest.approx(np.abs(zeros["observed"] - zeros["generated"]).mean())
-    assert metrics.loc["zero_fraction", "pearson"] == pytest.approx(np.corrcoef(zeros["observed"], zeros["generated"])[0, 1])
+    assert metrics.loc["zero_fraction", "mae"] == pytest.approx(
+        np.abs(zeros["observed"] - zeros["generated"]).mean()
+    )
+    assert metrics.loc["zero_fraction", "pearson"] == pytest.approx(
+        np.corrcoef(zeros["observed"], zeros["generated"])[0, 1]
+    )
     finite = ppc.cv_gene.dropna()
-    assert metrics.loc["cv_gene", "mae"] == pytest.approx(np.abs(finite["observed"] - finite["generated"]).mean())
+    assert metrics.loc["cv_gene", "mae"] == pytest.approx(
+        np.abs(finite["observed"] - finite["generated"]).mean()
+    )
 
 
 def test_pit_by_hand():
@@ -336,20 +396,26 @@ def test_calibration_true_and_miscalibrated_predictive():
     shifted = diagnostics.calibration_coverage(observed, rng.poisson(3 * mean + 2, size=(s, n, g)))
     assert diagnostics.calibration_error(shifted) > 2e-2
     ppc = diagnostics.PosteriorPredictiveCheck.from_arrays(observed, rng.poisson(mean, size=(s, n, g)))
-    assert ppc.calibration_error < 2e-4 and list(ppc.calibration.index) == list(diagnostics.CALIBRATION_LEVELS)
+    assert ppc.calibration_error < 2e-4 and list(ppc.calibration.index) == list(
+        diagnostics.CALIBRATION_LEVELS
+    )
 
 
 def test_posterior_predictive_check_on_the_model_accumulates_minibatches(trained, tmp_path):
     settings.seed = 11
     ppc = diagnostics.posterior_predictive_check(trained, indices=CELLS, n_samples=8, batch_size=32)
     settings.seed = 11
-    idata = trained.to_arviz(indices=CELLS, n_samples=8, batch_size=32)  # same draws (same traces, same order)
+    idata = trained.to_arviz(
+        indices=CELLS, n_samples=8, batch_size=32
+    )  # same draws (same traces, same order)
     whole = diagnostics.PosteriorPredictiveCheck.from_arrays(
         idata.observed_data["x"].values, idata.posterior_predictive["x"].values[0],
         cell_names=idata.observed_data.cell.values, gene_names=idata.observed_data.gene.values)
     for name in ("cv_cell", "cv_gene", "zero_fraction"):
         pd.testing.assert_frame_equal(getattr(ppc, name), getattr(whole, name), check_index_type=False)
-    np.testing.assert_allclose(ppc.calibration["coverage"], whole.calibration["coverage"], atol=0.01)  # PIT noise
+    np.testing.assert_allclose(
+        ppc.calibration["coverage"], whole.calibration["coverage"], atol=0.01
+    )  # PIT noise
     assert list(ppc.cv_cell.index) == list(trained.adata.obs_names[CELLS]) and ppc.n_samples == 8
     metrics = ppc.metrics
     assert metrics.loc["cv_cell", "pearson"] > 0.5 and metrics.loc["zero_fraction", "pearson"] > 0.5
@@ -366,10 +432,37 @@ def test_plotting_functions_into_given_axes(tmp_path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3)
-    plotting.plot_coefficient_of_variation([0.5, 1.0, np.nan, 2.0], [0.6, 0.9, 1.0, 2.2], kind="gene", ax=axes[0])
+    plotting.plot_coefficient_of_variation(
+        [0.5, 1.0, np.nan, 2.0], [0.6, 0.9, 1.0, 2.2], kind="gene", ax=axes[0]
+    )
     plotting.plot_zero_fraction([0.1, 0.5, 0.9], [0.2, 0.5, 0.8], ax=axes[1])
     out = plotting.plot_calibration([0.1, 0.5, 0.9], [0.05, 0.4, 0.85], ax=axes[2])
     assert out is fig
     assert axes[0].get_xscale() == "log" and len(axes[0].collections[0].get_offsets()) == 3  # NaN left out
     assert "calibration error" in axes[2].get_legend().get_texts()[1].get_text()
     _png(fig, tmp_path / "three.png")
+
+
+def test_plot_legend_reports_the_agreement_scores():
+    """The criticism panels compute their legend without importing diagnostics: same numbers."""
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    observed = rng.gamma(2.0, size=50)
+    generated = observed * rng.normal(1.0, 0.1, size=50)
+    scores = diagnostics.agreement(observed, generated)
+    fig = plotting.plot_coefficient_of_variation(observed, generated, kind="gene")
+    label = fig.axes[0].get_legend().get_texts()[0].get_text()
+    assert f"Pearson r = {scores['pearson']:.3f}, MAE = {scores['mae']:.3g} (n = 50)" == label
+    plt.close(fig)
+
+
+def test_diagnostics_and_plotting_do_not_import_each_other():
+    import ast
+    import inspect
+
+    for module, other in ((plotting, "diagnostics"), (diagnostics, "api")):
+        tree = ast.parse(inspect.getsource(module))
+        imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert not any(other in name.split(".") for name in imported), (module.__name__, imported)

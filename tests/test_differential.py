@@ -15,7 +15,6 @@ from pyro_scvi import SCVI, settings
 from pyro_scvi.data import synthetic_iid
 from pyro_scvi.differential import (
     change_statistics,
-    differential_expression,
     estimate_delta,
     fdr_flags,
     hpd_interval,
@@ -44,8 +43,12 @@ def test_vanilla_statistics_by_hand():
     out = vanilla_statistics(s1, s2)
     np.testing.assert_allclose(out["proba_m1"], [0.75, 0.5])
     np.testing.assert_allclose(out["proba_m2"], [0.25, 0.5])
-    np.testing.assert_allclose(out["bayes_factor"], [np.log(0.75 + 1e-8) - np.log(0.25 + 1e-8), 0.0], atol=1e-12)
-    assert vanilla_statistics(np.ones((3, 1)) * 2, np.ones((3, 1)))["bayes_factor"][0] == pytest.approx(np.log(1 / 1e-8))
+    np.testing.assert_allclose(
+        out["bayes_factor"], [np.log(0.75 + 1e-8) - np.log(0.25 + 1e-8), 0.0], atol=1e-12
+    )
+    assert vanilla_statistics(np.ones((3, 1)) * 2, np.ones((3, 1)))["bayes_factor"][0] == pytest.approx(
+        np.log(1 / 1e-8)
+    )
     with pytest.raises(ValueError, match="paired"):
         vanilla_statistics(np.ones((3, 2)), np.ones((4, 2)))
 
@@ -76,7 +79,9 @@ def test_change_statistics_by_hand():
     out = change_statistics(s1, s2, delta=0.25, pseudocounts=psi)
     tested = np.log2(s1 + psi) - np.log2(s2 + psi)
     summarised = np.log2(s1 + 1e-3 * psi) - np.log2(s2 + 1e-3 * psi)
-    np.testing.assert_allclose(out["proba_de"], np.maximum((tested >= 0.25).mean(0), (tested < -0.25).mean(0)))
+    np.testing.assert_allclose(
+        out["proba_de"], np.maximum((tested >= 0.25).mean(0), (tested < -0.25).mean(0))
+    )
     np.testing.assert_allclose(out["lfc_mean"], summarised.mean(0))
     # custom change function and DE region
     out = change_statistics(s1, s2, pseudocounts=0.0, change_fn=lambda x, y, p: x - y,
@@ -100,6 +105,29 @@ def test_hpd_interval_and_delta_estimate():
     lfc = np.concatenate([rng.normal(-2, 0.05, 50), rng.normal(0, 0.05, 300), rng.normal(2, 0.05, 50)])
     assert estimate_delta(lfc) == pytest.approx(0.6 * 2, abs=0.02)
     assert estimate_delta(rng.normal(0, 0.01, 300)) == 0.1  # floored
+
+
+def _shortest_window(samples, level):
+    """The HPD interval by hand: the narrowest window of ⌊level · M⌋ + 1 sorted draws per column."""
+    ordered = np.sort(samples, axis=0)
+    n, k = ordered.shape[0], int(np.floor(level * ordered.shape[0]))
+    start = np.argmin(ordered[k:] - ordered[: n - k], axis=0)
+    columns = np.arange(ordered.shape[1])
+    return ordered[start, columns], ordered[start + k, columns]
+
+
+@pytest.mark.parametrize("level", [0.05, 0.5, 0.9, 0.99])
+def test_hpd_interval_is_the_shortest_window_of_sorted_draws(level):
+    rng = np.random.default_rng(1)
+    samples = np.column_stack([rng.normal(size=1000), rng.gamma(0.5, size=1000), rng.integers(0, 4, 1000)])
+    for dtype in (np.float32, np.float64):
+        low, high = hpd_interval(samples.astype(dtype), level)
+        expected_low, expected_high = _shortest_window(samples.astype(dtype), level)
+        assert low.shape == high.shape == (3,)
+        np.testing.assert_array_equal(low, expected_low)
+        np.testing.assert_array_equal(high, expected_high)
+    low, high = hpd_interval(samples[:, :1], level)  # one gene
+    assert low.shape == high.shape == (1,)
 
 
 def test_pseudocounts_rule():
@@ -166,8 +194,13 @@ def test_change_mode_recovers_known_de_genes(de_model):
     from sklearn.metrics import roc_auc_score
 
     adata = de_model.adata
-    result = differential_expression(de_model, groupby="labels", group1="label_0", mode="change", silent=True)
-    assert list(result.columns) == CHANGE_COLUMNS + RAW_COLUMNS + ["is_de_fdr_0.05", "comparison", "group1", "group2"]
+    result = de_model.differential_expression(groupby="labels", group1="label_0", mode="change", silent=True)
+    assert list(result.columns) == CHANGE_COLUMNS + RAW_COLUMNS + [
+        "is_de_fdr_0.05",
+        "comparison",
+        "group1",
+        "group2",
+    ]
     assert (result["comparison"] == "label_0 vs Rest").all()
     assert result["proba_de"].is_monotonic_decreasing
     result = result.loc[adata.var_names]
@@ -179,8 +212,10 @@ def test_change_mode_recovers_known_de_genes(de_model):
     truth = adata.varm["true_expression"]
     true_lfc = np.log2(truth[:, 0] / truth[:, 1])
     correlation = np.corrcoef(true_lfc, result["lfc_mean"])[0, 1]
-    print(f"\n[DE known answer] AUROC={auroc:.3f} declared={declared.sum()} empirical FDR={empirical_fdr:.3f} "
-          f"power={power:.3f} corr(lfc_mean, true lfc)={correlation:.3f}")
+    print(
+        f"\n[DE known answer] AUROC={auroc:.3f} declared={declared.sum()} empirical FDR={empirical_fdr:.3f} "
+        f"power={power:.3f} corr(lfc_mean, true lfc)={correlation:.3f}"
+    )
     assert auroc >= 0.9
     assert empirical_fdr <= 0.15
     assert power >= 0.8
@@ -190,20 +225,34 @@ def test_change_mode_recovers_known_de_genes(de_model):
 def test_batch_correction_and_options(de_model):
     adata = de_model.adata
     marker = (adata.var["marker_of"] != "").to_numpy()
-    corrected = differential_expression(de_model, groupby="labels", group1="label_0", group2="label_1", mode="change",
-                                        batch_correction=True, silent=True, n_samples_overall=2000)
+    corrected = de_model.differential_expression(
+        groupby="labels",
+        group1="label_0",
+        group2="label_1",
+        mode="change",
+        batch_correction=True,
+        silent=True,
+        n_samples_overall=2000,
+    )
     assert (corrected["comparison"] == "label_0 vs label_1").all()
     top = corrected.index[: marker.sum()]
     assert adata.var.loc[top, "marker_of"].ne("").mean() >= 0.9
-    one_batch = differential_expression(de_model, groupby="labels", group1="label_0", batch_correction=True,
-                                        batchid1=["batch_0"], batchid2="batch_0", silent=True, n_samples_overall=500)
+    one_batch = de_model.differential_expression(
+        groupby="labels",
+        group1="label_0",
+        batch_correction=True,
+        batchid1=["batch_0"],
+        batchid2="batch_0",
+        silent=True,
+        n_samples_overall=500,
+    )
     assert list(one_batch.columns) == VANILLA_COLUMNS + RAW_COLUMNS + ["comparison", "group1", "group2"]
     with pytest.warns(UserWarning, match="differ but overlap"):
-        differential_expression(de_model, groupby="labels", group1="label_0", batch_correction=True,
-                                batchid1=["batch_0", "batch_1"], batchid2="batch_0", silent=True,
-                                n_samples_overall=200)
-    options = differential_expression(
-        de_model, idx1="labels == 'label_0'", mode="change", delta=None, all_stats=False, fdr_target=0.1,
+        de_model.differential_expression(groupby="labels", group1="label_0", batch_correction=True,
+                                         batchid1=["batch_0", "batch_1"], batchid2="batch_0", silent=True,
+                                         n_samples_overall=200)
+    options = de_model.differential_expression(
+        idx1="labels == 'label_0'", mode="change", delta=None, all_stats=False, fdr_target=0.1,
         filter_outlier_cells=True, use_permutation=True, m_permutation=1000, cred_interval_lvls=[0.5, 0.9],
         test_mode="two", n_samples_overall=500, silent=True,
     )
@@ -220,21 +269,33 @@ def test_groups_from_idx_forms_agree(de_model):
     adata = de_model.adata
     mask = (adata.obs["labels"] == "label_1").to_numpy()
     results = []
-    for idx1, idx2 in [(mask, ~mask), (np.flatnonzero(mask), None), ("labels == 'label_1'", "labels != 'label_1'")]:
+    for idx1, idx2 in [
+        (mask, ~mask),
+        (np.flatnonzero(mask), None),
+        ("labels == 'label_1'", "labels != 'label_1'"),
+    ]:
         settings.seed = 7
-        results.append(differential_expression(de_model, idx1=idx1, idx2=idx2, n_samples_overall=300, silent=True))
+        results.append(
+            de_model.differential_expression(idx1=idx1, idx2=idx2, n_samples_overall=300, silent=True)
+        )
     for other in results[1:]:
         pd.testing.assert_frame_equal(results[0], other)
     assert list(results[0].columns) == VANILLA_COLUMNS + RAW_COLUMNS
     assert results[0]["bayes_factor"].is_monotonic_decreasing
     settings.seed = 7
-    grouped = differential_expression(de_model, groupby="labels", group1="label_1", n_samples_overall=300, silent=True)
+    grouped = de_model.differential_expression(
+        groupby="labels", group1="label_1", n_samples_overall=300, silent=True
+    )
     pd.testing.assert_frame_equal(results[0], grouped.drop(columns=["comparison", "group1", "group2"]))
     # seeded: the same call twice gives the same table
     settings.seed = 3
-    first = differential_expression(de_model, groupby="labels", mode="change", n_samples_overall=300, silent=True)
+    first = de_model.differential_expression(
+        groupby="labels", mode="change", n_samples_overall=300, silent=True
+    )
     settings.seed = 3
-    second = differential_expression(de_model, groupby="labels", mode="change", n_samples_overall=300, silent=True)
+    second = de_model.differential_expression(
+        groupby="labels", mode="change", n_samples_overall=300, silent=True
+    )
     pd.testing.assert_frame_equal(first, second)
     assert list(first["comparison"].unique()) == ["label_0 vs Rest", "label_1 vs Rest"]
     assert len(first) == 2 * adata.n_vars
@@ -242,7 +303,7 @@ def test_groups_from_idx_forms_agree(de_model):
 
 def test_bad_groups_raise_clear_errors(de_model):
     adata = de_model.adata
-    de = lambda **kw: differential_expression(de_model, silent=True, n_samples_overall=50, **kw)  # noqa: E731
+    de = lambda **kw: de_model.differential_expression(silent=True, n_samples_overall=50, **kw)  # noqa: E731
     with pytest.raises(ValueError, match="not found"):
         de(groupby="labels", group1="label_9")
     with pytest.raises(ValueError, match="not found"):
@@ -270,7 +331,9 @@ def test_bad_groups_raise_clear_errors(de_model):
     with pytest.raises(TypeError, match="unexpected"):
         de(groupby="labels", n_sample=5)
     adata.obs["single"] = pd.Categorical(["only"] * adata.n_obs)
-    adata.obs["unused"] = pd.Categorical(adata.obs["labels"].astype(str), categories=["label_0", "label_1", "ghost"])
+    adata.obs["unused"] = pd.Categorical(
+        adata.obs["labels"].astype(str), categories=["label_0", "label_1", "ghost"]
+    )
     try:
         with pytest.raises(ValueError, match="single category"):
             de(groupby="single")
@@ -291,7 +354,7 @@ def test_agrees_with_scvi_tools_fixture(mode, key):
     model = SCVI.load(FIXTURE / "model")
     reference = pd.read_csv(FIXTURE / f"de_{mode}_cell_line.csv", index_col=0)
     settings.seed = 0
-    ours = differential_expression(model, groupby="cell_line", mode=mode, silent=True)
+    ours = model.differential_expression(groupby="cell_line", mode=mode, silent=True)
     assert list(ours.columns) == list(reference.columns)
     assert list(ours["comparison"].unique()) == list(reference["comparison"].unique())
     correlations = {}
@@ -302,20 +365,32 @@ def test_agrees_with_scvi_tools_fixture(mode, key):
         correlations[comparison] = spearmanr(expected[key], got[key]).statistic
         np.testing.assert_allclose(got["raw_mean1"], expected["raw_mean1"], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(got["non_zeros_proportion2"], expected["non_zeros_proportion2"], atol=1e-9)
-        np.testing.assert_allclose(got["raw_normalized_mean2"], expected["raw_normalized_mean2"], rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(
+            got["raw_normalized_mean2"], expected["raw_normalized_mean2"], rtol=1e-4, atol=1e-3
+        )
         if mode == "change":
             agreement = (got["is_de_fdr_0.05"] == expected["is_de_fdr_0.05"]).mean()
             assert agreement >= 0.98, (comparison, agreement)
-    print(f"\n[DE vs scvi-tools, {mode}, Spearman on {key}] " + ", ".join(f"{c}: {r:.4f}" for c, r in correlations.items()))
+    print(
+        f"\n[DE vs scvi-tools, {mode}, Spearman on {key}] "
+        + ", ".join(f"{c}: {r:.4f}" for c, r in correlations.items())
+    )
     assert min(correlations.values()) >= 0.9
 
 
 def test_importance_weights_run(de_model):
-    result = differential_expression(de_model, groupby="labels", group1="label_0", weights="importance",
-                                     importance_weighting_kwargs={"max_cells": 128, "n_mc_samples": 50},
-                                     n_samples_overall=300, silent=True)
+    result = de_model.differential_expression(
+        groupby="labels",
+        group1="label_0",
+        weights="importance",
+        importance_weighting_kwargs={"max_cells": 128, "n_mc_samples": 50},
+        n_samples_overall=300,
+        silent=True,
+    )
     assert list(result.columns) == VANILLA_COLUMNS + RAW_COLUMNS + ["comparison", "group1", "group2"]
-    strongest = result["bayes_factor"].abs().sort_values(ascending=False, kind="stable").index[:40]  # up or down
+    strongest = (
+        result["bayes_factor"].abs().sort_values(ascending=False, kind="stable").index[:40]
+    )  # up or down
     # random ranking: 0.2. The importance-weighted ranking is unstable: 0.55–0.8 across float-level
     # changes of the trained weights (fused vs multi-tensor Adam) and ~0.6 with 2000 draws (the
     # aggregate-posterior weights degenerate onto few draws); the bar checks it stays well above random.

@@ -106,7 +106,9 @@ def test_pca_embedding_is_the_top_principal_plane():
     latent = rng.normal(size=(200, 4)) * np.array([5.0, 2.0, 0.5, 0.1])
     coords, used = plotting.embed_latent(latent, "pca")
     assert used == "pca" and coords.shape == (200, 2)
-    np.testing.assert_allclose(coords.var(0), np.sort(np.linalg.eigvalsh(np.cov(latent.T, bias=True)))[::-1][:2], rtol=1e-8)
+    np.testing.assert_allclose(
+        coords.var(0), np.sort(np.linalg.eigvalsh(np.cov(latent.T, bias=True)))[::-1][:2], rtol=1e-8
+    )
     with pytest.raises(ValueError, match="method"):
         plotting.embed_latent(latent, "tsne")
 
@@ -147,8 +149,16 @@ def test_volcano_change_mode(tmp_path):
 
 
 def test_volcano_vanilla_mode_uses_log2_scale_ratio(tmp_path):
-    table = pd.DataFrame({"proba_m1": [0.9, 0.2, 0.5], "proba_m2": [0.1, 0.8, 0.5], "bayes_factor": [2.2, -1.4, 0.0],
-                          "scale1": [0.4, 0.1, 0.2], "scale2": [0.1, 0.4, 0.2]}, index=["x", "y", "z"])
+    table = pd.DataFrame(
+        {
+            "proba_m1": [0.9, 0.2, 0.5],
+            "proba_m2": [0.1, 0.8, 0.5],
+            "bayes_factor": [2.2, -1.4, 0.0],
+            "scale1": [0.4, 0.1, 0.2],
+            "scale2": [0.1, 0.4, 0.2],
+        },
+        index=["x", "y", "z"],
+    )
     xs, ys, x_label, y_label = plotting.volcano_coordinates(table)
     np.testing.assert_allclose(xs, [2.0, -2.0, 0.0], atol=1e-9)
     np.testing.assert_allclose(ys, [2.2, 1.4, 0.0])
@@ -197,7 +207,9 @@ def test_every_plot_from_a_trained_model(trained, tmp_path):
     latent = model.get_latent_representation()
     _saved(plotting.plot_latent(latent, adata.obs["labels"]), tmp_path / "latent.png")
     for mode in ("change", "vanilla"):
-        de = model.differential_expression(groupby="labels", group1="label_0", mode=mode, n_samples_overall=200, silent=True)
+        de = model.differential_expression(
+            groupby="labels", group1="label_0", mode=mode, n_samples_overall=200, silent=True
+        )
         fig = plotting.plot_volcano(de)
         assert sum(len(c.get_offsets()) for c in fig.axes[0].collections) == adata.n_vars
         _saved(fig, tmp_path / f"volcano_{mode}.png")

@@ -5,8 +5,9 @@ Two pieces:
 * :func:`prepare_query_anndata` / :func:`prepare_query_mudata` bring the genes of a query AnnData
   into the reference model's gene order (missing genes become all-zero columns, extra genes are
   dropped);
-* :func:`load_query_data` builds a model for the query from the reference: batch categories (and
-  other categorical covariates) unseen by the reference are appended to its mappings, the
+* :meth:`ReferenceMappingMixin.load_query_data` builds a model for the query from the reference:
+  batch categories (and other categorical covariates) unseen by the reference are appended to its
+  mappings, the
   weights are copied into the larger network ("weight surgery": reference values everywhere the
   reference had an entry, fresh initial values for the new categories), and every weight except
   the ones allowed to adapt to the new categories is frozen.
@@ -14,13 +15,20 @@ Two pieces:
 Freezing uses ``SCVIModule.frozen_parameters`` (parameter name → boolean mask, ``True`` = frozen):
 after each optimiser step training writes the frozen entries back, so neither gradients nor
 weight decay can move them.  BatchNorm running statistics are frozen by ``momentum = 0``.
+
+``load_query_data`` runs in steps: read the reference (:func:`_read_reference`, a model or a
+directory), align the query's genes, register the query with the reference setup (through
+``cls.register_manager``), build the query model with the reference's constructor arguments,
+transfer the weights (:func:`transfer_state_dict`) and freeze (:func:`query_freeze_masks`). The
+weight-surgery and freezing functions take any ``nn.Module`` built from
+:class:`~pyro_scvi.models.networks.FCLayers`, whatever the model class.
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anndata
 import numpy as np
@@ -29,14 +37,19 @@ import torch
 from scipy import sparse
 from torch import nn
 
+from ..data.manager import AnnDataManager
 from ..data.registry import REGISTRY_KEYS, setup_registry, summary_stats
+from ..infer.device import resolve_device
 from ..io import read_model_dir
 from ..models.networks import FCLayers
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .scvi import SCVI
-
-__all__ = ["prepare_query_anndata", "prepare_query_mudata", "load_query_data", "query_freeze_masks"]
+__all__ = [
+    "ReferenceMappingMixin",
+    "prepare_query_anndata",
+    "prepare_query_mudata",
+    "query_freeze_masks",
+    "transfer_state_dict",
+]
 
 _MIN_OVERLAP = 0.8
 _ENCODER_PREFIXES = ("z_encoder.", "library_encoder.")
@@ -54,12 +67,15 @@ def _is_model(obj) -> bool:
 
 def _reference_var_names(reference_model) -> pd.Index:
     if _is_model(reference_model):
-        names = reference_model.registry_["field_registries"][REGISTRY_KEYS.X]["state_registry"]["column_names"]
+        names = reference_model.registry_["field_registries"][REGISTRY_KEYS.X]["state_registry"][
+            "column_names"
+        ]
     elif isinstance(reference_model, (str, Path)):
         names = read_model_dir(reference_model, map_location="cpu")["var_names"]
     else:
         raise TypeError(
-            f"reference_model must be a trained model or the directory it was saved to, got {type(reference_model).__name__}."
+            "reference_model must be a trained model or the directory it was saved to, "
+            f"got {type(reference_model).__name__}."
         )
     return pd.Index([str(v) for v in np.asarray(names, dtype=object)])
 
@@ -71,8 +87,10 @@ def _custom_functions(reference_model) -> dict:
                 if getattr(reference_model.module, k, None) is not None}
     custom = read_model_dir(reference_model, map_location="cpu")["attr_dict"].get("custom_model_") or {}
     if custom.get("model_fn") or custom.get("guide_fn"):
-        raise ValueError("The reference was saved with custom model/guide functions: load it with "
-                         "SCVI.load(dir_path, model_fn=..., guide_fn=...) and pass the loaded model as reference_model.")
+        raise ValueError(
+            "The reference was saved with custom model/guide functions: load it with "
+            "SCVI.load(dir_path, model_fn=..., guide_fn=...) and pass the loaded model as reference_model."
+        )
     return {}
 
 
@@ -95,7 +113,8 @@ def _read_reference(reference_model) -> dict[str, Any]:
             "var_names": pd.Index([str(v) for v in np.asarray(saved["var_names"], dtype=object)]),
         }
     raise TypeError(
-        f"reference_model must be a trained model or the directory it was saved to, got {type(reference_model).__name__}."
+        "reference_model must be a trained model or the directory it was saved to, "
+            f"got {type(reference_model).__name__}."
     )
 
 
@@ -172,7 +191,11 @@ def _padded_anndata(adata: anndata.AnnData, reference_names: pd.Index) -> anndat
     for key, value in adata.varm.items():
         padded = _pad_varm(value, take, present)
         if padded is None:
-            warnings.warn(f"varm[{key!r}] cannot be padded to the reference genes and is dropped.", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"varm[{key!r}] cannot be padded to the reference genes and is dropped.",
+                UserWarning,
+                stacklevel=3,
+            )
         else:
             if isinstance(padded, pd.DataFrame):
                 padded.index = reference_names
@@ -243,7 +266,9 @@ def prepare_query_mudata(
     try:
         import mudata  # noqa: F401
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("prepare_query_mudata needs the mudata package: pip install pyro-scvi[mudata]") from error
+        raise ImportError(
+            "prepare_query_mudata needs the mudata package: pip install pyro-scvi[mudata]"
+        ) from error
     reference_names = _reference_var_names(reference_model)
     if return_reference_var_names:
         return reference_names
@@ -265,7 +290,9 @@ def _covariate_cat_list(registry: dict, init: dict) -> list[int]:
     stats = summary_stats(registry)
     cat_state = registry["field_registries"].get(REGISTRY_KEYS.CAT_COVS, {}).get("state_registry", {})
     embedding = init.get("batch_representation", "one-hot") == "embedding"
-    sizes = ([] if embedding else [int(stats["n_batch"])]) + [int(k) for k in cat_state.get("n_cats_per_key", [])]
+    sizes = ([] if embedding else [int(stats["n_batch"])]) + [
+        int(k) for k in cat_state.get("n_cats_per_key", [])
+    ]
     return [k if k > 1 else 0 for k in sizes]
 
 
@@ -286,7 +313,8 @@ def _pad_tensor(name: str, reference: torch.Tensor, fresh: torch.Tensor) -> torc
         return reference.to(fresh.dtype).clone()
     if reference.dim() != fresh.dim() or any(r > f for r, f in zip(reference.shape, fresh.shape)):
         raise ValueError(
-            f"Cannot transfer {name!r}: reference shape {tuple(reference.shape)} does not fit the query model's "
+            f"Cannot transfer {name!r}: reference shape {tuple(reference.shape)} does not fit "
+            "the query model's "
             f"{tuple(fresh.shape)}."
         )
     out = fresh.detach().clone()
@@ -294,7 +322,9 @@ def _pad_tensor(name: str, reference: torch.Tensor, fresh: torch.Tensor) -> torc
     return out
 
 
-def _surgery_linear(name: str, reference: torch.Tensor, fresh: torch.Tensor, ref_cats: list[int], new_cats: list[int]):
+def _surgery_linear(
+    name: str, reference: torch.Tensor, fresh: torch.Tensor, ref_cats: list[int], new_cats: list[int]
+):
     """Copy the reference's input columns block by block: the non-covariate inputs, then each
     covariate's one-hot block at its (possibly shifted) position; new categories keep fresh values."""
     if len(ref_cats) != len(new_cats) or any(r > n for r, n in zip(ref_cats, new_cats)):
@@ -302,7 +332,8 @@ def _surgery_linear(name: str, reference: torch.Tensor, fresh: torch.Tensor, ref
     n_base = reference.shape[1] - sum(ref_cats)
     if reference.shape[0] != fresh.shape[0] or fresh.shape[1] - sum(new_cats) != n_base:
         raise ValueError(
-            f"Cannot transfer {name!r}: reference shape {tuple(reference.shape)} does not fit the query model's "
+            f"Cannot transfer {name!r}: reference shape {tuple(reference.shape)} does not fit "
+            "the query model's "
             f"{tuple(fresh.shape)}."
         )
     out = fresh.detach().clone()
@@ -316,7 +347,9 @@ def _surgery_linear(name: str, reference: torch.Tensor, fresh: torch.Tensor, ref
     return out
 
 
-def transfer_state_dict(module: nn.Module, reference_state: dict, ref_cats: list[int]) -> dict[str, torch.Tensor]:
+def transfer_state_dict(
+    module: nn.Module, reference_state: dict, ref_cats: list[int]
+) -> dict[str, torch.Tensor]:
     """The reference weights fitted into ``module``'s (possibly larger) tensors."""
     fresh_state = module.state_dict()
     missing = sorted(set(fresh_state) - set(reference_state))
@@ -374,14 +407,18 @@ def query_freeze_masks(
         n_cov = sum(sub.n_cat_list)
         for i, block in enumerate(sub.fc_layers):
             base = f"{prefix}.fc_layers.Layer {i}"
-            open_first = i == 0 and ((is_encoder and not freeze_expression) or (is_decoder and not freeze_decoder_first_layer))
+            open_first = i == 0 and (
+                (is_encoder and not freeze_expression) or (is_decoder and not freeze_decoder_first_layer)
+            )
             if open_first:
                 trainable[f"{base}.0.weight"][...] = True
                 trainable[f"{base}.0.bias"][...] = True
             elif n_cov > 0 and sub._injects(i):
                 trainable[f"{base}.0.weight"][:, -n_cov:] = True
             if block[1] is not None:
-                bn_open = (is_encoder and not freeze_batchnorm_encoder) or (is_decoder and not freeze_batchnorm_decoder)
+                bn_open = (is_encoder and not freeze_batchnorm_encoder) or (
+                    is_decoder and not freeze_batchnorm_decoder
+                )
                 if bn_open and block[1].affine:
                     trainable[f"{base}.1.weight"][...] = True
                     trainable[f"{base}.1.bias"][...] = True
@@ -392,7 +429,9 @@ def _freeze_running_statistics(module: nn.Module, encoder: bool, decoder: bool) 
     for prefix, sub in module.named_modules():
         if not isinstance(sub, nn.modules.batchnorm._BatchNorm):
             continue
-        if (encoder and prefix.startswith(_ENCODER_PREFIXES)) or (decoder and prefix.startswith(_DECODER_PREFIXES)):
+        if (encoder and prefix.startswith(_ENCODER_PREFIXES)) or (
+            decoder and prefix.startswith(_DECODER_PREFIXES)
+        ):
             sub.momentum = 0.0
 
 
@@ -401,63 +440,22 @@ def _freeze_running_statistics(module: nn.Module, encoder: bool, decoder: bool) 
 # --------------------------------------------------------------------------------------------
 
 
-def _batch_categories_missing(adata, registry: dict) -> list:
-    batch_key = registry.get("setup_args", {}).get("batch_key")
-    if batch_key is None:
-        return []
-    mapping = registry["field_registries"][REGISTRY_KEYS.BATCH]["state_registry"]["categorical_mapping"]
-    known = {str(c) for c in np.asarray(mapping, dtype=object)}
-    values = pd.Series(adata.obs[batch_key]).dropna().astype(str).unique()
-    return sorted(set(values) - known)
-
-
-def load_query_data(
-    cls,
-    adata: anndata.AnnData | None = None,
-    reference_model=None,
-    inplace_subset_query_vars: bool = False,
-    accelerator: str = "auto",
-    device: int | str = "auto",
-    unfrozen: bool = False,
-    freeze_dropout: bool = False,
-    freeze_expression: bool = True,
-    freeze_decoder_first_layer: bool = True,
-    freeze_batchnorm_encoder: bool = True,
-    freeze_batchnorm_decoder: bool = False,
-    freeze_classifier: bool = True,
-    transfer_batch: bool = True,
-    datamodule=None,
-):
-    """A model of class ``cls`` for the query ``adata``, initialised from ``reference_model``.
-
-    ``reference_model``: a trained model or the directory it was saved to (pyro-scvi or
-    scvi-tools 1.x). The query is registered with the reference setup; unseen batch (and other
-    categorical) categories are appended to the reference mappings. The new model starts from the
-    reference weights; entries for the new categories (one-hot input columns, batch-specific
-    dispersion columns, batch-embedding rows) keep their fresh initial values and the library-size
-    prior of new batches is computed on the query. Unless ``unfrozen``, only the weights that let
-    the network adapt to the new categories are trained (see :func:`query_freeze_masks`); the
-    encoder BatchNorm running statistics are frozen with ``freeze_batchnorm_encoder`` and the
-    decoder's with ``freeze_batchnorm_decoder``; ``freeze_dropout`` switches dropout off.
-    ``transfer_batch=False`` refuses query batches unknown to the reference. ``freeze_classifier``
-    is accepted for API compatibility (SCVI has no classifier). The returned model is untrained.
-    """
-    from ..infer.device import resolve_device as _resolve_device
-
+def _check_arguments(adata, reference_model, datamodule) -> None:
     if datamodule is not None:
-        raise ValueError("load_query_data maps an AnnData: pass adata= (datamodule= is for training a built model).")
+        raise ValueError(
+            "load_query_data maps an AnnData: pass adata= (datamodule= is for training a built model)."
+        )
     if adata is None:
         raise ValueError("load_query_data needs the query AnnData (adata=).")
     if reference_model is None:
         raise ValueError("load_query_data needs reference_model (a trained model or its save directory).")
-    reference = _read_reference(reference_model)
-    registry = reference["registry"]
-    if registry.get("model_name") != cls.__name__:
-        raise ValueError("It appears you are loading a model from a different class.")
-    if adata.is_view:
-        adata._init_as_actual(adata.copy())
 
-    reference_names = reference["var_names"]
+
+def _align_query_genes(
+    adata: anndata.AnnData, reference_names: pd.Index, inplace_subset_query_vars: bool
+) -> None:
+    """Subset ``adata`` to the reference genes (with ``inplace_subset_query_vars``) or warn when its
+    genes are as many as the reference's but differ."""
     if inplace_subset_query_vars:
         absent = reference_names.difference(pd.Index([str(v) for v in adata.var_names]))
         if len(absent):
@@ -472,57 +470,142 @@ def load_query_data(
             "Query data var_names are not the same as the reference model's (same number, different names or "
             "order); results may be wrong. Use prepare_query_anndata or inplace_subset_query_vars=True.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+
+
+def _batch_categories_missing(adata, registry: dict) -> list:
+    """Batch categories of ``adata`` that the reference ``registry`` does not know (sorted)."""
+    batch_key = registry.get("setup_args", {}).get("batch_key")
+    if batch_key is None:
+        return []
+    mapping = registry["field_registries"][REGISTRY_KEYS.BATCH]["state_registry"]["categorical_mapping"]
+    known = {str(c) for c in np.asarray(mapping, dtype=object)}
+    values = pd.Series(adata.obs[batch_key]).dropna().astype(str).unique()
+    return sorted(set(values) - known)
+
+
+def _register_query(cls, adata: anndata.AnnData, registry: dict, transfer_batch: bool) -> None:
+    """Register ``adata`` with the reference setup, new categories appended, through
+    ``cls.register_manager``. An unlabeled query gets the new label category ``"unlabeled"``."""
     if not transfer_batch:
         unknown = _batch_categories_missing(adata, registry)
         if unknown:
             raise ValueError(
-                f"transfer_batch=False but the query has batch categories unknown to the reference: {unknown}."
+                "transfer_batch=False but the query has batch categories unknown to the reference: "
+                f"{unknown}."
             )
-
     labels_key = registry["setup_args"].get("labels_key")
-    if labels_key is not None and labels_key not in adata.obs:  # an unlabeled query: one new label category
-        warnings.warn(f'The query has no obs["{labels_key}"]: its cells get the new label category "unlabeled".',
-                      UserWarning, stacklevel=3)
+    if labels_key is not None and labels_key not in adata.obs:
+        warnings.warn(
+            f'The query has no obs["{labels_key}"]: its cells get the new label category "unlabeled".',
+            UserWarning,
+            stacklevel=4,
+        )
         adata.obs[labels_key] = pd.Categorical(["unlabeled"] * adata.n_obs)
-    query_registry = setup_registry(adata, source_registry=registry, extend_categories=True, model_name=cls.__name__)
-    cls._setup_registries[query_registry["_scvi_uuid"]] = query_registry
+    query_registry = setup_registry(
+        adata, source_registry=registry, extend_categories=True, model_name=cls.__name__
+    )
+    cls.register_manager(AnnDataManager(adata, query_registry))
 
-    init_params = reference["init_params"]
-    init = dict(init_params["non_kwargs"])
-    init.update(init_params.get("kwargs", {}).get("kwargs", {}))
-    model = cls(adata, **init, **_custom_functions(reference_model))
 
-    ref_cats = _covariate_cat_list(registry, init)
-    state = transfer_state_dict(model.module, reference["state_dict"], ref_cats)
-    model.module.load_state_dict(state, strict=True)
-    model.module.eval()
+def _freeze_query_module(module: nn.Module, init: dict, unfrozen: bool, freeze_dropout: bool,
+                         **freeze: bool) -> None:
+    """Set ``module.frozen_parameters`` (see :func:`query_freeze_masks`, with the ``freeze``
+    flags), the BatchNorm running statistics and, with ``freeze_dropout``, dropout; nothing is
+    frozen when ``unfrozen``."""
+    if unfrozen:
+        module.frozen_parameters = {}
+        return
+    if not init.get("encode_covariates", False) and freeze["freeze_expression"]:
+        warnings.warn(
+            "The reference model was trained with encode_covariates=False: the encoder cannot adapt to the "
+            "query's batches and stays exactly the reference encoder; train the reference with "
+            "encode_covariates=True for scArches mapping.",
+            UserWarning,
+            stacklevel=4,
+        )
+    module.frozen_parameters = query_freeze_masks(module, **freeze)
+    _freeze_running_statistics(module, freeze["freeze_batchnorm_encoder"], freeze["freeze_batchnorm_decoder"])
+    if freeze_dropout:
+        for sub in module.modules():
+            if isinstance(sub, nn.Dropout):
+                sub.p = 0.0
 
-    if not unfrozen:
-        if not init.get("encode_covariates", False) and freeze_expression:
-            warnings.warn(
-                "The reference model was trained with encode_covariates=False: the encoder cannot adapt to the "
-                "query's batches and stays exactly the reference encoder; train the reference with "
-                "encode_covariates=True for scArches mapping.",
-                UserWarning,
-                stacklevel=3,
-            )
-        model.module.frozen_parameters = query_freeze_masks(
+
+class ReferenceMappingMixin:
+    """scArches reference mapping for a model class: :meth:`prepare_query_anndata`,
+    :meth:`prepare_query_mudata` and :meth:`load_query_data`.
+
+    Needs only the class's public API: ``cls(adata, **init_params)``, ``cls.register_manager``
+    and, on instances, ``module`` (with ``frozen_parameters``), ``registry_``, ``init_params_`` and
+    ``is_trained_`` (:class:`~pyro_scvi.api.protocol.ModelProtocol`).
+    """
+
+    prepare_query_anndata = staticmethod(prepare_query_anndata)
+    prepare_query_mudata = staticmethod(prepare_query_mudata)
+
+    @classmethod
+    def load_query_data(
+        cls,
+        adata: anndata.AnnData | None = None,
+        reference_model=None,
+        inplace_subset_query_vars: bool = False,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        unfrozen: bool = False,
+        freeze_dropout: bool = False,
+        freeze_expression: bool = True,
+        freeze_decoder_first_layer: bool = True,
+        freeze_batchnorm_encoder: bool = True,
+        freeze_batchnorm_decoder: bool = False,
+        freeze_classifier: bool = True,
+        transfer_batch: bool = True,
+        datamodule=None,
+    ):
+        """A model of this class for the query ``adata``, initialised from ``reference_model``.
+
+        ``reference_model``: a trained model or the directory it was saved to (pyro-scvi or
+        scvi-tools 1.x). The query is registered with the reference setup; unseen batch (and other
+        categorical) categories are appended to the reference mappings. The new model starts from
+        the reference weights; entries for the new categories (one-hot input columns,
+        batch-specific dispersion columns, batch-embedding rows) keep their fresh initial values
+        and the library-size prior of new batches is computed on the query. Unless ``unfrozen``,
+        only the weights that let the network adapt to the new categories are trained (see
+        :func:`query_freeze_masks`); the encoder BatchNorm running statistics are frozen with
+        ``freeze_batchnorm_encoder`` and the decoder's with ``freeze_batchnorm_decoder``;
+        ``freeze_dropout`` switches dropout off. ``transfer_batch=False`` refuses query batches
+        unknown to the reference. ``freeze_classifier`` is accepted for API compatibility (a model
+        without a classifier ignores it). The returned model is untrained.
+        """
+        _check_arguments(adata, reference_model, datamodule)
+        reference = _read_reference(reference_model)
+        registry = reference["registry"]
+        if registry.get("model_name") != cls.__name__:
+            raise ValueError("It appears you are loading a model from a different class.")
+        if adata.is_view:
+            adata._init_as_actual(adata.copy())
+        _align_query_genes(adata, reference["var_names"], inplace_subset_query_vars)
+        _register_query(cls, adata, registry, transfer_batch)
+
+        init = dict(reference["init_params"]["non_kwargs"])
+        init.update(reference["init_params"].get("kwargs", {}).get("kwargs", {}))
+        model = cls(adata, **init, **_custom_functions(reference_model))
+        state = transfer_state_dict(
+            model.module, reference["state_dict"], _covariate_cat_list(registry, init)
+        )
+        model.module.load_state_dict(state, strict=True)
+        model.module.eval()
+        _freeze_query_module(
             model.module,
+            init,
+            unfrozen,
+            freeze_dropout,
             freeze_expression=freeze_expression,
             freeze_decoder_first_layer=freeze_decoder_first_layer,
             freeze_batchnorm_encoder=freeze_batchnorm_encoder,
             freeze_batchnorm_decoder=freeze_batchnorm_decoder,
         )
-        _freeze_running_statistics(model.module, freeze_batchnorm_encoder, freeze_batchnorm_decoder)
-        if freeze_dropout:
-            for sub in model.module.modules():
-                if isinstance(sub, nn.Dropout):
-                    sub.p = 0.0
-    else:
-        model.module.frozen_parameters = {}
-
-    model.is_trained_ = False
-    model.module.to(_resolve_device(accelerator, device))
-    return model
+        model.is_trained_ = False
+        model.module.to(resolve_device(accelerator, device))
+        return model

@@ -14,17 +14,18 @@ import anndata
 import numpy as np
 import torch
 
-from .. import diagnostics, differential
 from ..data.manager import AnnDataManager
-from ..data.registry import MINIFY_TYPE_KEY, REGISTRY_KEYS, library_size_prior, setup_registry
+from ..data.registry import MINIFY_TYPE_KEY, library_size_prior, setup_registry
 from ..models.module import SCVIModule
 from ..models.networks import resolve_activation
 from ..settings import settings
-from . import reference_mapping as arches
 from .base import BaseModel
+from .criticism import CriticismMixin
+from .differential import DifferentialExpressionMixin
 from .evaluation import EvaluationMixin
 from .minify import MinificationMixin
 from .queries import QueriesMixin
+from .reference_mapping import ReferenceMappingMixin
 from .saving import SavingMixin
 from .training import TrainingMixin
 
@@ -36,7 +37,10 @@ _MODULE_KWARGS = (
     "library_prior", "dispersion_prior",
 )
 
-class SCVI(TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, MinificationMixin, BaseModel):
+class SCVI(
+    TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, ReferenceMappingMixin, MinificationMixin,
+    DifferentialExpressionMixin, CriticismMixin, BaseModel,
+):
     """single-cell Variational Inference (Lopez et al. 2018) with scvi-tools' ``SCVI`` interface.
 
     Parameters
@@ -169,7 +173,7 @@ class SCVI(TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, Minificati
         """Give priors with an ``init_from_data`` hook (VampPrior) a minibatch of random cells."""
         priors = [p for p in (getattr(self.module, "z_prior", None), getattr(self.module, "library_prior", None))
                   if hasattr(p, "init_from_data")]
-        if not priors or self._adata.uns.get(MINIFY_TYPE_KEY) == "latent_posterior_parameters":
+        if not priors or self.adata.uns.get(MINIFY_TYPE_KEY) == "latent_posterior_parameters":
             return
         _, data = self.registered_data()
         size = min(data.n_obs, max(getattr(p, "n_components", 1) for p in priors))
@@ -177,18 +181,6 @@ class SCVI(TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, Minificati
         batch = data.minibatch(cells, device=self.device)
         for prior in priors:
             prior.init_from_data(batch)
-
-    #: scArches reference mapping (see :mod:`pyro_scvi.api.reference_mapping`)
-    prepare_query_anndata = staticmethod(arches.prepare_query_anndata)
-    prepare_query_mudata = staticmethod(arches.prepare_query_mudata)
-    load_query_data = classmethod(arches.load_query_data)
-
-    #: Bayesian differential expression between groups of cells; see
-    #: :func:`pyro_scvi.differential.differential_expression` (the model is its first argument).
-    differential_expression = differential.differential_expression
-
-    #: :func:`pyro_scvi.diagnostics.to_arviz`: the posterior as an ``arviz.InferenceData`` (the model is its first argument).
-    to_arviz = diagnostics.to_arviz
 
 
 #: how init_params_ records a prior object, which the file cannot hold

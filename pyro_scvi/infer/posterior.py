@@ -1,5 +1,9 @@
 """Posterior queries on one minibatch: the variational posterior of z and l, and posterior samples
-of any model site (vectorised over samples with a ``"particles"`` plate)."""
+of any model site (vectorised over samples with a ``"particles"`` plate).
+
+:func:`posterior_traces` is the one place that draws from the guide and replays the model on the
+draws; the queries of the user API, :func:`~pyro_scvi.SCVI.to_arviz` and
+:func:`pyro_scvi.diagnostics.posterior_predictive_check` all go through it."""
 
 from __future__ import annotations
 
@@ -10,7 +14,20 @@ from pyro.distributions import Independent
 from ..data.minibatch import Minibatch
 from ..models.contract import missing_site_message
 
-__all__ = ["variational_posterior", "posterior_model_traces", "posterior_sites", "observation_distribution"]
+__all__ = [
+    "variational_posterior",
+    "posterior_traces",
+    "posterior_model_traces",
+    "posterior_sites",
+    "observation_distribution",
+    "guide_latent_values",
+    "predictive_observation",
+]
+
+#: the observed count site of the model and the plates that :func:`guide_latent_values` reads
+OBSERVED_SITE = "x"
+_CELL_PLATE = "cells"
+_GENE_PLATE = "genes"
 
 
 def _base(distribution):
@@ -30,18 +47,35 @@ def variational_posterior(guide, batch: Minibatch, site: str = "z"):
     return _base(trace.nodes[site]["fn"])
 
 
-def posterior_model_traces(model, guide, batch: Minibatch, n_samples: int, transform_batches=(None,)) -> list:
-    """Draw ``n_samples`` from the guide once (a ``"particles"`` plate) and replay the model on
-    them for each entry of ``transform_batches`` (``None``: the cells' own batches).
+def posterior_traces(model, guide, batch: Minibatch, n_samples: int, transform_batches=(None,), *,
+                     sample_observed: bool = False, global_trace=None):
+    """Draw ``n_samples`` from the guide once (a ``"particles"`` plate, dim −2) and replay the model
+    on them for each entry of ``transform_batches`` (``None``: the cells' own batches).
 
-    Returns one model trace per entry; every site carries a leading sample axis ``(S, n, ·)``.
+    ``sample_observed=True`` replays the model with its observed sites unconditioned, so that the
+    trace holds posterior-predictive draws instead of the data. ``global_trace``: a guide trace whose
+    sites are reused instead of drawn (e.g. the global latents of a first minibatch, so that draw
+    ``s`` is one value for every cell).
+
+    Returns ``(guide_trace, model_traces)``, one model trace per transform batch; every site
+    inside the ``"cells"`` plate carries a leading sample axis ``(S, n, ·)``.
     """
+    if global_trace is not None:
+        guide = poutine.replay(guide, trace=global_trace)
+    if sample_observed:
+        model = poutine.uncondition(model)
     with plate("particles", n_samples, dim=-2):
         guide_trace = poutine.trace(guide).get_trace(batch)
-        return [
+        model_traces = [
             poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch, transform_batch=code)
             for code in transform_batches
         ]
+    return guide_trace, model_traces
+
+
+def posterior_model_traces(model, guide, batch: Minibatch, n_samples: int, transform_batches=(None,)) -> list:
+    """The model traces of :func:`posterior_traces` (one per transform batch, the same draws)."""
+    return posterior_traces(model, guide, batch, n_samples, transform_batches)[1]
 
 
 def posterior_sites(model, guide, batch: Minibatch, n_samples: int, sites: list[str],
@@ -65,3 +99,46 @@ def observation_distribution(model_trace, site: str = "x"):
     if site not in model_trace.nodes:
         raise KeyError(missing_site_message("model", site))
     return _base(model_trace.nodes[site]["fn"])
+
+
+def guide_latent_values(
+    guide_trace, n_samples: int, n_cells: int
+) -> dict[str, tuple[torch.Tensor, list | None]]:
+    """Values of the guide's latent sample sites, from a :func:`posterior_traces` guide trace.
+
+    Sites in the ``"cells"`` plate: ``(S, n, ·)`` with ``None`` as names. Global sites (e.g. a
+    latent dispersion): ``(S, ·)`` without the singleton axes the particles plate leaves, with
+    the names of the axes after the draw axis (``"gene"`` for the axis of a ``"genes"`` plate).
+    """
+    out = {}
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site["infer"].get("_deterministic", False):
+            continue
+        value, event_dim = site["value"], site["fn"].event_dim
+        frames = {frame.name: frame.dim for frame in site["cond_indep_stack"]}
+        if _CELL_PLATE in frames:
+            event = tuple(value.shape[value.dim() - event_dim:]) if event_dim else ()
+            out[name] = (value.expand(n_samples, n_cells, *event), None)
+            continue
+        axis_names = {value.dim() - event_dim + dim: "gene" for plate_name, dim in frames.items()
+                      if plate_name == _GENE_PLATE}
+        keep = [i for i in range(1, value.dim()) if value.shape[i] != 1 or i in axis_names]
+        value = value.expand(n_samples, *value.shape[1:]) if value.shape[0] == 1 else value
+        value = value.reshape(n_samples, *[value.shape[i] for i in keep])
+        out[name] = (value, [axis_names.get(i, f"{name}_dim_{j}") for j, i in enumerate(keep)])
+    return out
+
+
+def predictive_observation(model_trace, x: torch.Tensor, n_samples: int,
+                           site: str = OBSERVED_SITE) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """From a model trace with ``sample_observed=True``: predictive draws ``(S, n, G)``, the
+    log-likelihood of the observed ``x`` ``(n, G)`` per cell ``(S, n)`` (summed over genes) and
+    whether the likelihood is discrete."""
+    if site not in model_trace.nodes:
+        raise KeyError(missing_site_message("model", site))
+    node = model_trace.nodes[site]
+    log_lik = node["fn"].log_prob(x)
+    while log_lik.dim() > 2:
+        log_lik = log_lik.sum(-1)
+    discrete = bool(getattr(node["fn"].support, "is_discrete", False))
+    return node["value"].expand(n_samples, *x.shape), log_lik.expand(n_samples, x.shape[0]), discrete
