@@ -89,8 +89,10 @@ def _warn_if_large(n_samples: int, n_cells: int, n_genes: int) -> None:
 def _category_names(registry, key: str, codes: np.ndarray) -> np.ndarray:
     """Category of each code of the registered field ``key``; the codes when there is no mapping."""
     try:
-        mapping = np.asarray(registry["field_registries"][key]["state_registry"]["categorical_mapping"])
-    except (KeyError, TypeError):
+        mapping = registry.field(key).categories
+    except KeyError:
+        return codes
+    if mapping is None:
         return codes
     return mapping[codes].astype(str)
 

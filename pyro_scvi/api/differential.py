@@ -80,7 +80,7 @@ def _check_options(mode, weights, batch_correction, batchid1, batchid2, kwargs: 
 
 def _batch_list(model, batchid, name: str) -> list:
     """The batch categories to decode a group in: ``batchid`` (one or several) or every batch."""
-    categories = list(model.registry_["field_registries"]["batch"]["state_registry"]["categorical_mapping"])
+    categories = list(model.registry_.batch_categories)
     if batchid is None:
         return categories
     values = [batchid] if isinstance(batchid, str) or np.isscalar(batchid) else list(batchid)

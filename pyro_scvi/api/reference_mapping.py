@@ -38,7 +38,7 @@ from scipy import sparse
 from torch import nn
 
 from ..data.manager import AnnDataManager
-from ..data.registry import REGISTRY_KEYS, setup_registry, summary_stats
+from ..data.registry import Registry, setup_registry
 from ..infer.device import resolve_device
 from ..io import read_model_dir
 from ..models.networks import FCLayers
@@ -67,9 +67,7 @@ def _is_model(obj) -> bool:
 
 def _reference_var_names(reference_model) -> pd.Index:
     if _is_model(reference_model):
-        names = reference_model.registry_["field_registries"][REGISTRY_KEYS.X]["state_registry"][
-            "column_names"
-        ]
+        names = reference_model.registry_.var_names
     elif isinstance(reference_model, (str, Path)):
         names = read_model_dir(reference_model, map_location="cpu")["var_names"]
     else:
@@ -287,12 +285,9 @@ def prepare_query_mudata(
 
 def _covariate_cat_list(registry: dict, init: dict) -> list[int]:
     """One-hot block sizes (0 for covariates with ≤ 1 category) that the network of ``registry`` uses."""
-    stats = summary_stats(registry)
-    cat_state = registry["field_registries"].get(REGISTRY_KEYS.CAT_COVS, {}).get("state_registry", {})
+    registry = Registry.coerce(registry)
     embedding = init.get("batch_representation", "one-hot") == "embedding"
-    sizes = ([] if embedding else [int(stats["n_batch"])]) + [
-        int(k) for k in cat_state.get("n_cats_per_key", [])
-    ]
+    sizes = ([] if embedding else [registry.n_batch]) + registry.n_cats_per_covariate
     return [k if k > 1 else 0 for k in sizes]
 
 
@@ -476,10 +471,11 @@ def _align_query_genes(
 
 def _batch_categories_missing(adata, registry: dict) -> list:
     """Batch categories of ``adata`` that the reference ``registry`` does not know (sorted)."""
-    batch_key = registry.get("setup_args", {}).get("batch_key")
+    registry = Registry.coerce(registry)
+    batch_key = registry.setup_args.get("batch_key")
     if batch_key is None:
         return []
-    mapping = registry["field_registries"][REGISTRY_KEYS.BATCH]["state_registry"]["categorical_mapping"]
+    mapping = registry.batch_categories
     known = {str(c) for c in np.asarray(mapping, dtype=object)}
     values = pd.Series(adata.obs[batch_key]).dropna().astype(str).unique()
     return sorted(set(values) - known)
@@ -495,7 +491,7 @@ def _register_query(cls, adata: anndata.AnnData, registry: dict, transfer_batch:
                 "transfer_batch=False but the query has batch categories unknown to the reference: "
                 f"{unknown}."
             )
-    labels_key = registry["setup_args"].get("labels_key")
+    labels_key = Registry.coerce(registry).setup_args.get("labels_key")
     if labels_key is not None and labels_key not in adata.obs:
         warnings.warn(
             f'The query has no obs["{labels_key}"]: its cells get the new label category "unlabeled".',
@@ -581,7 +577,7 @@ class ReferenceMappingMixin:
         _check_arguments(adata, reference_model, datamodule)
         reference = _read_reference(reference_model)
         registry = reference["registry"]
-        if registry.get("model_name") != cls.__name__:
+        if Registry.coerce(registry).model_name != cls.__name__:
             raise ValueError("It appears you are loading a model from a different class.")
         if adata.is_view:
             adata._init_as_actual(adata.copy())

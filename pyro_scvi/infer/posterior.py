@@ -12,6 +12,7 @@ from pyro import plate, poutine
 from pyro.distributions import Independent
 
 from ..data.minibatch import Minibatch
+from ..models import sites
 from ..models.contract import missing_site_message
 
 __all__ = [
@@ -24,10 +25,6 @@ __all__ = [
     "predictive_observation",
 ]
 
-#: the observed count site of the model and the plates that :func:`guide_latent_values` reads
-OBSERVED_SITE = "x"
-_CELL_PLATE = "cells"
-_GENE_PLATE = "genes"
 
 
 def _base(distribution):
@@ -36,7 +33,7 @@ def _base(distribution):
     return distribution
 
 
-def variational_posterior(guide, batch: Minibatch, site: str = "z"):
+def variational_posterior(guide, batch: Minibatch, site: str = sites.Z):
     """The guide's distribution at ``site`` for the cells of ``batch`` (e.g. ``Normal`` with loc (n, d)).
 
     The guide is traced once; any guide with a site of that name works (custom guides too).
@@ -64,7 +61,7 @@ def posterior_traces(model, guide, batch: Minibatch, n_samples: int, transform_b
         guide = poutine.replay(guide, trace=global_trace)
     if sample_observed:
         model = poutine.uncondition(model)
-    with plate("particles", n_samples, dim=-2):
+    with plate(sites.PARTICLES, n_samples, dim=-2):
         guide_trace = poutine.trace(guide).get_trace(batch)
         model_traces = [
             poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch, transform_batch=code)
@@ -94,7 +91,7 @@ def posterior_sites(model, guide, batch: Minibatch, n_samples: int, sites: list[
     return results
 
 
-def observation_distribution(model_trace, site: str = "x"):
+def observation_distribution(model_trace, site: str = sites.X):
     """The likelihood of ``site`` in a model trace, without ``Independent`` wrappers."""
     if site not in model_trace.nodes:
         raise KeyError(missing_site_message("model", site))
@@ -116,12 +113,12 @@ def guide_latent_values(
             continue
         value, event_dim = site["value"], site["fn"].event_dim
         frames = {frame.name: frame.dim for frame in site["cond_indep_stack"]}
-        if _CELL_PLATE in frames:
+        if sites.CELLS in frames:
             event = tuple(value.shape[value.dim() - event_dim:]) if event_dim else ()
             out[name] = (value.expand(n_samples, n_cells, *event), None)
             continue
         axis_names = {value.dim() - event_dim + dim: "gene" for plate_name, dim in frames.items()
-                      if plate_name == _GENE_PLATE}
+                      if plate_name == sites.GENES}
         keep = [i for i in range(1, value.dim()) if value.shape[i] != 1 or i in axis_names]
         value = value.expand(n_samples, *value.shape[1:]) if value.shape[0] == 1 else value
         value = value.reshape(n_samples, *[value.shape[i] for i in keep])
@@ -130,7 +127,7 @@ def guide_latent_values(
 
 
 def predictive_observation(model_trace, x: torch.Tensor, n_samples: int,
-                           site: str = OBSERVED_SITE) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                           site: str = sites.X) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """From a model trace with ``sample_observed=True``: predictive draws ``(S, n, G)``, the
     log-likelihood of the observed ``x`` ``(n, G)`` per cell ``(S, n)`` (summed over genes) and
     whether the likelihood is discrete."""
