@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine:
 #   make demo   set up .venv and train scVI on generated data (writes demo_output/)
-#   make test   set up .venv and run the test suite
+#   make test   set up .venv, lint with ruff (config in pyproject.toml) and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -23,6 +23,7 @@ demo: setup
 	$(BIN)/pyro-scvi demo
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: setup

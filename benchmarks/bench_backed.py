@@ -72,8 +72,10 @@ def write_h5ad(path: str, n_cells: int, n_genes: int, chunk_cells: int = 10_000,
         x.attrs["encoding-type"] = "csr_matrix"
         x.attrs["encoding-version"] = "0.1.0"
         x.attrs["shape"] = np.array([n_cells, n_genes], dtype=np.int64)
-        data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(element_chunk,))
-        indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(element_chunk,))
+        data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32,
+                                chunks=(element_chunk,))
+        indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32,
+                                   chunks=(element_chunk,))
         nnz = 0
         for first in range(0, n_cells, chunk_cells):
             last = min(first + chunk_cells, n_cells)
@@ -187,10 +189,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-cells", type=int, default=1_000_000)
     parser.add_argument("--n-genes", type=int, default=2_000)
-    parser.add_argument("--path", default=None, help="the .h5ad to write (default /tmp/bench_backed_<cells>x<genes>.h5ad)")
+    parser.add_argument("--path", default=None,
+                        help="the .h5ad to write (default /tmp/bench_backed_<cells>x<genes>.h5ad)")
     parser.add_argument("--keep", action="store_true", help="keep the .h5ad afterwards")
     parser.add_argument("--reuse", action="store_true", help="train on an existing file of the right shape")
-    parser.add_argument("--chunk-cells", type=int, default=10_000, help="cells generated and written at a time")
+    parser.add_argument("--chunk-cells", type=int, default=10_000,
+                        help="cells generated and written at a time")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the training child")
     parser.add_argument("--no-query", action="store_true", help="skip the get_latent_representation pass")
     parser.add_argument("--seed", type=int, default=0)

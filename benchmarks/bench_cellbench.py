@@ -118,6 +118,7 @@ def worker(a: argparse.Namespace) -> None:
     if a.worker == "pyro":
         sys.path.insert(0, str(REPO))
         import pyro
+
         import pyro_scvi
         from pyro_scvi import SCVI, settings
 
@@ -176,8 +177,10 @@ def worker(a: argparse.Namespace) -> None:
     res["latent_s"] = time.perf_counter() - t0
     res["latent_shape"] = list(z.shape)
     sample = min(len(z), 5000)  # silhouettes are O(n²): a fixed random subset of cells on large data
-    res["silhouette_cell_line"] = float(silhouette_score(z, adata.obs["cell_line"], sample_size=sample, random_state=0))
-    res["silhouette_batch"] = float(silhouette_score(z, adata.obs["batch"], sample_size=sample, random_state=0))
+    res["silhouette_cell_line"] = float(silhouette_score(z, adata.obs["cell_line"], sample_size=sample,
+                                                         random_state=0))
+    res["silhouette_batch"] = float(silhouette_score(z, adata.obs["batch"], sample_size=sample,
+                                                     random_state=0))
 
     hist = m.history or {}
     res["history_last"] = {k: float(v.iloc[-1, 0]) for k, v in hist.items() if len(v)}
@@ -226,12 +229,14 @@ def run_side(side: str, python: str, a: argparse.Namespace, tmp: Path, rep: int)
     res["loadavg_before"], res["loadavg_after"] = list(load_before), list(os.getloadavg())
     busy_after = cpu_busy_s()
     # CPU time other processes took while the child ran: > 0 means the timing competed for cores
-    res["other_procs_cpu_s"] = None if busy_before is None else max(0.0, busy_after - busy_before - res["child_cpu_s"])
+    res["other_procs_cpu_s"] = (None if busy_before is None
+                                else max(0.0, busy_after - busy_before - res["child_cpu_s"]))
     print(f"    {res['s_per_epoch']:.3f} s/epoch, held-out ELBO {res['elbo_validation']:.2f}, "
           f"peak RSS {res['peak_rss_mb']:.0f} MB, child wall {wall:.1f} s, "
           f"CPU taken by other processes meanwhile {res['other_procs_cpu_s'] or 0:.1f} s", flush=True)
     if (res["other_procs_cpu_s"] or 0) > 0.1 * wall:
-        print("    WARNING: other processes competed for the cores during this run; its timing is unreliable", flush=True)
+        print("    WARNING: other processes competed for the cores during this run; "
+              "its timing is unreliable", flush=True)
     return res
 
 
@@ -265,7 +270,7 @@ def machine_info() -> dict:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
@@ -295,7 +300,8 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
         s["s_per_epoch_runs"] = [r["s_per_epoch"] for r in rs]
         s["runs_clean"] = [_clean(r) for r in rs]
         s["s_per_epoch"] = _median([r["s_per_epoch"] for r in (clean or rs)])
-        s["s_per_epoch_from"] = f"median of {len(clean)} clean run(s)" if clean else f"median of {len(rs)} run(s), none clean"
+        s["s_per_epoch_from"] = (f"median of {len(clean)} clean run(s)" if clean
+                                 else f"median of {len(rs)} run(s), none clean")
         s["train_s"] = s["s_per_epoch"] * s["epochs"]
         s["peak_rss_mb_runs"] = [r["peak_rss_mb"] for r in rs]
         s["peak_rss_mb"] = max(s["peak_rss_mb_runs"])
@@ -376,13 +382,15 @@ def parent(a: argparse.Namespace) -> None:
           f"{a.threads} threads, marginal LL with {a.mc} samples, order: {', '.join(order_log)}")
     print(table(summary))
     for side, r in summary.items():
-        runs_txt = ", ".join(f"{v:.3f}{'' if c else '*'}" for v, c in zip(r["s_per_epoch_runs"], r["runs_clean"]))
+        runs_txt = ", ".join(f"{v:.3f}{'' if c else '*'}"
+                             for v, c in zip(r["s_per_epoch_runs"], r["runs_clean"]))
         print(f"{SIDES[side]} s/epoch per run: {runs_txt}  -> {r['s_per_epoch_from']}"
               + ("  (* = other processes competed)" if not all(r["runs_clean"]) else ""))
     if "ratio_s_per_epoch_pyro_over_scvi" in result:
         print(f"\nratio pyro-scvi / scvi-tools, s/epoch: {result['ratio_s_per_epoch_pyro_over_scvi']:.2f}"
               f"   peak RSS: {result['ratio_peak_rss_pyro_over_scvi']:.2f}")
-        print(f"same genes: {result['same_genes']}   same validation cells: {result['same_validation_cells']}")
+        print(f"same genes: {result['same_genes']}   "
+              f"same validation cells: {result['same_validation_cells']}")
     out_path.write_text(json.dumps(result, indent=1))
     print(f"wrote {out_path}")
 
@@ -390,15 +398,18 @@ def parent(a: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--h5ad", default=DEFAULT_H5AD)
-    p.add_argument("--n-genes", type=int, default=2000, help="top-N genes by variance of log1p counts; 0 = all")
+    p.add_argument("--n-genes", type=int, default=2000,
+                   help="top-N genes by variance of log1p counts; 0 = all")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--mc", type=int, default=100, help="importance samples for get_marginal_ll")
-    p.add_argument("--mc-cells", type=int, default=0, help="marginal LL on the first N validation cells (0 = all)")
+    p.add_argument("--mc-cells", type=int, default=0,
+                   help="marginal LL on the first N validation cells (0 = all)")
     p.add_argument("--generate", type=int, default=0, metavar="N_CELLS",
                    help="benchmark on a generated N_CELLS x 2000-gene set instead of --h5ad")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1, help="rounds; the order alternates each round, s/epoch is the median")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds; the order alternates each round, s/epoch is the median")
     p.add_argument("--out", help="JSON output (default benchmarks/results/cellbench_<n_genes>.json)")
     p.add_argument("--pyro-python", default=sys.executable, help="Python with pyro_scvi's dependencies")
     p.add_argument("--scvi-python", default=DEFAULT_SCVI_PYTHON, help="Python with scvi-tools installed")

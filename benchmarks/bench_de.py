@@ -121,7 +121,8 @@ def run_side(side: str, a: argparse.Namespace, python: str) -> dict:
         out = Path(tmp) / f"{side}.json"
         command = [python, str(Path(__file__).resolve()), "--worker", side, "--worker-out", str(out),
                    "--threads", str(a.threads), "--repeats", str(a.repeats), "--seed", str(a.seed),
-                   "--fixture", str(a.fixture), "--h5ad", str(a.h5ad)] + (["--full-genes"] if a.full_genes else [])
+                   "--fixture", str(a.fixture), "--h5ad", str(a.h5ad)] + (
+                      ["--full-genes"] if a.full_genes else [])
         t0 = time.perf_counter()
         subprocess.run(command, check=True, cwd=REPO)
         result = json.loads(out.read_text())
@@ -172,7 +173,8 @@ def main() -> None:
         for side, result in report["sides"].items():
             times = result["seconds"][mode]
             medians[side] = statistics.median(times)
-            print(f"{mode:<8} {SIDES[side]:<11} {medians[side]:9.2f}   {', '.join(f'{t:.2f}' for t in times)}")
+            print(f"{mode:<8} {SIDES[side]:<11} {medians[side]:9.2f}   "
+                  f"{', '.join(f'{t:.2f}' for t in times)}")
         if "scvi" in medians:
             ratio = medians["scvi"] / medians["pyro"]
             medians["speedup_scvi_over_pyro"] = ratio

@@ -52,7 +52,14 @@ from typing import Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the helpers shared with bench_cellbench.py (stdlib-only at import)
 from bench_cellbench import (  # noqa: E402
-    DEFAULT_SCVI_PYTHON, REPO, SIDES, _rss_mb, load_data, machine_info, scvi_available, write_generated,
+    DEFAULT_SCVI_PYTHON,
+    REPO,
+    SIDES,
+    _rss_mb,
+    load_data,
+    machine_info,
+    scvi_available,
+    write_generated,
 )
 
 DATA_DIR = REPO.parent / "shared" / "data"
@@ -107,7 +114,7 @@ def cpu_details() -> dict:
     flags: list[str] = []
     try:
         with open("/proc/cpuinfo") as f:
-            line = next((l for l in f if l.startswith("flags")), "")
+            line = next((ln for ln in f if ln.startswith("flags")), "")
         wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "amx_tile")
         flags = [w for w in wanted if w in line.split()]
     except OSError:
@@ -121,7 +128,8 @@ def cpu_details() -> dict:
 
 
 def machine_line(m: dict) -> str:
-    return (f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, SIMD {' '.join(m['simd_flags']) or '?'}; "
+    return (f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, "
+            f"SIMD {' '.join(m['simd_flags']) or '?'}; "
             f"compiler {m['compiler']}; {m['platform']}.")
 
 
@@ -192,6 +200,7 @@ def train_worker(a: argparse.Namespace) -> None:
     if a.worker == "pyro":
         sys.path.insert(0, str(REPO))
         import pyro
+
         import pyro_scvi
         from pyro_scvi import SCVI, settings
         from pyro_scvi.distributions import fused
@@ -425,7 +434,8 @@ def train_task(a, out: Path, split_path: Path, dataset: str, seed: int, side: st
                 needed=lambda: not result.exists(), finish=finish)
 
 
-def scib_task(a, out: Path, split_path: Path, dataset: str, sides: list[str], train_tasks: list[Task]) -> Task:
+def scib_task(a, out: Path, split_path: Path, dataset: str, sides: list[str],
+              train_tasks: list[Task]) -> Task:
     """The scib child of one data set; it starts once none of that data set's training is left."""
     seeds = a.seeds_list
 
@@ -489,7 +499,8 @@ def choose_datasets(a: argparse.Namespace, out: Path) -> dict[str, Path]:
             write_generated(path, GENERATED_CELLS)
         files[GENERATED] = path
     for n, f in files.items():
-        print(f"data: {n} <- {f}" + (" (generated: 4 batches, 5 types in cell_line)" if n == GENERATED else ""))
+        print(f"data: {n} <- {f}"
+              + (" (generated: 4 batches, 5 types in cell_line)" if n == GENERATED else ""))
     return files
 
 
@@ -505,7 +516,8 @@ def parent(a: argparse.Namespace) -> None:
     sides = ["pyro"] + (["scvi"] if ok_peer else [])
     pythons = {"pyro": a.pyro_python, "scvi": a.scvi_python}
     files = choose_datasets(a, out)
-    print(f"seeds {a.seeds_list}, {a.epochs} epochs, marginal LL with {a.mc} samples, {a.jobs} children at a time")
+    print(f"seeds {a.seeds_list}, {a.epochs} epochs, marginal LL with {a.mc} samples, "
+          f"{a.jobs} children at a time")
 
     splits = {}
     for dataset, h5ad in files.items():
@@ -522,10 +534,12 @@ def parent(a: argparse.Namespace) -> None:
                    for side in (sides if seed % 2 == 0 else sides[::-1])]
     scib_tasks = ([scib_task(a, out, splits[ds], ds, sides, train_tasks) for ds in files] if ok_scib else [])
     todo = sum(t.needed() for t in train_tasks)
-    print(f"{todo} of {len(train_tasks)} trainings to run ({len(train_tasks) - todo} found in {out})", flush=True)
+    print(f"{todo} of {len(train_tasks)} trainings to run ({len(train_tasks) - todo} found in {out})",
+          flush=True)
     t0 = time.perf_counter()
     failed = run_pool(scib_tasks + train_tasks, a.jobs)  # scib first whenever one is ready
-    print(f"\nfinished in {time.perf_counter() - t0:.0f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    print(f"\nfinished in {time.perf_counter() - t0:.0f} s"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     print()
     summarize(out)
     if failed:
@@ -603,7 +617,8 @@ def note_provenance(prov: dict, split: dict, runs: dict) -> None:
                 prov["versions"].setdefault(SIDES[side], {}).setdefault(k, set()).add(v)
             if r["scib"]:
                 for k in ("scib_metrics", "jax"):
-                    prov["versions"].setdefault("scib-metrics", {}).setdefault(k, set()).add(r["scib"].get(k, "?"))
+                    prov["versions"].setdefault("scib-metrics", {}).setdefault(k, set()).add(
+                        r["scib"].get(k, "?"))
             if "fused_kernel" in t:
                 prov["fused"].add(str(t["fused_kernel"]))
             prov["machines"].add(json.dumps(t["machine"], sort_keys=True))
@@ -629,8 +644,9 @@ def dataset_rows(dataset: str, split: dict, runs: dict) -> dict[str, str]:
     n_train = split["n_cells"] - split["n_test"]
     mll = {side: fmt_ci(t_interval(per_seed(side, lambda r: r["mll"].mean())), 2) for side in SIDES}
     ci = t_interval([(runs[s]["pyro"]["mll"] - runs[s]["scvi"]["mll"]).mean() for s in paired])
-    rows["mll"] = (f"| {dataset} | {n_train} / {split['n_test']} | {split['n_genes']} | {split['n_batches']} | "
-                   f"{len(paired)} | {mll['pyro']} | {mll['scvi']} | {fmt_ci(ci, 2)} | {verdict(ci, GOAL_MLL)} |")
+    rows["mll"] = (f"| {dataset} | {n_train} / {split['n_test']} | {split['n_genes']} | "
+                   f"{split['n_batches']} | {len(paired)} | {mll['pyro']} | {mll['scvi']} | "
+                   f"{fmt_ci(ci, 2)} | {verdict(ci, GOAL_MLL)} |")
 
     # scib: totals per side, paired difference of the totals; bio and batch per side
     scored = [s for s in paired if all(runs[s][side]["scib"] for side in SIDES)]
@@ -638,7 +654,8 @@ def dataset_rows(dataset: str, split: dict, runs: dict) -> dict[str, str]:
     total = {side: fmt_ci(t_interval(per_seed(side, scib("total"))), 3) for side in SIDES}
     rows["scib"] = (f"| {dataset}{'' if split['labels_key'] else ' (batch only)'} | {len(scored)} | "
                     f"{total['pyro']} | {total['scvi']} | {fmt_ci(ci, 3)} | {verdict(ci, GOAL_SCIB)} |")
-    parts = [fmt_ci(t_interval(per_seed(side, scib(key))), 3) if split["labels_key"] or key == "batch" else "—"
+    parts = [fmt_ci(t_interval(per_seed(side, scib(key))), 3)
+             if split["labels_key"] or key == "batch" else "—"
              for key in ("bio", "batch") for side in SIDES]
     rows["parts"] = f"| {dataset} | " + " | ".join(parts) + " |"
 
@@ -698,7 +715,8 @@ def summarize(out: Path) -> str:
         "Test-set marginal log-likelihood, nats per cell (higher is better); Δ = pyro-scvi − scvi-tools, "
         f"per seed the mean over test cells; goal: upper end of Δ's interval ≥ {signed(GOAL_MLL)}.",
         "",
-        "| data set | cells train / test | genes | batches | paired seeds | pyro-scvi | scvi-tools | Δ [95% CI] | goal |",
+        "| data set | cells train / test | genes | batches | paired seeds | pyro-scvi | scvi-tools "
+        "| Δ [95% CI] | goal |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
         *rows["mll"],
         "",
@@ -742,13 +760,17 @@ def main(argv=None) -> None:
     p.add_argument("--mc", type=int, default=200, help="importance samples per test cell for get_marginal_ll")
     p.add_argument("--n-genes", type=int, default=2000, help="top-N genes by variance of log1p counts")
     p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--split-seed", type=int, default=12345, help="seed of the test split (np.random.default_rng)")
-    p.add_argument("--kbet", action="store_true", help="include kBET in the scib batch metrics (slow to compile)")
+    p.add_argument("--split-seed", type=int, default=12345,
+                   help="seed of the test split (np.random.default_rng)")
+    p.add_argument("--kbet", action="store_true",
+                   help="include kBET in the scib batch metrics (slow to compile)")
     p.add_argument("--jobs", type=int, default=2, help="children running at a time (each single-threaded)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="results directory (default benchmarks/results/real)")
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help="results directory (default benchmarks/results/real)")
     p.add_argument("--data-dir", default=str(DATA_DIR), help="folder of the real .h5ad files")
     p.add_argument("--pyro-python", default=sys.executable, help="Python with pyro_scvi's dependencies")
-    p.add_argument("--scvi-python", default=DEFAULT_SCVI_PYTHON, help="Python with scvi-tools and scib-metrics")
+    p.add_argument("--scvi-python", default=DEFAULT_SCVI_PYTHON,
+                   help="Python with scvi-tools and scib-metrics")
     p.add_argument("--skip-peer", action="store_true", help="train pyro-scvi only")
     p.add_argument("--summarize", action="store_true", help="only print (and write summary.md) the tables")
     # child-process arguments

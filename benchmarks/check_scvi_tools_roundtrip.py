@@ -59,8 +59,10 @@ print(json.dumps({
 """
 
 
-def run_child(scvi_python: Path, model_dir: Path, adata_path: Path, mean_path: Path, var_path: Path, cwd: str):
-    proc = subprocess.run([str(scvi_python), "-c", CHILD, str(model_dir), str(adata_path), str(mean_path), str(var_path)],
+def run_child(scvi_python: Path, model_dir: Path, adata_path: Path, mean_path: Path, var_path: Path,
+              cwd: str):
+    proc = subprocess.run([str(scvi_python), "-c", CHILD, str(model_dir), str(adata_path), str(mean_path),
+                           str(var_path)],
                           capture_output=True, text=True, cwd=cwd, timeout=600)
     if proc.returncode != 0:
         print(proc.stdout[-3000:])
@@ -76,7 +78,8 @@ def report(name: str, result: dict | None, tolerance: float) -> bool:
     print(json.dumps(result, indent=2))
     worst = max(result["max_abs_diff_mean"], result["max_abs_diff_var"])
     ok = worst <= tolerance and result["is_trained"]
-    print(f"{'PASS' if ok else 'FAIL'} [{name}]: scvi-tools {result['scvi_version']} loaded the exported model; "
+    print(f"{'PASS' if ok else 'FAIL'} [{name}]: scvi-tools {result['scvi_version']} "
+          f"loaded the exported model; "
           f"latent mean max |diff| = {result['max_abs_diff_mean']:.3g}, "
           f"latent var max |diff| = {result['max_abs_diff_var']:.3g} (tolerance {tolerance:g}).")
     return ok
@@ -106,7 +109,8 @@ def check_ours(scvi_python: Path, tolerance: float, tmp: str) -> bool:
     attrs["history_"] = payload["attr_dict"]["history_"]
     out = Path(tmp) / "ours_exported"
     write_scvi_tools_model(out, payload["model_state_dict"], payload["var_names"], attrs)
-    result = run_child(scvi_python, out, ours / "adata.h5ad", Path(tmp) / "ours_mean.npy", Path(tmp) / "ours_var.npy", tmp)
+    result = run_child(scvi_python, out, ours / "adata.h5ad", Path(tmp) / "ours_mean.npy",
+                       Path(tmp) / "ours_var.npy", tmp)
     return report("pyro-scvi model", result, tolerance)
 
 

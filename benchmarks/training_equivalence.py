@@ -20,8 +20,8 @@ How the two runs are made the same, without changing either package's training l
   ``Normal.rsample`` records the ε of every draw inside a training step, and ``Adam.step``
   records gradients (it evaluates Lightning's closure first, then steps, which is what
   ``Adam.step(closure)`` does) and snapshots the weights after the step.
-* pyro-scvi then runs its real ``SCVI.train`` in a child process of this Python with ``RegisteredData.iterate``
-  wrapped to take each epoch's cell order from the scvi-tools record (instead of
+* pyro-scvi then runs its real ``SCVI.train`` in a child process of this Python with
+  ``RegisteredData.iterate`` wrapped to take each epoch's cell order from the scvi-tools record (instead of
   ``torch.randperm``), ``Normal.rsample`` to replay the recorded ε, and ``Adam.step`` to record
   the same quantities. Afterwards it loads scvi-tools' weights of each snapshot and computes the
   gradient of the next step there (same minibatch, ε and KL weight) through ``CellMeanELBO``.
@@ -104,7 +104,8 @@ FORCED_FLOOR = 1e-3      # each against at least 1e-3 of the whole gradient's no
 
 
 def snapshot_steps(n_steps: int, every: int = 10) -> list[int]:
-    """Optimiser steps after which the weights are compared: 1–10, then every ``every``-th, and the last."""
+    """Optimiser steps after which the weights are compared: 1–10, then every ``every``-th, and the
+    last."""
     return sorted({*range(1, min(10, n_steps) + 1), *range(10, n_steps + 1, every), n_steps})
 
 
@@ -112,7 +113,8 @@ def snapshot_steps(n_steps: int, every: int = 10) -> list[int]:
 # The recorder, shared by both sides (the child imports this file with scvi-tools' Python)
 # ------------------------------------------------------------------------------------------------
 class Recorder:
-    """Wraps ``Normal.rsample``, ``F.dropout`` and ``Adam.step`` to record (or replay) one training run.
+    """Wraps ``Normal.rsample``, ``F.dropout`` and ``Adam.step`` to record (or replay) one training
+    run.
 
     ``replay``: a record of the other side; its ε and dropout masks are used instead of fresh draws.
     ``names``: maps a parameter to its name in scvi-tools' state dict; ``state``: returns the
@@ -145,7 +147,8 @@ class Recorder:
 
     def end_step(self, **terms) -> None:
         self.in_step = False
-        self.current.update({k: float(v.detach()) if hasattr(v, "detach") else float(v) for k, v in terms.items()})
+        self.current.update({k: float(v.detach()) if hasattr(v, "detach") else float(v)
+                             for k, v in terms.items()})
         self.steps.append(self.current)
 
     # wrappers ----------------------------------------------------------------------------------
@@ -161,14 +164,17 @@ class Recorder:
             if not (recorder.in_step and training and p > 0):
                 return original_dropout(input, p, training, inplace)
             if recorder.replay is not None:
-                match = [i for i, m in enumerate(recorder.pending_masks) if tuple(m.shape) == tuple(input.shape)]
+                match = [i for i, m in enumerate(recorder.pending_masks)
+                         if tuple(m.shape) == tuple(input.shape)]
                 if not match:
-                    raise RuntimeError(f"No recorded dropout mask of shape {tuple(input.shape)} at step {len(recorder.steps)}.")
+                    raise RuntimeError(f"No recorded dropout mask of shape {tuple(input.shape)} "
+                                       f"at step {len(recorder.steps)}.")
                 keep = recorder.pending_masks.pop(match[0])
             else:
                 keep = torch.rand(input.shape, device=input.device) >= p
             recorder.current["masks"].append(keep.clone())
-            return input * keep / (1 - p)  # torch's dropout: zero with probability p, scale the rest by 1/(1-p)
+            # torch's dropout: zero with probability p, scale the rest by 1/(1-p)
+            return input * keep / (1 - p)
 
         def rsample(dist, sample_shape=torch.Size()):
             if not recorder.in_step:
@@ -177,7 +183,8 @@ class Recorder:
             if recorder.replay is not None:
                 match = [i for i, e in enumerate(recorder.pending_eps) if tuple(e.shape) == tuple(shape)]
                 if not match:
-                    raise RuntimeError(f"No recorded ε of shape {tuple(shape)} at step {len(recorder.steps)}.")
+                    raise RuntimeError(f"No recorded ε of shape {tuple(shape)} "
+                                       f"at step {len(recorder.steps)}.")
                 eps = recorder.pending_eps.pop(match[0]).to(dist.loc.dtype)
             else:
                 eps = torch.randn(shape, dtype=dist.loc.dtype, device=dist.loc.device)
@@ -192,7 +199,8 @@ class Recorder:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             before = None
             if recorder.step == 0 or recorder.step in recorder.snapshot_at:
-                recorder.grads_at[recorder.step] = {recorder.names[p]: p.grad.detach().clone() for p in params if p.grad is not None}
+                recorder.grads_at[recorder.step] = {recorder.names[p]: p.grad.detach().clone()
+                                                    for p in params if p.grad is not None}
             if recorder.step == 0:
                 recorder.first_grads = recorder.grads_at[0]
                 before = {recorder.names[p]: p.detach().clone() for p in params}
@@ -208,7 +216,8 @@ class Recorder:
                     for p in params if p in optimizer.state and "exp_avg" in optimizer.state[p]
                 }
             if recorder.step in recorder.snapshot_at:
-                recorder.snapshots[recorder.step] = {k: v.detach().clone() for k, v in recorder.state().items()}
+                recorder.snapshots[recorder.step] = {k: v.detach().clone()
+                                                     for k, v in recorder.state().items()}
             return loss
 
         torch.distributions.Normal.rsample = rsample
@@ -216,8 +225,8 @@ class Recorder:
         torch.nn.functional.dropout = dropout
 
     def record(self) -> dict:
-        return {"steps": self.steps, "snapshots": self.snapshots, "first_grads": self.first_grads, "grads_at": self.grads_at,
-                "first_adam": self.first_adam}
+        return {"steps": self.steps, "snapshots": self.snapshots, "first_grads": self.first_grads,
+                "grads_at": self.grads_at, "first_adam": self.first_adam}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,7 +277,8 @@ def run_scvi_tools(spec: dict) -> None:
         result = original_training_step(plan, batch, batch_idx)
         loss = last["loss"]
         recorder.end_step(
-            epoch=plan.current_epoch, global_step=plan.global_step, kl_weight=plan.loss_kwargs["kl_weight"],
+            epoch=plan.current_epoch, global_step=plan.global_step,
+            kl_weight=plan.loss_kwargs["kl_weight"],
             loss=loss.loss, reconstruction=loss.reconstruction_loss["reconstruction_loss"].mean(),
             kl_z=loss.kl_local["kl_divergence_z"].mean(),
         )
@@ -278,7 +288,8 @@ def run_scvi_tools(spec: dict) -> None:
     TrainingPlan.training_step = training_step
     model.train(
         max_epochs=spec["epochs"], batch_size=128, enable_progress_bar=False, accelerator="cpu",
-        datasplitter_kwargs={"external_indexing": [np.asarray(spec["train"]), np.asarray(spec["validation"]), np.asarray([], dtype=np.int64)]},
+        datasplitter_kwargs={"external_indexing": [np.asarray(spec["train"]), np.asarray(spec["validation"]),
+                                                   np.asarray([], dtype=np.int64)]},
     )
     record = recorder.record()
     record["version"] = scvi.__version__
@@ -306,11 +317,13 @@ def run_pyro_scvi(spec: dict) -> None:
 
     torch.set_num_threads(spec["threads"])
     theirs = torch.load(spec["record"], weights_only=False)
-    model = make_pyro_model(anndata.read_h5ad(spec["adata"]), spec["likelihood"], spec["batch"], spec["seed"], spec["dropout"])
+    model = make_pyro_model(anndata.read_h5ad(spec["adata"]), spec["likelihood"], spec["batch"], spec["seed"],
+                            spec["dropout"])
     module = model.module
     module.load_state_dict(torch.load(spec["init_ours"], weights_only=True), strict=True)
     names = {p: n for n, p in to_scvi_tools_state_dict(dict(module.named_parameters())).items()}
-    recorder = Recorder(spec["steps"], spec["every"], names, lambda: to_scvi_tools_state_dict(module.state_dict()), replay=theirs)
+    recorder = Recorder(spec["steps"], spec["every"], names,
+                        lambda: to_scvi_tools_state_dict(module.state_dict()), replay=theirs)
     recorder.install()
 
     # each epoch's cell order, as scvi-tools' sampler drew it
@@ -336,7 +349,8 @@ def run_pyro_scvi(spec: dict) -> None:
         recorder.begin_step(theirs["steps"][len(recorder.steps)]["cells"])
         loss = original_loss_and_grads(elbo, model_fn, guide_fn, batch, *args, **kwargs)
         recorder.end_step(
-            epoch=-1, global_step=len(recorder.steps), kl_weight=elbo.kl_weights.get("z", 1.0), loss=loss,
+            epoch=-1, global_step=len(recorder.steps), kl_weight=elbo.kl_weights.get("z", 1.0),
+            loss=loss,
             reconstruction=elbo.last_reconstruction["x"].mean(), kl_z=elbo.last_kl["z"].mean(),
         )
         return loss
@@ -344,7 +358,8 @@ def run_pyro_scvi(spec: dict) -> None:
     CellMeanELBO.loss_and_grads = loss_and_grads
     try:
         model.train(max_epochs=spec["epochs"], batch_size=128, enable_progress_bar=False, accelerator="cpu",
-                    datasplitter_kwargs={"external_indexing": [np.asarray(spec["train"]), np.asarray(spec["validation"]),
+                    datasplitter_kwargs={"external_indexing": [np.asarray(spec["train"]),
+                                                               np.asarray(spec["validation"]),
                                                                np.asarray([], dtype=np.int64)]})
     finally:
         RegisteredData.iterate = original_iterate
@@ -353,7 +368,8 @@ def run_pyro_scvi(spec: dict) -> None:
     for step, ref in zip(recorder.steps, theirs["steps"]):
         step["epoch"] = ref["epoch"]
     record = recorder.record()
-    record["forced_grads"] = forced_gradients(model, theirs, recorder, torch.load(spec["init_ours"], weights_only=True))
+    record["forced_grads"] = forced_gradients(model, theirs, recorder,
+                                              torch.load(spec["init_ours"], weights_only=True))
     torch.save(record, spec["record_ours"])
 
 
@@ -378,7 +394,8 @@ def forced_gradients(model, theirs: dict, recorder: Recorder, initial: dict) -> 
     for s in sorted(theirs["grads_at"]):
         if s >= len(theirs["steps"]):
             continue
-        module.load_state_dict(from_scvi_tools_state_dict(theirs["snapshots"][s]) if s else initial, strict=True)
+        module.load_state_dict(from_scvi_tools_state_dict(theirs["snapshots"][s]) if s else initial,
+                               strict=True)
         step = theirs["steps"][s]
         batch = data.minibatch(step["cells"])
         recorder.in_step, recorder.current = True, {"eps": [], "masks": []}
@@ -389,7 +406,8 @@ def forced_gradients(model, theirs: dict, recorder: Recorder, initial: dict) -> 
         with model.pyro_scope(), pyro.validation_enabled(False):
             CellMeanELBO({"z": step["kl_weight"]}).loss_and_grads(module.model, module.guide, batch)
         recorder.in_step = False
-        out[s] = {recorder.names[p]: p.grad.detach().clone() for p in module.parameters() if p.grad is not None}
+        out[s] = {recorder.names[p]: p.grad.detach().clone()
+                  for p in module.parameters() if p.grad is not None}
     return out
 
 
@@ -421,7 +439,8 @@ class Report:
         print(f"\n== {self.config}: {'PASS' if self.ok else 'FAIL'}")
         for what, value, tolerance, holds, detail in self.rows:
             limit = "documented deviation" if math.isinf(tolerance) else f"tol {tolerance:g}"
-            print(f"  {'ok  ' if holds else 'FAIL'} {what:<52} {value:10.3g}  ({limit}){'  ' + detail if detail else ''}")
+            print(f"  {'ok  ' if holds else 'FAIL'} {what:<52} {value:10.3g}  "
+                  f"({limit}){'  ' + detail if detail else ''}")
         for note in self.notes:
             print(f"  {note}")
 
@@ -449,7 +468,8 @@ def relative_all(ours: dict, theirs: dict, skip=(), floor: float = 0.0) -> dict:
     out = {}
     for k in set(ours) & set(theirs):
         if k not in skip:
-            a, b = torch.as_tensor(ours[k], dtype=torch.float64), torch.as_tensor(theirs[k], dtype=torch.float64)
+            a, b = (torch.as_tensor(ours[k], dtype=torch.float64),
+                    torch.as_tensor(theirs[k], dtype=torch.float64))
             out[k] = float((a - b).norm()) / max(float(b.norm()), total, 1e-300)
     return out
 
@@ -457,7 +477,8 @@ def relative_all(ours: dict, theirs: dict, skip=(), floor: float = 0.0) -> dict:
 def norm_all(tensors: dict) -> float:
     import torch
 
-    return math.sqrt(sum(float(torch.as_tensor(t, dtype=torch.float64).norm()) ** 2 for t in tensors.values()))
+    return math.sqrt(sum(float(torch.as_tensor(t, dtype=torch.float64).norm()) ** 2
+                         for t in tensors.values()))
 
 
 def worst(pairs: dict) -> tuple[float, str]:
@@ -491,7 +512,8 @@ def compare(config: str, ours: dict, theirs: dict, n_steps: int, baseline: dict[
     report.check("KL weight, every step (max |diff|)", kl, 1e-7,
                  f"last {steps_o[-1]['kl_weight']:.6g} vs {steps_t[-1]['kl_weight']:.6g}")
     # loss trajectory: the first step where the loss parts beyond the drift tolerance
-    parted = [i for i, (o, t) in enumerate(zip(steps_o, steps_t)) if relative(o["loss"], t["loss"]) > DRIFT_TOLERANCE]
+    parted = [i for i, (o, t) in enumerate(zip(steps_o, steps_t))
+              if relative(o["loss"], t["loss"]) > DRIFT_TOLERANCE]
     loss_drift = max(relative(o["loss"], t["loss"]) for o, t in zip(steps_o, steps_t))
     report.check(f"loss, steps 1-{n_steps} (max rel)", loss_drift, DRIFT_TOLERANCE,
                  f"first parts at step {parted[0] + 1}" if parted else "")
@@ -501,9 +523,11 @@ def compare(config: str, ours: dict, theirs: dict, n_steps: int, baseline: dict[
     report.check("parameters with a gradient (symmetric diff)", len(only), 0, ", ".join(only))
     zeros = zero_by_design(grads_t, first_t["kl_weight"])
     value, name = worst(relative_all(grads_o, grads_t, skip=zeros))
-    report.check(f"step 1: gradients ({len(grads_t) - len(zeros)} tensors, max rel)", value, STEP_TOLERANCE, name)
+    report.check(f"step 1: gradients ({len(grads_t) - len(zeros)} tensors, max rel)", value, STEP_TOLERANCE,
+                 name)
     scale = max(norm_all(grads_o), norm_all(grads_t))
-    value, name = worst({f"{k} ({side})": float(g[k].norm()) / scale for k in zeros for side, g in (("ours", grads_o), ("theirs", grads_t))})
+    value, name = worst({f"{k} ({side})": float(g[k].norm()) / scale
+                         for k in zeros for side, g in (("ours", grads_o), ("theirs", grads_t))})
     report.check(f"step 1: {len(zeros)} gradients zero by design, |g|/|all g|", value, 1e-6, name)
     for part in ("update", "exp_avg", "exp_avg_sq"):
         value, name = worst(relative_all({k: v[part] for k, v in ours["first_adam"].items()},
@@ -515,7 +539,8 @@ def compare(config: str, ours: dict, theirs: dict, n_steps: int, baseline: dict[
     for step in sorted(s for s in theirs["snapshots"] if s <= n_steps):
         so, st = ours["snapshots"][step], theirs["snapshots"][step]
         if set(so) != set(st):
-            report.check(f"after step {step}: state-dict keys differ", 1, 0, str(sorted(set(so) ^ set(st))))
+            report.check(f"after step {step}: state-dict keys differ", 1, 0,
+                         str(sorted(set(so) ^ set(st))))
             return report
         counters = [k for k in st if k.endswith("num_batches_tracked")]
         mismatch = [k for k in counters if int(so[k]) != int(st[k])]
@@ -528,33 +553,39 @@ def compare(config: str, ours: dict, theirs: dict, n_steps: int, baseline: dict[
         if first_part is None and value > DRIFT_TOLERANCE:
             first_part = (step, name, value, noise)
         last = (step, value, name, noise, {k: relative(so[k], st[k]) for k in st if "running_" in k})
-    report.check(f"after steps 1-{min(EARLY_STEPS, n_steps)}: parameters+buffers (max rel)", early, EARLY_TOLERANCE)
+    report.check(f"after steps 1-{min(EARLY_STEPS, n_steps)}: parameters+buffers (max rel)", early,
+                 EARLY_TOLERANCE)
 
     # the same step from the same state, all along the reference's trajectory
     forced, where = 0.0, ""
     for s_, grads in ours["forced_grads"].items():
         zeros = zero_by_design(grads, theirs["steps"][s_]["kl_weight"])
-        value, name = worst(relative_all(grads, theirs["grads_at"][s_], skip=zeros, floor=FORCED_FLOOR))
+        value, name = worst(relative_all(grads, theirs["grads_at"][s_], skip=zeros,
+                                         floor=FORCED_FLOOR))
         if value >= forced:
             forced, where = value, f"step {s_ + 1}: {name}"
     forced_ok = forced <= FORCED_TOLERANCE
-    report.check(f"gradients at the reference's weights, {len(ours['forced_grads'])} steps (max rel)", forced, FORCED_TOLERANCE, where)
+    report.check(f"gradients at the reference's weights, {len(ours['forced_grads'])} steps (max rel)", forced,
+                 FORCED_TOLERANCE, where)
 
     step, value, name, noise, bn = last
     note = f"{name}; scvi-tools vs itself from weights 1 ulp apart: {noise:.3g}"
     chaotic = value > DRIFT_TOLERANCE and forced_ok
-    if chaotic:  # documented deviation: every step agrees, the dynamics amplify round-off (see the module docstring)
+    # documented deviation: every step agrees, the dynamics amplify round-off (see the module docstring)
+    if chaotic:
         note += " -> round-off amplified by the dynamics: every checked step agrees from the same state"
     tolerance = math.inf if chaotic else DRIFT_TOLERANCE
     report.check(f"after step {step}: parameters+buffers (max rel)", value, tolerance, note)
-    report.check(f"after step {step}: BatchNorm running stats (max rel)", max(bn.values(), default=0.0), tolerance, worst(bn)[1])
+    report.check(f"after step {step}: BatchNorm running stats (max rel)", max(bn.values(), default=0.0),
+                 tolerance, worst(bn)[1])
     if first_part is not None:
-        report.notes.append(f"the two part first (> {DRIFT_TOLERANCE:g}) after step {first_part[0]}: {first_part[1]} "
-                            f"(rel {first_part[2]:.3g}; scvi-tools against itself from weights 1 ulp apart: {first_part[3]:.3g})")
+        report.notes.append(f"the two part first (> {DRIFT_TOLERANCE:g}) after step {first_part[0]}: "
+                            f"{first_part[1]} (rel {first_part[2]:.3g}; scvi-tools against itself "
+                            f"from weights 1 ulp apart: {first_part[3]:.3g})")
     so, st = ours["snapshots"][1], theirs["snapshots"][1]
     step1 = {k: relative(so[k], st[k]) for k in st if "running_" in k}
-    report.check("after step 1: BatchNorm running stats (max rel)", max(step1.values(), default=0.0), STEP_TOLERANCE,
-                 worst(step1)[1])
+    report.check("after step 1: BatchNorm running stats (max rel)", max(step1.values(), default=0.0),
+                 STEP_TOLERANCE, worst(step1)[1])
     return report
 
 
@@ -586,12 +617,14 @@ def load_data(name: str, n_genes: int):
     from pyro_scvi.data import synthetic_iid
 
     print(f"[data] {path} is absent: generated data (2 batches, 500 cells, {n_genes} genes)")
-    adata = synthetic_iid(batch_size=250, n_genes=n_genes, n_batches=2, n_labels=3, sparse_format="csr_matrix", seed=3)
+    adata = synthetic_iid(batch_size=250, n_genes=n_genes, n_batches=2, n_labels=3,
+                          sparse_format="csr_matrix", seed=3)
     return adata
 
 
 def run_child(python: str, worker: str, spec_path: Path) -> None:
-    proc = subprocess.run([python, __file__, "--worker", worker, "--spec", str(spec_path)], capture_output=True, text=True)
+    proc = subprocess.run([python, __file__, "--worker", worker, "--spec", str(spec_path)],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-6000:])
         raise SystemExit(f"the {worker} worker failed (exit {proc.returncode})")
@@ -601,15 +634,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="cellbench_3cl")
     parser.add_argument("--n-genes", type=int, default=2000)
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"comma-separated, of {', '.join(CONFIGS)}")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=10,
-                        help="after step 10, compare weights and gradients every N steps (1: every step; ~10 MB per step)")
+                        help="after step 10, compare weights and gradients every N steps "
+                             "(1: every step; ~10 MB per step)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dropout", type=float, default=0.1, help="dropout_rate of both models (the default 0.1; masks are replayed)")
+    parser.add_argument("--dropout", type=float, default=0.1,
+                        help="dropout_rate of both models (the default 0.1; masks are replayed)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--scvi-python", default=DEFAULT_SCVI_PYTHON)
-    parser.add_argument("--keep", metavar="DIR", help="write the data, specs and both records to DIR instead of a temporary folder")
+    parser.add_argument("--keep", metavar="DIR",
+                        help="write the data, specs and both records to DIR instead of a temporary folder")
     parser.add_argument("--worker", choices=("scvi", "pyro"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -627,7 +664,8 @@ def main() -> int:
     from pyro_scvi.io.scvi_tools import to_scvi_tools_state_dict
 
     if not Path(args.scvi_python).exists():
-        print(f"{args.scvi_python} is missing: install scvi-tools in its own venv (see benchmarks/README.md).")
+        print(f"{args.scvi_python} is missing: install scvi-tools in its own venv "
+              f"(see benchmarks/README.md).")
         return 0
     unknown = sorted(set(args.configs.split(",")) - set(CONFIGS))
     if unknown:
@@ -637,7 +675,8 @@ def main() -> int:
     n_train = math.ceil(0.9 * adata.n_obs)
     steps_per_epoch = math.ceil(n_train / 128)
     epochs = math.ceil(args.steps / steps_per_epoch)
-    print(f"[run] {adata.n_obs} cells x {adata.n_vars} genes, {n_train} training cells, {steps_per_epoch} steps/epoch, "
+    print(f"[run] {adata.n_obs} cells x {adata.n_vars} genes, {n_train} training cells, "
+          f"{steps_per_epoch} steps/epoch, "
           f"{epochs} epochs ({args.steps} steps compared), seed {args.seed}, dropout {args.dropout}, "
           f"{args.threads} thread(s) per side")
     all_ok = True
@@ -655,21 +694,24 @@ def main() -> int:
             torch.save(model.module.state_dict(), tmp / "init_ours.pt")
             torch.save(to_scvi_tools_state_dict(model.module.state_dict()), tmp / "init_theirs.pt")
             spec = {"adata": str(adata_path), "likelihood": likelihood, "batch": batch, "seed": args.seed,
-                    "threads": args.threads, "steps": args.steps, "every": args.every, "epochs": epochs, "dropout": args.dropout,
+                    "threads": args.threads, "steps": args.steps, "every": args.every, "epochs": epochs,
+                    "dropout": args.dropout,
                     "train": train.tolist(), "validation": validation.tolist(),
                     "init": str(tmp / "init_theirs.pt"), "init_ours": str(tmp / "init_ours.pt"),
                     "record": str(tmp / f"{config}_scvi.pt"), "record_ours": str(tmp / f"{config}_pyro.pt")}
             spec_path = tmp / f"{config}.json"
             spec_path.write_text(json.dumps(spec))
             perturbed_path = tmp / f"{config}_perturbed.json"
-            perturbed_path.write_text(json.dumps(dict(spec, perturb=True, record=str(tmp / f"{config}_scvi_ulp.pt"))))
+            perturbed_path.write_text(json.dumps(dict(spec, perturb=True,
+                                                      record=str(tmp / f"{config}_scvi_ulp.pt"))))
             run_child(args.scvi_python, "scvi", spec_path)
             run_child(args.scvi_python, "scvi", perturbed_path)
             run_child(sys.executable, "pyro", spec_path)
             theirs = torch.load(spec["record"], weights_only=False)
             ours = torch.load(spec["record_ours"], weights_only=False)
             baseline = self_drift(torch.load(tmp / f"{config}_scvi_ulp.pt", weights_only=False), theirs)
-            report = compare(f"{config} (scvi-tools {theirs['version']})", ours, theirs, args.steps, baseline)
+            report = compare(f"{config} (scvi-tools {theirs['version']})", ours, theirs, args.steps,
+                             baseline)
             report.print()
             all_ok &= report.ok
     print(f"\n{'EQUIVALENT' if all_ok else 'NOT EQUIVALENT'}: {args.configs} on {args.data}")

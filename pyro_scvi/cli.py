@@ -24,16 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from .data.registry import Registry
+from .differential import DE_MODES
+from .infer.device import ACCELERATORS
 from .io.tenx import VAR_NAMES, read_input
 
 __all__ = ["main", "run_demo", "build_parser"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
-#: ``train(accelerator=...)`` values the model accepts
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
-#: ``differential_expression(mode=...)`` values
-DE_MODES = ("vanilla", "change")
 
 #: errors reported as ``error: <message>`` with exit code 1 (bad data, bad model, missing files)
 _USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError, OSError, ImportError, ArithmeticError)

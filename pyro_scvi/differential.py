@@ -49,6 +49,7 @@ import scipy.sparse as sp
 import torch
 
 __all__ = [
+    "DE_MODES",
     "cells_mask",
     "comparison_masks",
     "comparison_table",
@@ -64,6 +65,8 @@ __all__ = [
 ]
 
 EPS = 1e-8
+#: ``differential_expression(mode=...)``: posterior probability of a difference, or of a change
+DE_MODES = ("vanilla", "change")
 #: the extra keyword arguments of ``differential_expression`` and their defaults
 DE_KWARGS = {
     "n_samples_overall": 5000,

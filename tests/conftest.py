@@ -48,8 +48,13 @@ def cellbench():
 
         print(f"\n[data] using real CellBench data: {path}")
         return top_variable_genes(anndata.read_h5ad(path), 2000), "cellbench"
-    print("\n[data] ../shared/data is absent: using generated data (3 batches, 5 cell types) instead of CellBench")
-    generated = synthetic_iid(batch_size=303, n_genes=2000, n_batches=3, n_labels=5, sparse_format="csr_matrix", seed=5)
+    print(
+        "\n[data] ../shared/data is absent: using generated data (3 batches, 5 cell types) "
+        "instead of CellBench"
+    )
+    generated = synthetic_iid(
+        batch_size=303, n_genes=2000, n_batches=3, n_labels=5, sparse_format="csr_matrix", seed=5
+    )
     generated.obs["cell_line"] = generated.obs["labels"]
     return generated, "generated"
 

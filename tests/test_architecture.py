@@ -147,4 +147,8 @@ def test_the_checker_sees_cycles_and_upward_imports(tmp_path):
     """The graph above is not vacuous: known edges are found."""
     assert "pyro_scvi.api.base" in GRAPH["pyro_scvi.api.scvi"]
     assert "pyro_scvi.data.registry" in GRAPH["pyro_scvi.api.base"]
-    assert layer_of("pyro_scvi.api.scvi") > layer_of("pyro_scvi.infer.training") > layer_of("pyro_scvi.data.loader")
+    assert (
+        layer_of("pyro_scvi.api.scvi")
+        > layer_of("pyro_scvi.infer.training")
+        > layer_of("pyro_scvi.data.loader")
+    )

@@ -15,7 +15,9 @@ def test_demo_writes_latent_and_model(tmp_path, capsys):
     assert written.obsm["X_scVI"].shape == (1200, 10) and np.isfinite(written.obsm["X_scVI"]).all()
     np.testing.assert_allclose(written.layers["scvi_normalized"].sum(1), 1e4, rtol=1e-3)
     model = SCVI.load(tmp_path / "model", adata=written)
-    np.testing.assert_allclose(model.get_latent_representation(), written.obsm["X_scVI"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        model.get_latent_representation(), written.obsm["X_scVI"], rtol=1e-5, atol=1e-6
+    )
 
 
 # ============================================================================ the other subcommands
@@ -47,8 +49,9 @@ def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("cli")
     adata = synthetic_iid(batch_size=60, n_genes=40, n_batches=2, n_labels=3, seed=0)
     adata.write_h5ad(work / "data.h5ad")
-    code = main(["train", str(work / "data.h5ad"), "--layer", "counts", "--batch-key", "batch", "--labels-key", "labels",
-                 "--out", str(work / "res"), "--normalized-layer", "norm", "--plots", "--quiet", *TINY])
+    code = main(["train", str(work / "data.h5ad"), "--layer", "counts", "--batch-key", "batch",
+                 "--labels-key", "labels", "--out", str(work / "res"), "--normalized-layer", "norm",
+                 "--plots", "--quiet", *TINY])
     assert code == 0
     return work
 
@@ -60,7 +63,9 @@ def test_train_writes_model_h5ad_and_plots(trained):
     np.testing.assert_allclose(written.layers["norm"].sum(1), 1e4, rtol=1e-3)
     model = SCVI.load(out / "model", adata=written)
     assert len(model.history["elbo_train"]) == 3 and "elbo_validation" in model.history
-    np.testing.assert_allclose(model.get_latent_representation(), written.obsm["X_scVI"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        model.get_latent_representation(), written.obsm["X_scVI"], rtol=1e-5, atol=1e-6
+    )
     for name in ("training", "latent_labels", "latent_batch"):
         _png(out / f"data_scvi_{name}.png")
     pytest.importorskip("sparse")
@@ -75,7 +80,8 @@ def test_train_refuses_to_overwrite_without_flag(trained, capsys):
 
 def test_latent_h5ad_csv_and_plots(trained, capsys):
     model_dir, data = str(trained / "res" / "model"), str(trained / "data.h5ad")
-    assert main(["latent", model_dir, data, "-o", str(trained / "lat.h5ad"), "--plots", "--color", "labels"]) == 0
+    assert main(["latent", model_dir, data, "-o", str(trained / "lat.h5ad"), "--plots",
+                 "--color", "labels"]) == 0
     out = capsys.readouterr().out
     assert "wrote" in out and "lat_latent_labels.png" in out
     lat = anndata.read_h5ad(trained / "lat.h5ad")
@@ -99,14 +105,19 @@ def test_normalize_h5ad_and_csv(trained, capsys):
     assert main(["normalize", model_dir, data, "-o", str(out_csv), "--csv", "--genes", "gene_0,gene_3",
                  "--library-size", "100", "--transform-batch", "batch_0"]) == 0
     table = pd.read_csv(out_csv, index_col=0)
-    assert list(table.columns) == ["gene_0", "gene_3"] and table.shape == (120, 2) and (table.to_numpy() > 0).all()
+    assert (
+        list(table.columns) == ["gene_0", "gene_3"]
+        and table.shape == (120, 2)
+        and (table.to_numpy() > 0).all()
+    )
     assert (table.to_numpy().sum(1) < 100).all()
 
 
 def test_de_csv_and_volcano(trained, capsys):
     model_dir, data = str(trained / "res" / "model"), str(trained / "data.h5ad")
     out = trained / "de.csv"
-    assert main(["de", model_dir, data, "--groupby", "labels", "-o", str(out), "--n-samples", "200", "--plots", "--quiet"]) == 0
+    assert main(["de", model_dir, data, "--groupby", "labels", "-o", str(out), "--n-samples", "200",
+                 "--plots", "--quiet"]) == 0
     table = pd.read_csv(out, index_col=0)
     assert {"proba_de", "bayes_factor", "lfc_mean", "comparison"} <= set(table.columns)
     assert table["comparison"].nunique() == 3 and len(table) == 3 * 40
@@ -144,11 +155,21 @@ def test_errors_exit_1_with_message(trained, tmp_path, capsys):
         (["train", data, "--batch-key", "nope", "--out", str(tmp_path / "b"), *TINY], "nope"),
         (["train", data, "--layer", "nope", "--out", str(tmp_path / "c"), *TINY], "nope"),
         (["train", str(bad_suffix), "--out", str(tmp_path / "d"), *TINY], "Unsupported"),
-        (["train", str(tmp_path / "empty_dir"), "--out", str(tmp_path / "e"), *TINY], "not a 10x matrix directory"),
+        (
+            ["train", str(tmp_path / "empty_dir"), "--out", str(tmp_path / "e"), *TINY],
+            "not a 10x matrix directory",
+        ),
         (["latent", str(tmp_path), data, "-o", str(tmp_path / "x.h5ad")], "No model"),
         (["de", model_dir, data, "--groupby", "nope", "-o", str(tmp_path / "x.csv")], "nope"),
-        (["de", model_dir, data, "--groupby", "labels", "--group1", "label_9", "-o", str(tmp_path / "x.csv")], "label_9"),
-        (["normalize", model_dir, data, "--genes", "not_a_gene", "-o", str(tmp_path / "x.csv")], "not_a_gene"),
+        (
+            ["de", model_dir, data, "--groupby", "labels", "--group1", "label_9",
+             "-o", str(tmp_path / "x.csv")],
+            "label_9",
+        ),
+        (
+            ["normalize", model_dir, data, "--genes", "not_a_gene", "-o", str(tmp_path / "x.csv")],
+            "not_a_gene",
+        ),
         (["info", str(tmp_path / "nothing")], "No model"),
     ]
     for argv, fragment in cases:
@@ -192,8 +213,8 @@ def test_train_from_10x_h5_quiet(tmp_path, capsys):
     adata = synthetic_iid(batch_size=80, n_genes=30, n_batches=1, n_labels=2, seed=3)
     counts = sp.csc_matrix(np.asarray(adata.layers["counts"]).T)
     write_10x_h5(tmp_path / "filtered_feature_bc_matrix.h5", counts)
-    argv = ["train", str(tmp_path / "filtered_feature_bc_matrix.h5"), "--out", str(tmp_path / "out"), "--name", "pbmc",
-            "--quiet", "--epochs", "2", "--n-hidden", "16", "--n-latent", "3", "--plots"]
+    argv = ["train", str(tmp_path / "filtered_feature_bc_matrix.h5"), "--out", str(tmp_path / "out"),
+            "--name", "pbmc", "--quiet", "--epochs", "2", "--n-hidden", "16", "--n-latent", "3", "--plots"]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
@@ -207,8 +228,8 @@ def test_train_from_10x_h5_quiet(tmp_path, capsys):
 def test_latent_with_scvi_tools_model(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "fixture_latent.h5ad"
-    assert main(["latent", str(SCVI_TOOLS_MODEL), str(SCVI_TOOLS_MODEL / "adata.h5ad"), "-o", str(out), "--plots",
-                 "--color", "cell_line", "--quiet"]) == 0
+    assert main(["latent", str(SCVI_TOOLS_MODEL), str(SCVI_TOOLS_MODEL / "adata.h5ad"), "-o", str(out),
+                 "--plots", "--color", "cell_line", "--quiet"]) == 0
     assert anndata.read_h5ad(out).obsm["X_scVI"].shape == (909, 10)
     _png(tmp_path / "fixture_latent_latent_cell_line.png")
 

@@ -59,8 +59,11 @@ def small_adata(seed=3, n_genes=40):
 
 # ------------------------------------------------------------------------------- likelihood registry
 def test_builtin_likelihoods_keep_their_heads_and_distributions():
-    assert {k: (v.dispersion, v.zero_inflation) for k, v in LIKELIHOODS.items() if k in ("zinb", "nb", "poisson", "normal")} == {
-        "zinb": (True, True), "nb": (True, False), "poisson": (False, False), "normal": (True, False)}
+    assert {
+        k: (v.dispersion, v.zero_inflation)
+        for k, v in LIKELIHOODS.items()
+        if k in ("zinb", "nb", "poisson", "normal")
+    } == {"zinb": (True, True), "nb": (True, False), "poisson": (False, False), "normal": (True, False)}
     torch.manual_seed(0)
     module = SCVIModule(n_input=7, n_batch=2, n_hidden=8, n_latent=3).eval()
     mean, hidden = torch.rand(4, 7) + 0.1, torch.randn(4, 8)
@@ -68,7 +71,9 @@ def test_builtin_likelihoods_keep_their_heads_and_distributions():
     theta = module.log_dispersion.exp()
     expected = {
         "zinb": ZeroInflatedNegativeBinomial(mean, theta, module.decoder.zero_inflation_head(hidden)),
-        "nb": NegativeBinomial(mean, theta), "poisson": dist.Poisson(mean), "normal": dist.Normal(mean, theta.expand_as(mean)),
+        "nb": NegativeBinomial(mean, theta),
+        "poisson": dist.Poisson(mean),
+        "normal": dist.Normal(mean, theta.expand_as(mean)),
     }
     x = torch.poisson(mean * 3)
     for name, reference in expected.items():
@@ -76,8 +81,12 @@ def test_builtin_likelihoods_keep_their_heads_and_distributions():
         built = module.likelihood(mean, hidden, index, index)
         assert type(built) is type(reference)
         torch.testing.assert_close(built.log_prob(x), reference.log_prob(x))
-        assert set(likelihood_parameters(built, name)) == {"zinb": {"mean", "dispersions", "dropout"}, "nb": {"mean", "dispersions"},
-                                                          "poisson": {"mean"}, "normal": {"mean", "dispersions"}}[name]
+        assert set(likelihood_parameters(built, name)) == {
+            "zinb": {"mean", "dispersions", "dropout"},
+            "nb": {"mean", "dispersions"},
+            "poisson": {"mean"},
+            "normal": {"mean", "dispersions"},
+        }[name]
 
 
 def test_unknown_likelihood_names_the_registered_ones_and_how_to_register():
@@ -95,7 +104,10 @@ def test_register_likelihood_guards_names():
         with pytest.raises(ValueError, match="overwrite=True"):
             register_likelihood("tmp_poisson", factory)
         spec = register_likelihood("tmp_poisson", factory, dispersion=False, overwrite=True)
-        assert LIKELIHOODS["tmp_poisson"] is spec and spec.parameters_of(dist.Poisson(torch.ones(2, 3))).keys() == {"mean"}
+        assert (
+            LIKELIHOODS["tmp_poisson"] is spec
+            and spec.parameters_of(dist.Poisson(torch.ones(2, 3))).keys() == {"mean"}
+        )
     finally:
         unregister_likelihood("tmp_poisson")
     assert "tmp_poisson" not in LIKELIHOODS
@@ -130,7 +142,9 @@ def test_linear_variance_negative_binomial_matches_scipy(doc_likelihoods):
     np.testing.assert_allclose(d.mean.numpy(), mean.numpy(), rtol=1e-12)
     np.testing.assert_allclose(d.variance.numpy(), mean.numpy() * (1 + 1 / theta.numpy()), rtol=1e-9)
     params = LIKELIHOODS["nb1"].parameters_of(d)
-    np.testing.assert_allclose(params["dispersions"].numpy(), np.broadcast_to(theta.numpy(), (4, 5)), rtol=1e-9)
+    np.testing.assert_allclose(
+        params["dispersions"].numpy(), np.broadcast_to(theta.numpy(), (4, 5)), rtol=1e-9
+    )
 
 
 @pytest.mark.parametrize("name, keys", [("zip", {"mean", "dropout"}), ("nb1", {"mean", "dispersions"})])
@@ -144,7 +158,11 @@ def test_registered_likelihood_end_to_end_and_reload(doc_likelihoods, tmp_path, 
     assert torch.isfinite(elbo) and elbo < 0
     assert np.isfinite(model.get_marginal_ll(n_mc_samples=10))
     counts = model.posterior_predictive_sample(indices=np.arange(10), n_samples=2).todense()
-    assert counts.shape == (10, adata.n_vars, 2) and (counts >= 0).all() and np.allclose(counts, np.round(counts))
+    assert (
+        counts.shape == (10, adata.n_vars, 2)
+        and (counts >= 0).all()
+        and np.allclose(counts, np.round(counts))
+    )
     params = model.get_likelihood_parameters(indices=np.arange(10))
     assert set(params) == keys and all(v.shape == (10, adata.n_vars) for v in params.values())
 
@@ -155,8 +173,8 @@ def test_registered_likelihood_end_to_end_and_reload(doc_likelihoods, tmp_path, 
         with pytest.raises(ValueError, match=rf"gene_likelihood='{name}'.*register_likelihood"):
             SCVI.load(tmp_path / name, adata)
     finally:
-        register_likelihood(name, spec.factory, dispersion=spec.dispersion, zero_inflation=spec.zero_inflation,
-                            parameters=spec.parameters)
+        register_likelihood(name, spec.factory, dispersion=spec.dispersion,
+                            zero_inflation=spec.zero_inflation, parameters=spec.parameters)
     loaded = SCVI.load(tmp_path / name, adata)
     assert loaded.module.gene_likelihood == name
     settings.seed = 1
@@ -198,7 +216,9 @@ def test_pyro_params_of_custom_models_are_private_to_each_instance(student_t):
     first = ns["model"]
     learned = first.get_pyro_params()["z_prior_df"].clone()
     settings.seed = 1
-    second = SCVI(ns["adata"], n_latent=5, n_hidden=32, model_fn=ns["student_t_model"], guide_fn=ns["normal_guide"])
+    second = SCVI(
+        ns["adata"], n_latent=5, n_hidden=32, model_fn=ns["student_t_model"], guide_fn=ns["normal_guide"]
+    )
     second.train(max_epochs=1, enable_progress_bar=False, plan_kwargs={"lr": 0.05})
     assert not torch.isclose(second.get_pyro_params()["z_prior_df"], learned)
     torch.testing.assert_close(first.get_pyro_params()["z_prior_df"], learned)  # untouched by the other model
@@ -213,9 +233,13 @@ def test_custom_functions_save_and_need_to_be_passed_to_load(student_t, tmp_path
         SCVI.load(tmp_path / "student", adata)
     with pytest.raises(ValueError, match="guide_fn"):
         SCVI.load(tmp_path / "student", adata, model_fn=ns["student_t_model"])
-    loaded = SCVI.load(tmp_path / "student", adata, model_fn=ns["student_t_model"], guide_fn=ns["normal_guide"])
+    loaded = SCVI.load(
+        tmp_path / "student", adata, model_fn=ns["student_t_model"], guide_fn=ns["normal_guide"]
+    )
     torch.testing.assert_close(loaded.get_pyro_params()["z_prior_df"], model.get_pyro_params()["z_prior_df"])
-    np.testing.assert_allclose(loaded.get_latent_representation(), model.get_latent_representation(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(), model.get_latent_representation(), rtol=1e-5, atol=1e-6
+    )
     with pytest.raises(ValueError, match="scvi_tools_format"):
         model.save(tmp_path / "for_scvi_tools", scvi_tools_format=True)
     with pytest.raises(ValueError, match="custom guide"):
@@ -230,10 +254,13 @@ def _contract_model(drop_x=False, extra_latent=False, record_expression=True):
         n, d = batch.n_cells, module.n_latent
         cells = batch if transform_batch is None else batch.with_batch(transform_batch)
         with pyro.plate("cells", n, dim=-1):
-            z = pyro.sample("z", dist.Normal(batch.log_library.new_zeros((n, d)), 1.0).to_event(1))  # (…, n, d)
+            # (…, n, d)
+            z = pyro.sample("z", dist.Normal(batch.log_library.new_zeros((n, d)), 1.0).to_event(1))
             log_library = batch.log_library  # (n, 1)
             if extra_latent:  # a per-cell size-factor correction u ~ N(0, 0.1)
-                log_library = log_library + pyro.sample("u", dist.Normal(batch.log_library.new_zeros((n, 1)), 0.1).to_event(1))
+                log_library = log_library + pyro.sample(
+                    "u", dist.Normal(batch.log_library.new_zeros((n, 1)), 0.1).to_event(1)
+                )
             h, covs = module.decoder_input(z, cells, cells.batch_index)
             hidden = module.decoder(h, *covs)
             rho = module.decoder.scale_head(hidden)  # (…, n, G)
@@ -249,9 +276,13 @@ def _contract_model(drop_x=False, extra_latent=False, record_expression=True):
 def test_train_names_the_site_a_custom_model_lacks():
     adata = small_adata()
     with pytest.raises(ValueError, match="no site 'x'"):
-        SCVI(adata, n_hidden=8, model_fn=_contract_model(drop_x=True)).train(max_epochs=1, enable_progress_bar=False)
+        SCVI(adata, n_hidden=8, model_fn=_contract_model(drop_x=True)).train(
+            max_epochs=1, enable_progress_bar=False
+        )
     with pytest.raises(ValueError, match=r"\['u'\] have no guide site"):
-        SCVI(adata, n_hidden=8, model_fn=_contract_model(extra_latent=True)).train(max_epochs=1, enable_progress_bar=False)
+        SCVI(adata, n_hidden=8, model_fn=_contract_model(extra_latent=True)).train(
+            max_epochs=1, enable_progress_bar=False
+        )
     with pytest.raises(TypeError, match="model_fn must be a function"):
         SCVI(adata, model_fn="scvi")
 
@@ -260,7 +291,8 @@ def test_queries_name_missing_sites_and_refuse_what_they_cannot_do():
     settings.seed = 0
     adata = small_adata()
 
-    def guide_with_u(module, batch, transform_batch=None):  # the built-in q(z | x) and q(u | x) = N(loc_u, 0.05)
+    # the built-in q(z | x) and q(u | x) = N(loc_u, 0.05)
+    def guide_with_u(module, batch, transform_batch=None):
         pyro.module("scvi", module)
         loc = pyro.param("u_loc", torch.zeros(1))  # (1,)
         with pyro.plate("cells", batch.n_cells, dim=-1):  # one "cells" plate per function
@@ -268,8 +300,8 @@ def test_queries_name_missing_sites_and_refuse_what_they_cannot_do():
             pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))  # (…, n, d)
             pyro.sample("u", dist.Normal(loc.expand(batch.n_cells, 1), 0.05).to_event(1))  # (…, n, 1)
 
-    model = SCVI(adata, n_hidden=8, n_latent=3, model_fn=_contract_model(extra_latent=True, record_expression=False),
-                 guide_fn=guide_with_u)
+    model = SCVI(adata, n_hidden=8, n_latent=3,
+                 model_fn=_contract_model(extra_latent=True, record_expression=False), guide_fn=guide_with_u)
     assert model.module.has_custom_model and model.module.has_custom_guide
     model.train(max_epochs=2, enable_progress_bar=False)
     assert set(model.history) >= {"elbo_train", "kl_local_train"}
@@ -279,7 +311,9 @@ def test_queries_name_missing_sites_and_refuse_what_they_cannot_do():
         model.get_normalized_expression()
     with pytest.raises(KeyError, match="no site 'mean'"):
         model.get_normalized_expression(library_size="latent")
-    record = SCVI(adata, n_hidden=8, n_latent=3, model_fn=_contract_model(extra_latent=True), guide_fn=guide_with_u)
+    record = SCVI(
+        adata, n_hidden=8, n_latent=3, model_fn=_contract_model(extra_latent=True), guide_fn=guide_with_u
+    )
     record.module.load_state_dict(model.module.state_dict())
     record.is_trained_ = True
     assert record.get_normalized_expression(return_numpy=True).shape == (adata.n_obs, adata.n_vars)

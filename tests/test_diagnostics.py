@@ -464,5 +464,7 @@ def test_diagnostics_and_plotting_do_not_import_each_other():
     for module, other in ((plotting, "diagnostics"), (diagnostics, "api")):
         tree = ast.parse(inspect.getsource(module))
         imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {
+            alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
         assert not any(other in name.split(".") for name in imported), (module.__name__, imported)

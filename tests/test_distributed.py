@@ -36,7 +36,9 @@ WORKER = textwrap.dedent(
 
     torch.set_num_threads(1)
     # zero reparameterisation noise: z = posterior mean, so the runs can be compared exactly
-    torch.distributions.normal._standard_normal = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)
+    torch.distributions.normal._standard_normal = lambda shape, dtype, device: torch.zeros(
+        shape, dtype=dtype, device=device
+    )
 
     from pyro_scvi import SCVI, settings
     from pyro_scvi.data import synthetic_iid
@@ -65,7 +67,11 @@ def _free_port() -> int:
 
 
 def _child_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
     return env
 
@@ -76,7 +82,9 @@ def _check(process: subprocess.Popen, name: str) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         stdout, stderr = process.communicate()
-    assert process.returncode == 0, f"{name} failed ({process.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    assert process.returncode == 0, (
+        f"{name} failed ({process.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +95,19 @@ def runs(tmp_path_factory):
     script.write_text(WORKER)
     (root / "two").mkdir()
     (root / "one").mkdir()
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-              str(script), str(root / "two"), "32", "2"]
-    two = subprocess.Popen(launch, env=_child_env(), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    one = subprocess.Popen([sys.executable, str(script), str(root / "one"), "64", "1"], env=_child_env(), cwd=root,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+              f"--master_port={_free_port()}", str(script), str(root / "two"), "32", "2"]
+    two = subprocess.Popen(launch, env=_child_env(), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    one = subprocess.Popen([sys.executable, str(script), str(root / "one"), "64", "1"], env=_child_env(),
+                           cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     synthetic_iid(batch_size=60, n_genes=30, n_batches=2, n_labels=2, seed=3).write_h5ad(root / "cells.h5ad")
-    cli = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "pyro_scvi", "train", str(root / "cells.h5ad"), "--devices", "2", "--strategy", "ddp",
-           "--accelerator", "cpu", "--max-epochs", "2", "--n-hidden", "8", "--out", str(root / "cli")]
-    cli_run = subprocess.Popen(cli, env=_child_env(), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", "-m", "pyro_scvi", "train", str(root / "cells.h5ad"),
+           "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--max-epochs", "2",
+           "--n-hidden", "8", "--out", str(root / "cli")]
+    cli_run = subprocess.Popen(cli, env=_child_env(), cwd=root, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     _check(two, "torchrun --nproc_per_node=2")
     _check(one, "one process")
     cli_stdout, cli_stderr = cli_run.communicate(timeout=240)
@@ -107,7 +118,12 @@ def runs(tmp_path_factory):
         history = json.loads((root / folder / f"history{rank}.json").read_text())
         return weights, history
 
-    return {"rank0": load("two", 0), "rank1": load("two", 1), "single": load("one", 0), "cli": (root / "cli", cli_stdout)}
+    return {
+        "rank0": load("two", 0),
+        "rank1": load("two", 1),
+        "single": load("one", 0),
+        "cli": (root / "cli", cli_stdout),
+    }
 
 
 def test_ranks_end_identical(runs):
@@ -182,5 +198,6 @@ def test_cli_trains_data_parallel_and_rank_0_writes(runs, tmp_path, capsys, monk
     assert stdout.count("trained 2 epochs") == 1  # one report, from rank 0
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    assert main(["train", str(out.parent / "cells.h5ad"), "--devices", "2", "--out", str(tmp_path), "-q"]) == 1
+    assert main(["train", str(out.parent / "cells.h5ad"), "--devices", "2", "--out", str(tmp_path),
+                 "-q"]) == 1
     assert "torchrun --nproc_per_node=2" in capsys.readouterr().err

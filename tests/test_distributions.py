@@ -163,7 +163,9 @@ def test_zinb_with_very_negative_logits_is_nb():
     mu, theta = torch.tensor([0.5, 5.0, 50.0], dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)
     x = torch.tensor([[0.0], [1.0], [9.0]], dtype=torch.float64)
     zinb = ZeroInflatedNegativeBinomial(mu, theta, torch.tensor(-40.0, dtype=torch.float64))
-    torch.testing.assert_close(zinb.log_prob(x), NegativeBinomial(mu, theta).log_prob(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        zinb.log_prob(x), NegativeBinomial(mu, theta).log_prob(x), rtol=1e-12, atol=1e-12
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,10 +269,12 @@ def test_zinb_gradient_at_zero_is_that_of_the_zero_branch():
     mu = torch.tensor([0.7, 12.0], dtype=torch.float64, requires_grad=True)
     theta = torch.tensor([3.0, 0.2], dtype=torch.float64, requires_grad=True)
     logits = torch.tensor([-1.5, 2.0], dtype=torch.float64, requires_grad=True)
-    ZeroInflatedNegativeBinomial(mu, theta, logits).log_prob(torch.zeros(2, dtype=torch.float64)).sum().backward()
+    ZeroInflatedNegativeBinomial(mu, theta, logits).log_prob(
+        torch.zeros(2, dtype=torch.float64)
+    ).sum().backward()
     # closed form: log(π + (1−π)p0), p0 = (θ/(θ+μ))^θ
-    m, t, l = (v.detach() for v in (mu, theta, logits))
-    pi = torch.sigmoid(l)
+    m, t, lg = (v.detach() for v in (mu, theta, logits))
+    pi = torch.sigmoid(lg)
     p0 = (t / (t + m)) ** t
     denom = pi + (1 - pi) * p0
     dp0_dmu = p0 * (-t / (t + m))
@@ -285,7 +289,7 @@ def test_gradcheck_float64():
     logits = torch.tensor([[-1.0, 0.5, 2.0], [3.0, -4.0, 0.0]], dtype=torch.float64, requires_grad=True)
 
     assert torch.autograd.gradcheck(
-        lambda m, t, l: ZeroInflatedNegativeBinomial(m, t, l).log_prob(x), (mu, theta, logits)
+        lambda m, t, lg: ZeroInflatedNegativeBinomial(m, t, lg).log_prob(x), (mu, theta, logits)
     )
     assert torch.autograd.gradcheck(lambda m, t: NegativeBinomial(m, t).log_prob(x), (mu, theta))
 
@@ -352,7 +356,11 @@ def test_pyro_sample_in_plate(zero_inflated):
 
     def model(obs=None):
         with pyro.plate("cells", 5):
-            d = ZeroInflatedNegativeBinomial(mu, theta, logits) if zero_inflated else NegativeBinomial(mu, theta)
+            d = (
+                ZeroInflatedNegativeBinomial(mu, theta, logits)
+                if zero_inflated
+                else NegativeBinomial(mu, theta)
+            )
             return pyro.sample("x", d.to_event(1), obs=obs)
 
     tr = poutine.trace(model).get_trace(x)

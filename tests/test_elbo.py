@@ -20,13 +20,17 @@ def _batch(n=16, G=12, B=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.poisson(torch.full((n, G), 3.0), generator=g)
     x[0, :] += 1  # no empty cell
-    return Minibatch(x=x, batch_index=torch.randint(0, B, (n, 1), generator=g), labels=torch.zeros(n, 1, dtype=torch.long),
-                     log_library=x.sum(1, keepdim=True).log())
+    return Minibatch(x=x, batch_index=torch.randint(0, B, (n, 1), generator=g),
+                     labels=torch.zeros(n, 1, dtype=torch.long), log_library=x.sum(1, keepdim=True).log())
 
 
 @pytest.mark.parametrize("latent_library", [False, True])
 def test_loss_is_cell_mean_of_reconstruction_plus_weighted_analytic_kl(latent_library):
-    kwargs = dict(use_observed_lib_size=False, library_log_means=[[3.0, 3.5]], library_log_vars=[[0.5, 0.2]]) if latent_library else {}
+    kwargs = (
+        dict(use_observed_lib_size=False, library_log_means=[[3.0, 3.5]], library_log_vars=[[0.5, 0.2]])
+        if latent_library
+        else {}
+    )
     module = SCVIModule(12, n_batch=2, n_hidden=8, n_latent=3, **kwargs).eval()
     batch = _batch()
     pyro.set_rng_seed(3)
@@ -40,7 +44,10 @@ def test_loss_is_cell_mean_of_reconstruction_plus_weighted_analytic_kl(latent_li
     if latent_library:
         l_loc, l_scale = module.library_encoder(torch.log1p(batch.x))
         library = torch.distributions.Normal(l_loc, l_scale).rsample()
-        prior = torch.distributions.Normal(module.library_log_means[0, batch.batch_index], module.library_log_vars[0, batch.batch_index].sqrt())
+        prior = torch.distributions.Normal(
+            module.library_log_means[0, batch.batch_index],
+            module.library_log_vars[0, batch.batch_index].sqrt(),
+        )
         kl_l = torch.distributions.kl_divergence(torch.distributions.Normal(l_loc, l_scale), prior).sum(-1)
         torch.testing.assert_close(kl["library"], kl_l)
     else:
@@ -48,7 +55,9 @@ def test_loss_is_cell_mean_of_reconstruction_plus_weighted_analytic_kl(latent_li
         kl_l = 0.0
     hidden = module.decoder(z, batch.batch_index)
     mean = library.exp() * module.decoder.scale_head(hidden)
-    px = ZeroInflatedNegativeBinomial(mean, module.log_dispersion.exp(), module.decoder.zero_inflation_head(hidden))
+    px = ZeroInflatedNegativeBinomial(
+        mean, module.log_dispersion.exp(), module.decoder.zero_inflation_head(hidden)
+    )
     rec_manual = -px.log_prob(batch.x).sum(-1)
     torch.testing.assert_close(rec["x"], rec_manual)
     torch.testing.assert_close(loss, (rec_manual + 0.25 * kl_z + kl_l).mean())
@@ -60,7 +69,10 @@ def test_kl_weight_zero_is_allowed_and_gradients_flow():
     loss = elbo.differentiable_loss(module.model, module.guide, _batch())
     loss.backward()
     assert torch.isfinite(loss)
-    assert module.decoder.scale_head[0].weight.grad is not None and module.z_encoder.loc_head.weight.grad is not None
+    assert (
+        module.decoder.scale_head[0].weight.grad is not None
+        and module.z_encoder.loc_head.weight.grad is not None
+    )
 
 
 def test_monte_carlo_kl_fallback_matches_analytic_in_expectation():
@@ -90,7 +102,8 @@ def test_marginal_likelihood_recovers_exact_evidence_of_a_conjugate_model():
     """x ~ N(z, 1), z ~ N(0, 1): log p(x) = log N(x; 0, 2); with the exact posterior as guide every
     importance weight equals p(x), so the estimate is exact; with a poor guide it converges."""
     x = torch.tensor([-1.0, 0.3, 2.0])
-    batch = Minibatch(x=x[:, None], batch_index=torch.zeros(3, 1, dtype=torch.long), labels=torch.zeros(3, 1, dtype=torch.long), log_library=torch.zeros(3, 1))
+    batch = Minibatch(x=x[:, None], batch_index=torch.zeros(3, 1, dtype=torch.long),
+                      labels=torch.zeros(3, 1, dtype=torch.long), log_library=torch.zeros(3, 1))
 
     def model(b):
         with pyro.plate("cells", b.n_cells, dim=-1):
@@ -106,13 +119,20 @@ def test_marginal_likelihood_recovers_exact_evidence_of_a_conjugate_model():
             pyro.sample("z", dist.Normal(torch.zeros_like(b.x), 1.5).to_event(1))
 
     truth = stats.norm(0, np.sqrt(2)).logpdf(x.numpy())
-    np.testing.assert_allclose(marginal_log_likelihood(model, exact_guide, batch, 10).numpy(), truth, rtol=1e-5)
+    np.testing.assert_allclose(
+        marginal_log_likelihood(model, exact_guide, batch, 10).numpy(), truth, rtol=1e-5
+    )
     pyro.set_rng_seed(0)
-    np.testing.assert_allclose(marginal_log_likelihood(model, poor_guide, batch, 20000, samples_per_pass=5000).numpy(), truth, atol=0.02)
+    np.testing.assert_allclose(
+        marginal_log_likelihood(model, poor_guide, batch, 20000, samples_per_pass=5000).numpy(),
+        truth,
+        atol=0.02,
+    )
 
 
 def _conjugate(x):
-    batch = Minibatch(x=x[:, None], batch_index=torch.zeros(len(x), 1, dtype=torch.long), labels=torch.zeros(len(x), 1, dtype=torch.long), log_library=torch.zeros(len(x), 1))
+    batch = Minibatch(x=x[:, None], batch_index=torch.zeros(len(x), 1, dtype=torch.long),
+                      labels=torch.zeros(len(x), 1, dtype=torch.long), log_library=torch.zeros(len(x), 1))
 
     def model(b, transform_batch=None):
         with pyro.plate("cells", b.n_cells, dim=-1):
@@ -142,5 +162,7 @@ def test_importance_weights_are_uniform_under_the_exact_posterior_and_correct_a_
     # draws from the poor guide, reweighted, have the aggregate posterior's mean Σ_a (x_a / 2) / A
     pyro.set_rng_seed(0)
     z_poor = 1.5 * torch.randn(40000, 1)
-    weights = torch.softmax(aggregate_posterior_log_weights(model, poor_guide, z_poor, batch, log_evidence), 0)
+    weights = torch.softmax(
+        aggregate_posterior_log_weights(model, poor_guide, z_poor, batch, log_evidence), 0
+    )
     assert float((weights[:, None] * z_poor).sum()) == pytest.approx(float(x.mean() / 2), abs=0.03)

@@ -16,26 +16,34 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import training_equivalence as harness  # noqa: E402
 
-
 N_STEPS = 30  # snapshots after steps 1-10, 20 and 30; steps 1-20 are "early"
 
 
 def make_record(n_steps: int = N_STEPS) -> dict:
     g = torch.Generator().manual_seed(0)
-    names = ["encoder.fc_layers.Layer 0.0.weight", "encoder.fc_layers.Layer 0.0.bias", "encoder.fc_layers.Layer 0.1.weight",
-             "px_r"]
+    names = ["encoder.fc_layers.Layer 0.0.weight", "encoder.fc_layers.Layer 0.0.bias",
+             "encoder.fc_layers.Layer 0.1.weight", "px_r"]
     tensor = lambda: torch.randn(4, 3, generator=g)  # noqa: E731
     grads = {n: tensor() for n in names}
-    grads["encoder.fc_layers.Layer 0.0.bias"] = grads["encoder.fc_layers.Layer 0.0.bias"] * 1e-9  # zero by design
-    state = {n: tensor() for n in names} | {"encoder.fc_layers.Layer 0.1.running_mean": tensor(),
-                                          "encoder.fc_layers.Layer 0.1.num_batches_tracked": torch.tensor(1)}
+    # zero by design
+    grads["encoder.fc_layers.Layer 0.0.bias"] = grads["encoder.fc_layers.Layer 0.0.bias"] * 1e-9
+    state = {n: tensor() for n in names} | {
+        "encoder.fc_layers.Layer 0.1.running_mean": tensor(),
+        "encoder.fc_layers.Layer 0.1.num_batches_tracked": torch.tensor(1),
+    }
     return {
-        "steps": [{"cells": [0, 1], "eps": [], "loss": 10.0 + s, "reconstruction": 9.0, "kl_z": 1.0, "kl_weight": 0.0, "epoch": 0}
-                  for s in range(n_steps)],
+        "steps": [
+            {"cells": [0, 1], "eps": [], "loss": 10.0 + s, "reconstruction": 9.0, "kl_z": 1.0,
+             "kl_weight": 0.0, "epoch": 0}
+            for s in range(n_steps)
+        ],
         "snapshots": {s: {k: v.clone() for k, v in state.items()} for s in harness.snapshot_steps(n_steps)},
         "first_grads": grads,
         "grads_at": {s: grads for s in [0, *harness.snapshot_steps(n_steps)[:-1]]},
-        "first_adam": {n: {"update": g_ * 1e-3, "exp_avg": g_ * 0.1, "exp_avg_sq": g_ * g_ * 1e-3} for n, g_ in grads.items()},
+        "first_adam": {
+            n: {"update": g_ * 1e-3, "exp_avg": g_ * 0.1, "exp_avg_sq": g_ * g_ * 1e-3}
+            for n, g_ in grads.items()
+        },
         "forced_grads": {s: grads for s in [0, *harness.snapshot_steps(n_steps)[:-1]]},
     }
 
@@ -51,7 +59,9 @@ def test_identical_records_pass():
     assert verdict(copy.deepcopy(record), record).ok
 
 
-@pytest.mark.parametrize("change", ["gradient", "kl_weight", "loss", "missing_gradient", "later_gradient", "counter"])
+@pytest.mark.parametrize(
+    "change", ["gradient", "kl_weight", "loss", "missing_gradient", "later_gradient", "counter"]
+)
 def test_a_semantic_difference_fails(change):
     theirs = make_record()
     ours = copy.deepcopy(theirs)
@@ -64,7 +74,9 @@ def test_a_semantic_difference_fails(change):
     elif change == "missing_gradient":
         del ours["first_grads"]["px_r"]
     elif change == "later_gradient":  # the step from the reference's weights after 5 steps differs
-        ours["forced_grads"][5] = dict(ours["forced_grads"][5], px_r=ours["forced_grads"][5]["px_r"] * (1 + 1e-3))
+        ours["forced_grads"][5] = dict(
+            ours["forced_grads"][5], px_r=ours["forced_grads"][5]["px_r"] * (1 + 1e-3)
+        )
     elif change == "counter":
         ours["snapshots"][1]["encoder.fc_layers.Layer 0.1.num_batches_tracked"] = torch.tensor(2)
     assert not verdict(ours, theirs).ok
@@ -83,10 +95,13 @@ def test_round_off_in_a_zero_gradient_passes_but_a_real_one_does_not():
 def test_late_drift_passes_only_when_every_step_agrees_from_the_same_state():
     theirs = make_record()
     ours = copy.deepcopy(theirs)
-    ours["snapshots"][N_STEPS]["px_r"] = ours["snapshots"][N_STEPS]["px_r"] * 1.05  # 5 % apart after the last step
-    report = verdict(ours, theirs, 1e-4)  # every step from the reference's weights gives the same gradient: chaos
+    # 5 % apart after the last step
+    ours["snapshots"][N_STEPS]["px_r"] = ours["snapshots"][N_STEPS]["px_r"] * 1.05
+    # every step from the reference's weights gives the same gradient: chaos
+    report = verdict(ours, theirs, 1e-4)
     assert report.ok and any("round-off amplified" in row[4] for row in report.rows)
-    ours["forced_grads"][20] = {k: v * 1.01 for k, v in ours["forced_grads"][20].items()}  # one step differs: semantics
+    # one step differs: semantics
+    ours["forced_grads"][20] = {k: v * 1.01 for k, v in ours["forced_grads"][20].items()}
     assert not verdict(ours, theirs, 0.03).ok
     ours = copy.deepcopy(theirs)
     ours["snapshots"][10]["px_r"] = ours["snapshots"][10]["px_r"] * 1.001  # apart within the first 20 steps

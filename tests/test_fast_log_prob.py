@@ -1,7 +1,8 @@
 """The fast paths of training give the plain path's numbers.
 
-* The fused CPU kernel (:mod:`pyro_scvi.distributions.fused`), the sparse-aware NB/ZINB log-density (lgamma terms only at non-zero counts) against the dense
-  formula: values and gradients to float32 precision, for every parameter shape the model uses.
+* The fused CPU kernel (:mod:`pyro_scvi.distributions.fused`), the sparse-aware NB/ZINB log-density
+  (lgamma terms only at non-zero counts) against the dense formula: values and gradients to float32
+  precision, for every parameter shape the model uses.
 * The single joint Adam against Pyro's one-optimiser-per-parameter ``PyroOptim``.
 * A whole ELBO step of the model (loss and every parameter gradient) with and without the fast path.
 """
@@ -14,10 +15,9 @@ import pytest
 import torch
 
 import pyro_scvi.distributions.negative_binomial as distributions
-from pyro_scvi.distributions import fused
 from pyro_scvi import SCVI
 from pyro_scvi.data.loader import RegisteredData
-from pyro_scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial, dense_log_prob
+from pyro_scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial, dense_log_prob, fused
 from pyro_scvi.infer.elbo import elbo_terms
 from pyro_scvi.infer.optim import JointOptimizer
 
@@ -30,7 +30,9 @@ def fast_path(request, monkeypatch):
     if request.param == "fused":
         if not fused.expected():
             pytest.skip(f"fused kernel not buildable here: {fused.unavailable_reason()}")
-        assert fused.available(), f"the fused kernel should build here but did not: {fused.unavailable_reason()}"
+        assert fused.available(), (
+            f"the fused kernel should build here but did not: {fused.unavailable_reason()}"
+        )
     else:
         monkeypatch.setattr(fused, "available", lambda: False)
     monkeypatch.setattr(distributions, "SPARSE_DENSITY_THRESHOLD", 1.01 if request.param == "sparse" else 0.0)
@@ -38,7 +40,8 @@ def fast_path(request, monkeypatch):
 
 
 def test_the_sparse_path_is_chosen_by_density_device_and_shape(monkeypatch, fast_path):
-    monkeypatch.setattr(fused, "available", lambda: False)  # the sparse path is the fallback of the fused kernel
+    # the sparse path is the fallback of the fused kernel
+    monkeypatch.setattr(fused, "available", lambda: False)
     monkeypatch.setattr(distributions, "SPARSE_DENSITY_THRESHOLD", 0.5)
     calls = []
     real = distributions._log_zinb_sparse
@@ -71,7 +74,8 @@ def _value_and_grads(make, value, params, dense: bool):
             log_prob = make(*params).log_prob(value)
     else:
         log_prob = make(*params).log_prob(value)
-    weights = torch.linspace(0.5, 1.5, log_prob.numel()).reshape(log_prob.shape)  # a non-uniform upstream gradient
+    # a non-uniform upstream gradient
+    weights = torch.linspace(0.5, 1.5, log_prob.numel()).reshape(log_prob.shape)
     (log_prob * weights).sum().backward()
     return log_prob.detach(), [p.grad.clone() for p in params]
 
@@ -117,7 +121,9 @@ def test_sparse_log_prob_on_a_sample_axis_and_per_cell_theta_broadcast():
 
 def test_non_integer_and_tiny_counts_follow_the_dense_rules():
     value = torch.tensor([[0.0, 5e-9, 0.5, 2.0]])
-    mu, theta, logits = torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([2.0, 2.0, 2.0, 2.0]), torch.zeros(1, 4)
+    mu, theta, logits = (
+        torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([2.0, 2.0, 2.0, 2.0]), torch.zeros(1, 4)
+    )
     for make, args in ((ZeroInflatedNegativeBinomial, (mu, theta, logits)), (NegativeBinomial, (mu, theta))):
         fast = make(*args, validate_args=False).log_prob(value)
         with dense_log_prob():
@@ -139,10 +145,14 @@ def _model_gradients(model, batch, dense: bool):
         else:
             loss, _, _ = elbo_terms(module.model, module.guide, batch)
         loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+    return loss.detach(), {
+        name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None
+    }
 
 
-@pytest.mark.parametrize("gene_likelihood,dispersion", [("zinb", "gene"), ("nb", "gene-batch"), ("zinb", "gene-cell")])
+@pytest.mark.parametrize(
+    "gene_likelihood,dispersion", [("zinb", "gene"), ("nb", "gene-batch"), ("zinb", "gene-cell")]
+)
 def test_model_loss_and_gradients_equal_with_and_without_the_fast_path(adata, gene_likelihood, dispersion):
     SCVI.setup_anndata(adata, batch_key="batch")
     model = SCVI(adata, gene_likelihood=gene_likelihood, dispersion=dispersion, dropout_rate=0.0)
@@ -155,7 +165,9 @@ def test_model_loss_and_gradients_equal_with_and_without_the_fast_path(adata, ge
     # so the tolerance is relative to the largest gradient entry
     scale = max(g.abs().max().item() for g in plain_grads.values())
     for name in fast_grads:
-        torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
+        torch.testing.assert_close(
+            fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6 * scale, msg=name
+        )
 
 
 @pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.AdamW])
@@ -221,9 +233,13 @@ def test_counts_that_require_a_gradient_get_it_on_every_path():
         value = (torch.rand(4, 6, generator=torch.Generator().manual_seed(9)) * 4 + 0.5).requires_grad_()
         if dense:
             with dense_log_prob():
-                ZeroInflatedNegativeBinomial(mu, theta, logits, validate_args=False).log_prob(value).sum().backward()
+                ZeroInflatedNegativeBinomial(
+                    mu, theta, logits, validate_args=False
+                ).log_prob(value).sum().backward()
         else:
-            ZeroInflatedNegativeBinomial(mu, theta, logits, validate_args=False).log_prob(value).sum().backward()
+            ZeroInflatedNegativeBinomial(
+                mu, theta, logits, validate_args=False
+            ).log_prob(value).sum().backward()
         grads.append(value.grad)
     assert grads[0] is not None and torch.isfinite(grads[0]).all()
     torch.testing.assert_close(grads[0], grads[1])

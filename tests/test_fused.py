@@ -26,8 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_scvi.distributions import fused
-from pyro_scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial, dense_log_prob
+from pyro_scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial, dense_log_prob, fused
 
 EPS32 = torch.finfo(torch.float32).eps
 _EPS = 1e-8  # the ε of the formula
@@ -75,7 +74,10 @@ def _weights(shape, generator):
 
 def _torch_formula(value, mu, theta, logits, weights, dtype):
     """log-density and gradients (μ, θ[, logits]) of the plain torch formula in ``dtype``."""
-    params = [p.detach().to(dtype).requires_grad_() for p in ((mu, theta) if logits is None else (mu, theta, logits))]
+    params = [
+        p.detach().to(dtype).requires_grad_()
+        for p in ((mu, theta) if logits is None else (mu, theta, logits))
+    ]
     with dense_log_prob():
         make = NegativeBinomial if logits is None else ZeroInflatedNegativeBinomial
         log_prob = make(*params, validate_args=False).log_prob(value.to(dtype))
@@ -85,7 +87,9 @@ def _torch_formula(value, mu, theta, logits, weights, dtype):
 
 def _kernel(value, mu, theta, logits, weights):
     """log-density and gradients (μ, θ[, logits]) of :func:`fused.nb_log_prob`."""
-    params = [p.detach().clone().requires_grad_() for p in ((mu, theta) if logits is None else (mu, theta, logits))]
+    params = [
+        p.detach().clone().requires_grad_() for p in ((mu, theta) if logits is None else (mu, theta, logits))
+    ]
     log_prob = fused.nb_log_prob(value, *params)
     assert log_prob.shape == value.shape and log_prob.dtype == torch.float32
     (log_prob * weights).sum().backward()
@@ -159,7 +163,9 @@ def test_values_and_gradients_match_float64_over_wide_ranges(kernel, zero_inflat
     the float32 torch formula."""
     generator = torch.Generator().manual_seed(0 if zero_inflated else 1)
     value, mu, theta, logits = _wide_inputs((160, 37), generator)
-    worst = _assert_accurate(value, mu, theta, None if not zero_inflated else logits, _weights(value.shape, generator))
+    worst = _assert_accurate(
+        value, mu, theta, None if not zero_inflated else logits, _weights(value.shape, generator)
+    )
     # the float32 torch formula has errors of the same order, so the tolerances are not loose
     assert max(plain for _, plain in worst.values()) > 0.25
 
@@ -214,7 +220,9 @@ def test_non_contiguous_and_expanded_inputs(kernel):
     value, mu, theta, logits = _wide_inputs((12, 9), generator)
     weights = _weights((12, 9), generator)
     row = value[:1]
-    strided = [row.expand(12, 9), mu.t().contiguous().t(), theta.t().contiguous().t(), logits.t().contiguous().t()]
+    strided = [
+        row.expand(12, 9), mu.t().contiguous().t(), theta.t().contiguous().t(), logits.t().contiguous().t()
+    ]
     assert not any(t.is_contiguous() for t in strided)
     want = _kernel(*(t.contiguous() for t in strided), weights)
     got = _kernel(*strided, weights)
@@ -317,7 +325,12 @@ def test_nan_parameters_give_nan_results(kernel, parameter, position):
     value[1, ::2], value[2, 1::2] = 0.0, 0.0  # row 1: zero at even positions, row 2 at odd ones
     value[1, 1::2], value[2, ::2] = 3.0, 3.0
     gene_theta = theta[0].clone()
-    clean = {"value": value, "mu": mu, "theta": gene_theta if parameter == "gene-theta" else theta, "logits": logits}
+    clean = {
+        "value": value,
+        "mu": mu,
+        "theta": gene_theta if parameter == "gene-theta" else theta,
+        "logits": logits,
+    }
     dirty = {name: t.clone() for name, t in clean.items()}
     affected = torch.zeros(value.shape, dtype=torch.bool)
     if parameter == "gene-theta":
@@ -414,7 +427,10 @@ def test_without_a_compiler_log_prob_falls_back_to_the_torch_formula(tmp_path):
         value = torch.poisson(torch.full((6, 5), 2.0), generator=g)
         mu = torch.rand(6, 5, generator=g) * 5 + 0.1
         theta, logits = torch.rand(5, generator=g) + 0.5, torch.randn(6, 5, generator=g)
-        for make, args in ((ZeroInflatedNegativeBinomial, (mu, theta, logits)), (NegativeBinomial, (mu, theta))):
+        for make, args in (
+            (ZeroInflatedNegativeBinomial, (mu, theta, logits)),
+            (NegativeBinomial, (mu, theta)),
+        ):
             got = make(*args).log_prob(value)
             with dense_log_prob():
                 want = make(*args).log_prob(value)

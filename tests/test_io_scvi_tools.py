@@ -98,12 +98,14 @@ def small_attr_dict(registry_extra=None) -> dict:
                                      "column_names": np.array([f"g{i}" for i in range(20)], dtype=object)},
                   "summary_stats": {"n_vars": 20, "n_cells": 10}},
             "batch": {"data_registry": {"attr_name": "obs", "attr_key": "_scvi_batch"},
-                      "state_registry": {"categorical_mapping": np.array(["a", "b"], dtype=object), "original_key": "batch"},
+                      "state_registry": {"categorical_mapping": np.array(["a", "b"], dtype=object),
+                                         "original_key": "batch"},
                       "summary_stats": {"n_batch": 2}},
         },
         **(registry_extra or {}),
     }
-    return {"registry_": registry, "init_params_": {"non_kwargs": {"n_hidden": 16, "n_latent": 4}, "kwargs": {"kwargs": {}}},
+    return {"registry_": registry,
+            "init_params_": {"non_kwargs": {"n_hidden": 16, "n_latent": 4}, "kwargs": {"kwargs": {}}},
             "is_trained_": False, "history_": None}
 
 
@@ -132,7 +134,9 @@ def test_fixture_loads_and_encoder_reproduces_scvi_tools_latent(cellbench):
     for field in registry["field_registries"].values():
         stats.update(field["summary_stats"])
     assert (stats["n_vars"], stats["n_batch"], stats["n_labels"]) == (2000, 3, 5)
-    assert registry["setup_args"]["batch_key"] == "batch" and registry["setup_args"]["labels_key"] == "cell_line"
+    assert (
+        registry["setup_args"]["batch_key"] == "batch" and registry["setup_args"]["labels_key"] == "cell_line"
+    )
     assert cellbench["var_names"].shape == (2000,) and isinstance(cellbench["var_names"][0], str)
     assert isinstance(attrs["history_"]["elbo_train"], pd.DataFrame)
     assert attrs["is_trained_"] is True
@@ -143,7 +147,9 @@ def test_fixture_loads_and_encoder_reproduces_scvi_tools_latent(cellbench):
     module.eval()
     adata = anndata.read_h5ad(CELLBENCH / "model" / "adata.h5ad")
     assert list(adata.var_names) == list(cellbench["var_names"])
-    x = torch.as_tensor(adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X), dtype=torch.float32)
+    x = torch.as_tensor(
+        adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X), dtype=torch.float32
+    )
     with torch.no_grad():
         loc, scale = module.z_encoder(torch.log1p(x))
     expected_mean = np.load(CELLBENCH / "latent_mean.npy")
@@ -165,14 +171,17 @@ def test_state_dict_names_round_trip_on_fixture(cellbench_raw):
     assert all(back[k] is expected[k] for k in expected)
     # our module has the same keys and shapes as the scvi-tools VAE
     module = SCVIModule(n_input=2000, n_batch=3, n_labels=5)
-    assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == {k: tuple(v.shape) for k, v in ours.items()}
+    assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in ours.items()
+    }
 
 
 @pytest.mark.parametrize("options", [
     {},
     {"dispersion": "gene-cell", "n_layers": 2, "use_batch_norm": "none"},
     {"dispersion": "gene-batch", "use_observed_lib_size": False, "library_log_means": [[0.0, 1.0]],
-     "library_log_vars": [[1.0, 1.0]], "encode_covariates": True, "n_continuous_cov": 1, "n_cats_per_cov": [3]},
+     "library_log_vars": [[1.0, 1.0]], "encode_covariates": True, "n_continuous_cov": 1,
+     "n_cats_per_cov": [3]},
 ])
 def test_state_dict_names_round_trip_on_our_module(options):
     state = small_module(**options).state_dict()
@@ -182,7 +191,9 @@ def test_state_dict_names_round_trip_on_our_module(options):
 
 
 def test_unknown_state_dict_keys_are_named():
-    renamed = from_scvi_tools_state_dict({"px_r": torch.zeros(2), "_embeddings_dict.batch.weight": torch.zeros(2, 5)})
+    renamed = from_scvi_tools_state_dict(
+        {"px_r": torch.zeros(2), "_embeddings_dict.batch.weight": torch.zeros(2, 5)}
+    )
     assert list(renamed) == ["log_dispersion", "batch_embedding.weight"]
     with pytest.raises(ValueError, match=r"_embeddings_dict\.labels\.weight"):
         from_scvi_tools_state_dict({"_embeddings_dict.labels.weight": torch.zeros(2, 5)})
@@ -198,12 +209,14 @@ def test_write_then_read_fixture_is_identical(cellbench, tmp_path):
     again = read_scvi_tools_model(out)
     assert_same(cellbench["model_state_dict"], again["model_state_dict"])
     assert_same(cellbench["var_names"], again["var_names"])
-    for key in ("registry_", "init_params_", "is_trained_", "history_", "train_indices_", "validation_indices_",
-                "test_indices_", "run_name_"):
+    for key in ("registry_", "init_params_", "is_trained_", "history_", "train_indices_",
+                "validation_indices_", "test_indices_", "run_name_"):
         assert_same(cellbench["attr_dict"][key], again["attr_dict"][key], key)
     assert set(again["attr_dict"]) == set(cellbench["attr_dict"])
     with pytest.raises(ValueError, match="already exists"):
-        write_scvi_tools_model(out, cellbench["model_state_dict"], cellbench["var_names"], cellbench["attr_dict"])
+        write_scvi_tools_model(
+            out, cellbench["model_state_dict"], cellbench["var_names"], cellbench["attr_dict"]
+        )
     write_scvi_tools_model(out, cellbench["model_state_dict"], cellbench["var_names"], cellbench["attr_dict"],
                            prefix="p_", overwrite=True)
     assert (out / "p_model.pt").exists() and (out / "model.pt").exists()
@@ -211,7 +224,10 @@ def test_write_then_read_fixture_is_identical(cellbench, tmp_path):
 
 
 def test_init_params_export_and_import():
-    ours = {"non_kwargs": {"n_latent": 4}, "kwargs": {"kwargs": {"var_activation": "softplus", "use_layer_norm": "both"}}}
+    ours = {
+        "non_kwargs": {"n_latent": 4},
+        "kwargs": {"kwargs": {"var_activation": "softplus", "use_layer_norm": "both"}},
+    }
     exported = init_params_to_scvi_tools(ours)
     assert exported["kwargs"]["kwargs"]["var_activation"] is F.softplus
     assert init_params_from_scvi_tools(exported) == ours
@@ -234,9 +250,13 @@ def test_softplus_var_activation_survives_the_file(tmp_path):
     # an nn.Softplus() saved by scvi-tools comes back as a module we build ourselves
     raw = torch.load(tmp_path / "m" / "model.pt", weights_only=False)
     raw["attr_dict"]["init_params_"]["kwargs"]["kwargs"]["var_activation"] = torch.nn.Softplus(beta=2.0)
-    raw["attr_dict"]["registry_"]["field_registries"] = defaultdict(dict, raw["attr_dict"]["registry_"]["field_registries"])
+    raw["attr_dict"]["registry_"]["field_registries"] = defaultdict(
+        dict, raw["attr_dict"]["registry_"]["field_registries"]
+    )
     torch.save(raw, tmp_path / "m" / "model.pt")
-    activation = read_scvi_tools_model(tmp_path / "m")["attr_dict"]["init_params_"]["kwargs"]["kwargs"]["var_activation"]
+    activation = read_scvi_tools_model(tmp_path / "m")["attr_dict"]["init_params_"]["kwargs"]["kwargs"][
+        "var_activation"
+    ]
     assert isinstance(activation, torch.nn.Softplus) and activation.beta == 2.0
 
 
@@ -256,8 +276,10 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path, where):
     else:
         state["pyro_param_store"] = {"params": {}, "constraints": {"x": payload}}
     (tmp_path / "m").mkdir()
-    torch.save({"model_state_dict": state, "var_names": np.array(["g"] * 20, dtype=object), "attr_dict": attrs},
-               tmp_path / "m" / "model.pt")
+    torch.save(
+        {"model_state_dict": state, "var_names": np.array(["g"] * 20, dtype=object), "attr_dict": attrs},
+        tmp_path / "m" / "model.pt",
+    )
     with pytest.raises(ValueError, match=r"Refusing to load .*(posix|os)\.system"):
         read_scvi_tools_model(tmp_path / "m")
     with pytest.raises(ValueError, match="Refusing"):
@@ -276,7 +298,10 @@ def test_eval_and_getattr_payloads_are_refused(tmp_path):
         target.mkdir()
         attrs = small_attr_dict()
         attrs["x_"] = payload
-        torch.save({"model_state_dict": {}, "var_names": np.array([], dtype=object), "attr_dict": attrs}, target / "model.pt")
+        torch.save(
+            {"model_state_dict": {}, "var_names": np.array([], dtype=object), "attr_dict": attrs},
+            target / "model.pt",
+        )
         with pytest.raises(ValueError, match="Refusing to load") as error:
             read_scvi_tools_model(target)
         assert {"eval": "eval", "getattr": "getattr", "subprocess": "subprocess"}[name] in str(error.value)
@@ -316,7 +341,9 @@ def test_numpy_memory_corruption_vectors_are_refused(tmp_path, name, payload, re
     (tmp_path / name).mkdir()
     torch.save({"model_state_dict": {}, "var_names": np.array([], dtype=object), "attr_dict": attrs},
                tmp_path / name / "model.pt")
-    with pytest.raises(ValueError, match=f"Refusing to load .*{re.escape(refused)}" if refused else "not a readable"):
+    with pytest.raises(
+        ValueError, match=f"Refusing to load .*{re.escape(refused)}" if refused else "not a readable"
+    ):
         read_scvi_tools_model(tmp_path / name)
 
 
@@ -333,9 +360,15 @@ def test_arrays_come_back_as_plain_numpy(cellbench):
 
 def test_truncated_corrupt_and_missing_files(tmp_path):
     module = small_module()
-    write_scvi_tools_model(tmp_path / "ok", module.state_dict(), [f"g{i}" for i in range(20)], small_attr_dict())
+    write_scvi_tools_model(
+        tmp_path / "ok", module.state_dict(), [f"g{i}" for i in range(20)], small_attr_dict()
+    )
     data = (tmp_path / "ok" / "model.pt").read_bytes()
-    for name, content in [("truncated", data[: len(data) // 2]), ("garbage", b"\x80\x02not a model" * 10), ("empty", b"")]:
+    for name, content in [
+        ("truncated", data[: len(data) // 2]),
+        ("garbage", b"\x80\x02not a model" * 10),
+        ("empty", b""),
+    ]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.pt").write_bytes(content)
         with pytest.raises(ValueError, match="not a readable model file"):
@@ -385,7 +418,9 @@ def legacy_setup_dict(var_names) -> dict:
     }
 
 
-def write_legacy_dir(path: Path, module: SCVIModule, var_names, attr_dict: dict, protocol: int = 4, prefix: str = ""):
+def write_legacy_dir(
+    path: Path, module: SCVIModule, var_names, attr_dict: dict, protocol: int = 4, prefix: str = ""
+):
     path.mkdir(parents=True)
     torch.save(to_scvi_tools_state_dict(module.state_dict()), path / f"{prefix}model_params.pt")
     np.savetxt(path / f"{prefix}var_names.csv", np.asarray(var_names), fmt="%s")
@@ -400,8 +435,9 @@ def test_convert_legacy_save(tmp_path, protocol):
     history = {"elbo_train": pd.DataFrame({"elbo_train": [10.0, 9.0]}, index=pd.Index([0, 1], name="epoch"))}
     attr = {
         "scvi_setup_dict_": legacy_setup_dict(var_names),
-        "init_params_": {"n_hidden": 16, "n_latent": 4, "n_layers": 1, "dropout_rate": 0.1, "dispersion": "gene",
-                         "gene_likelihood": "zinb", "latent_distribution": "normal", "use_cuda": False,
+        "init_params_": {"n_hidden": 16, "n_latent": 4, "n_layers": 1, "dropout_rate": 0.1,
+                         "dispersion": "gene", "gene_likelihood": "zinb", "latent_distribution": "normal",
+                         "use_cuda": False,
                          "model_kwargs": {"use_layer_norm": "none"}},
         "is_trained_": True,
         "history_": history,
@@ -424,10 +460,13 @@ def test_convert_legacy_save(tmp_path, protocol):
     attrs = read["attr_dict"]
     assert "scvi_setup_dict_" not in attrs
     registry = attrs["registry_"]
-    assert registry["setup_args"] == {"layer": None, "batch_key": "batch", "labels_key": None, "size_factor_key": None,
-                                      "categorical_covariate_keys": ["donor"], "continuous_covariate_keys": ["pct_mito"]}
+    assert registry["setup_args"] == {"layer": None, "batch_key": "batch", "labels_key": None,
+                                      "size_factor_key": None, "categorical_covariate_keys": ["donor"],
+                                      "continuous_covariate_keys": ["pct_mito"]}
     fields = registry["field_registries"]
-    assert list(fields) == ["X", "batch", "labels", "size_factor", "extra_categorical_covs", "extra_continuous_covs"]
+    assert list(fields) == [
+        "X", "batch", "labels", "size_factor", "extra_categorical_covs", "extra_continuous_covs"
+    ]
     assert fields["X"]["summary_stats"] == {"n_vars": 20, "n_cells": 10}
     assert list(fields["X"]["state_registry"]["column_names"]) == var_names
     assert list(fields["batch"]["state_registry"]["categorical_mapping"]) == ["b1", "b2"]
@@ -441,8 +480,8 @@ def test_convert_legacy_save(tmp_path, protocol):
     assert fields["extra_continuous_covs"]["summary_stats"] == {"n_extra_continuous_covs": 1}
     assert fields["size_factor"] == {"data_registry": {}, "state_registry": {}, "summary_stats": {}}
     assert attrs["init_params_"] == {
-        "non_kwargs": {"n_hidden": 16, "n_latent": 4, "n_layers": 1, "dropout_rate": 0.1, "dispersion": "gene",
-                       "gene_likelihood": "zinb", "latent_distribution": "normal"},
+        "non_kwargs": {"n_hidden": 16, "n_latent": 4, "n_layers": 1, "dropout_rate": 0.1,
+                       "dispersion": "gene", "gene_likelihood": "zinb", "latent_distribution": "normal"},
         "kwargs": {"kwargs": {"use_layer_norm": "none"}},
     }
     pd.testing.assert_frame_equal(attrs["history_"]["elbo_train"], history["elbo_train"])
@@ -451,8 +490,8 @@ def test_convert_legacy_save(tmp_path, protocol):
     stats = {}
     for field in fields.values():
         stats.update(field["summary_stats"])
-    rebuilt = SCVIModule(n_input=stats["n_vars"], n_batch=stats["n_batch"], n_labels=stats["n_labels"], n_hidden=16,
-                         n_latent=4, n_continuous_cov=stats["n_extra_continuous_covs"],
+    rebuilt = SCVIModule(n_input=stats["n_vars"], n_batch=stats["n_batch"], n_labels=stats["n_labels"],
+                         n_hidden=16, n_latent=4, n_continuous_cov=stats["n_extra_continuous_covs"],
                          n_cats_per_cov=fields["extra_categorical_covs"]["state_registry"]["n_cats_per_key"])
     rebuilt.load_state_dict(read["model_state_dict"], strict=True)
     assert load_registry(tmp_path / "new", prefix="old_")["setup_args"]["batch_key"] == "batch"
@@ -486,7 +525,9 @@ def test_registry_from_legacy_setup_dict_without_batch_key():
     registry = registry_from_legacy_setup_dict(setup, var_names=["a", "b"])
     assert registry["setup_args"]["batch_key"] is None
     assert registry["setup_args"]["categorical_covariate_keys"] is None
-    assert registry["field_registries"]["extra_categorical_covs"]["summary_stats"] == {"n_extra_categorical_covs": 0}
+    assert registry["field_registries"]["extra_categorical_covs"]["summary_stats"] == {
+        "n_extra_categorical_covs": 0
+    }
 
 
 # ------------------------------------------------------------------------------------------ registries
@@ -510,10 +551,14 @@ def test_load_registry_view_setup_args_and_export_of_our_save(tmp_path, capsys):
 
     registry = load_registry(tmp_path / "ours")
     assert registry["setup_args"]["batch_key"] == "batch"
-    assert isinstance(registry["field_registries"]["batch"]["state_registry"]["categorical_mapping"], np.ndarray)
+    assert isinstance(
+        registry["field_registries"]["batch"]["state_registry"]["categorical_mapping"], np.ndarray
+    )
     view_setup_args(tmp_path / "ours")
     out = capsys.readouterr().out
-    assert out.startswith("Setup via `SCVI.setup_anndata` with arguments:\n") and "'batch_key': 'batch'" in out
+    assert (
+        out.startswith("Setup via `SCVI.setup_anndata` with arguments:\n") and "'batch_key': 'batch'" in out
+    )
     with pytest.raises(ValueError, match="written by pyro-scvi"):
         read_scvi_tools_model(tmp_path / "ours")
 
@@ -543,8 +588,9 @@ def test_load_registry_refuses_pre_015_attr_dict(tmp_path):
 
 
 def test_allow_list_is_explicit_and_has_no_code_runners():
-    forbidden = {"builtins.eval", "builtins.exec", "builtins.getattr", "builtins.setattr", "builtins.__import__",
-                 "builtins.compile", "builtins.open", "os.system", "posix.system", "subprocess.Popen",
+    forbidden = {"builtins.eval", "builtins.exec", "builtins.getattr", "builtins.setattr",
+                 "builtins.__import__", "builtins.compile", "builtins.open", "os.system", "posix.system",
+                 "subprocess.Popen",
                  "copyreg._reconstructor", "pickle.loads", "torch.load", "numpy.load", "pandas.read_pickle",
                  "functools.partial", "operator.attrgetter", "operator.methodcaller"}
     assert not forbidden & set(ALLOWED_GLOBALS)

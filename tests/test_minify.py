@@ -28,14 +28,18 @@ def test_minify_drops_counts_and_keeps_posterior(minified):
     reduced = model.adata
     assert reduced is not original and sp.issparse(reduced.X) and reduced.X.nnz == 0
     assert original.X.sum() > 0  # the user's AnnData is untouched
-    np.testing.assert_allclose(reduced.obs["observed_lib_size"], np.asarray(original.X.sum(1)).ravel(), rtol=1e-6)
+    np.testing.assert_allclose(
+        reduced.obs["observed_lib_size"], np.asarray(original.X.sum(1)).ravel(), rtol=1e-6
+    )
     np.testing.assert_array_equal(model.get_latent_representation(), original.obsm["X_latent_qzm"])
 
 
 def test_minified_queries_match_the_full_model(minified, trained):
     model, original = minified
     settings.seed = 3
-    expected = trained.get_normalized_expression(original, library_size="latent", return_numpy=True, n_samples=30)
+    expected = trained.get_normalized_expression(
+        original, library_size="latent", return_numpy=True, n_samples=30
+    )
     settings.seed = 3
     ours = model.get_normalized_expression(library_size="latent", return_numpy=True, n_samples=30)
     # both draw z from the same Gaussian posterior (stored vs recomputed): equal up to Monte-Carlo noise
@@ -47,7 +51,9 @@ def test_minified_queries_match_the_full_model(minified, trained):
     assert isinstance(de, pd.DataFrame) and len(de) == original.n_vars
 
 
-@pytest.mark.parametrize("method", ["get_elbo", "get_reconstruction_error", "get_marginal_ll", "get_latent_library_size", "train"])
+@pytest.mark.parametrize(
+    "method", ["get_elbo", "get_reconstruction_error", "get_marginal_ll", "get_latent_library_size", "train"]
+)
 def test_methods_needing_counts_refuse(minified, method):
     model, _ = minified
     with pytest.raises(ValueError, match=f"SCVI.{method} function currently does not support minified data"):

@@ -1,16 +1,12 @@
 """The SCVI class as a user calls it: registration, queries, files, devices, independence of models."""
 
-import pickle
-import warnings
 
-import anndata
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from pyro_scvi import SCVI, settings
-from pyro_scvi.data import synthetic_iid
 
 
 def test_setup_and_view_anndata_setup(adata, capsys):
@@ -52,7 +48,9 @@ def test_latent_representation_variants(trained):
     loc, var = trained.get_latent_representation(return_dist=True)
     np.testing.assert_array_equal(mean, loc)
     assert mean.shape == (n, 10) and (var > 0).all()
-    np.testing.assert_allclose(trained.get_latent_representation(indices=[5, 2, 7]), mean[[5, 2, 7]], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        trained.get_latent_representation(indices=[5, 2, 7]), mean[[5, 2, 7]], rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(trained.get_latent_representation(batch_size=7), mean, rtol=1e-5, atol=1e-6)
     draws = np.stack([trained.get_latent_representation(give_mean=False) for _ in range(200)])
     # one-draw samples scatter around the mean with the posterior variance
@@ -63,7 +61,9 @@ def test_latent_representation_variants(trained):
 def test_latent_library_size_observed_is_total_counts(trained):
     totals = np.asarray(trained.adata.X.sum(1)).reshape(-1, 1)
     np.testing.assert_allclose(trained.get_latent_library_size(), totals, rtol=1e-5)
-    np.testing.assert_allclose(trained.get_latent_library_size(give_mean=False, indices=[0, 1]), totals[:2], rtol=1e-5)
+    np.testing.assert_allclose(
+        trained.get_latent_library_size(give_mean=False, indices=[0, 1]), totals[:2], rtol=1e-5
+    )
 
 
 def test_latent_library_size_with_latent_library(adata):
@@ -75,7 +75,8 @@ def test_latent_library_size_with_latent_library(adata):
     mean = model.get_latent_library_size()
     totals = np.asarray(adata.X.sum(1)).ravel()
     assert mean.shape == (adata.n_obs, 1)
-    assert np.corrcoef(np.log(mean.ravel()), np.log(totals))[0, 1] > 0.4  # the encoder tracks the library (0.56 here; it keeps improving with training)
+    # the encoder tracks the library (0.56 here; it keeps improving with training)
+    assert np.corrcoef(np.log(mean.ravel()), np.log(totals))[0, 1] > 0.4
     assert 0.33 < np.median(mean.ravel() / totals) < 3.0
     draws = np.stack([model.get_latent_library_size(give_mean=False) for _ in range(100)])
     np.testing.assert_allclose(draws.mean(0), mean, rtol=0.1)
@@ -123,14 +124,21 @@ def test_transform_batch_changes_only_the_decoder(trained):
     np.testing.assert_allclose(own[codes == 0], as_0[codes == 0], rtol=1e-5)
     np.testing.assert_allclose(own[codes == 1], as_1[codes == 1], rtol=1e-5)
     settings.seed = 4
-    both = trained.get_normalized_expression(transform_batch=["batch_0", "batch_1"], return_numpy=True, n_samples=20)
+    both = trained.get_normalized_expression(
+        transform_batch=["batch_0", "batch_1"], return_numpy=True, n_samples=20
+    )
     np.testing.assert_allclose(both, (as_0 + as_1) / 2, rtol=1e-4)
 
 
 def test_queries_on_a_new_anndata_transfer_the_setup(trained):
     other = trained.adata[:50].copy()
     del other.uns["_scvi_uuid"]
-    np.testing.assert_allclose(trained.get_latent_representation(other), trained.get_latent_representation(indices=np.arange(50)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        trained.get_latent_representation(other),
+        trained.get_latent_representation(indices=np.arange(50)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     unseen = trained.adata[:20].copy()
     unseen.obs["batch"] = pd.Categorical(["batch_7"] * 20)
     with pytest.raises(ValueError, match="batch_7"):
@@ -158,7 +166,9 @@ def test_save_load_round_trip(trained, tmp_path):
     with pytest.warns(UserWarning, match="no saved anndata"):
         bare = SCVI.load(tmp_path / "m", prefix="second_")
     assert bare.adata is None
-    np.testing.assert_array_equal(bare.get_latent_representation(trained.adata), trained.get_latent_representation())
+    np.testing.assert_array_equal(
+        bare.get_latent_representation(trained.adata), trained.get_latent_representation()
+    )
 
 
 def test_load_latent_library_model_without_anndata(adata, tmp_path):
@@ -214,7 +224,10 @@ def test_two_models_never_share_weights(adata):
     pyro.clear_param_store()  # other tests may have used the global store directly
     SCVI.setup_anndata(adata, batch_key="batch")
     first, second = SCVI(adata, n_hidden=16), SCVI(adata, n_hidden=16)
-    assert first.module.decoder.scale_head[0].weight.data_ptr() != second.module.decoder.scale_head[0].weight.data_ptr()
+    assert (
+        first.module.decoder.scale_head[0].weight.data_ptr()
+        != second.module.decoder.scale_head[0].weight.data_ptr()
+    )
     second_before = {k: v.clone() for k, v in second.module.state_dict().items()}
     first.train(max_epochs=2, enable_progress_bar=False)
     for k, v in second.module.state_dict().items():
@@ -253,7 +266,12 @@ def test_adata_setter_transfers_the_setup(trained):
     subset = trained.adata[:30].copy()
     model.adata = subset
     assert model.adata is subset and model.summary_stats["n_cells"] == 30
-    np.testing.assert_allclose(model.get_latent_representation(), trained.get_latent_representation(indices=np.arange(30)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        model.get_latent_representation(),
+        trained.get_latent_representation(indices=np.arange(30)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert trained.summary_stats["n_cells"] == trained.adata.n_obs
 
 
@@ -273,7 +291,9 @@ def test_manager_api(trained):
     trained.get_latent_representation(other)  # a model method transfers the setup
     manager = trained.get_anndata_manager(other, required=True)
     assert manager.adata is other and manager.summary_stats["n_cells"] == 40
-    np.testing.assert_array_equal(trained.get_from_registry(other, "labels").ravel(), other.obs["_scvi_labels"].to_numpy())
+    np.testing.assert_array_equal(
+        trained.get_from_registry(other, "labels").ravel(), other.obs["_scvi_labels"].to_numpy()
+    )
     copied = other.copy()  # same uuid, another object: the setup is transferred onto it
     assert trained.get_anndata_manager(copied).adata is copied
     trained.deregister_manager(other)

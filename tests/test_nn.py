@@ -11,7 +11,8 @@ from pyro_scvi.models.networks import FCLayers, GaussianEncoder
 def test_fc_layers_slots_and_batchnorm_settings():
     layers = FCLayers(20, 8, n_cat_list=[3, 1, 4], n_layers=2, n_hidden=16, dropout_rate=0.1)
     block = layers.fc_layers[0]
-    assert isinstance(block[0], nn.Linear) and block[0].in_features == 20 + 3 + 4  # 1-category covariate adds nothing
+    # 1-category covariate adds nothing
+    assert isinstance(block[0], nn.Linear) and block[0].in_features == 20 + 3 + 4
     assert isinstance(block[1], nn.BatchNorm1d) and block[1].momentum == 0.01 and block[1].eps == 1e-3
     assert block[2] is None and isinstance(block[3], nn.ReLU) and isinstance(block[4], nn.Dropout)
     assert layers.fc_layers[1][0].in_features == 16 + 7  # deep injection
@@ -22,7 +23,9 @@ def test_fc_layers_slots_and_batchnorm_settings():
 def test_fc_layers_one_hot_matches_explicit_concatenation():
     layers = FCLayers(5, 4, n_cat_list=[3], n_layers=1, n_hidden=4, dropout_rate=0.0, use_batch_norm=False)
     x, codes = torch.randn(6, 5), torch.tensor([[0], [2], [1], [2], [0], [1]])
-    expected = torch.relu(layers.fc_layers[0][0](torch.cat([x, torch.nn.functional.one_hot(codes[:, 0], 3).float()], -1)))
+    expected = torch.relu(
+        layers.fc_layers[0][0](torch.cat([x, torch.nn.functional.one_hot(codes[:, 0], 3).float()], -1))
+    )
     torch.testing.assert_close(layers(x, codes), expected)
 
 
@@ -52,7 +55,8 @@ def test_default_module_parameter_shapes_follow_reference():
     G, B = 50, 3
     shapes = _shapes(SCVIModule(G, n_batch=B))
     assert shapes["log_dispersion"] == (G,)
-    assert shapes["z_encoder.hidden.fc_layers.Layer 0.0.weight"] == (128, G)  # encoder ignores batch by default
+    # encoder ignores batch by default
+    assert shapes["z_encoder.hidden.fc_layers.Layer 0.0.weight"] == (128, G)
     assert shapes["library_encoder.hidden.fc_layers.Layer 0.0.weight"] == (128, G)
     assert shapes["library_encoder.loc_head.weight"] == (1, 128)
     assert shapes["decoder.hidden.fc_layers.Layer 0.0.weight"] == (128, 10 + B)
@@ -69,11 +73,23 @@ def test_default_module_parameter_shapes_follow_reference():
     [
         (dict(dispersion="gene-batch"), "log_dispersion", (50, 3)),
         (dict(dispersion="gene-label", n_labels=4), "log_dispersion", (50, 4)),
-        (dict(encode_covariates=True, n_cats_per_cov=[2, 5], n_continuous_cov=2), "z_encoder.hidden.fc_layers.Layer 0.0.weight", (128, 50 + 2 + 3 + 2 + 5)),
-        (dict(n_cats_per_cov=[2, 5], n_continuous_cov=2), "decoder.hidden.fc_layers.Layer 0.0.weight", (128, 10 + 2 + 3 + 2 + 5)),
+        (
+            dict(encode_covariates=True, n_cats_per_cov=[2, 5], n_continuous_cov=2),
+            "z_encoder.hidden.fc_layers.Layer 0.0.weight",
+            (128, 50 + 2 + 3 + 2 + 5),
+        ),
+        (
+            dict(n_cats_per_cov=[2, 5], n_continuous_cov=2),
+            "decoder.hidden.fc_layers.Layer 0.0.weight",
+            (128, 10 + 2 + 3 + 2 + 5),
+        ),
         (dict(n_layers=2), "decoder.hidden.fc_layers.Layer 1.0.weight", (128, 128 + 3)),
         (dict(n_layers=2), "z_encoder.hidden.fc_layers.Layer 1.0.weight", (128, 128)),
-        (dict(use_observed_lib_size=False, library_log_means=[[1, 2, 3]], library_log_vars=[[1, 1, 1]]), "library_log_means", (1, 3)),
+        (
+            dict(use_observed_lib_size=False, library_log_means=[[1, 2, 3]], library_log_vars=[[1, 1, 1]]),
+            "library_log_means",
+            (1, 3),
+        ),
     ],
 )
 def test_module_options_change_shapes_like_the_reference(options, key, shape):
@@ -83,11 +99,24 @@ def test_module_options_change_shapes_like_the_reference(options, key, shape):
 def test_gene_cell_has_no_dispersion_parameter_and_norm_placement():
     module = SCVIModule(20, dispersion="gene-cell", use_batch_norm="decoder", use_layer_norm="encoder")
     assert module.log_dispersion is None
-    assert module.z_encoder.hidden.fc_layers[0][1] is None and isinstance(module.z_encoder.hidden.fc_layers[0][2], nn.LayerNorm)
-    assert isinstance(module.decoder.hidden.fc_layers[0][1], nn.BatchNorm1d) and module.decoder.hidden.fc_layers[0][2] is None
+    assert module.z_encoder.hidden.fc_layers[0][1] is None and isinstance(
+        module.z_encoder.hidden.fc_layers[0][2], nn.LayerNorm
+    )
+    assert (
+        isinstance(module.decoder.hidden.fc_layers[0][1], nn.BatchNorm1d)
+        and module.decoder.hidden.fc_layers[0][2] is None
+    )
 
 
-@pytest.mark.parametrize("name, value", [("dispersion", "gene-cells"), ("gene_likelihood", "zip"), ("latent_distribution", "lognormal"), ("use_batch_norm", True)])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("dispersion", "gene-cells"),
+        ("gene_likelihood", "zip"),
+        ("latent_distribution", "lognormal"),
+        ("use_batch_norm", True),
+    ],
+)
 def test_invalid_choices_raise(name, value):
     with pytest.raises(ValueError, match=name):
         SCVIModule(10, **{name: value})

@@ -48,7 +48,10 @@ def _read(name: str):
 
 def _cellbench_reachable() -> bool:
     """What the notebooks' ``find_cellbench`` finds from ``notebooks/``: shared/data in it or above."""
-    return any((folder / "shared" / "data" / "cellbench_5cl.h5ad").is_file() for folder in (NOTEBOOKS, *NOTEBOOKS.parents))
+    return any(
+        (folder / "shared" / "data" / "cellbench_5cl.h5ad").is_file()
+        for folder in (NOTEBOOKS, *NOTEBOOKS.parents)
+    )
 
 
 def test_every_notebook_has_small_settings():
@@ -65,9 +68,13 @@ def test_notebook_is_stored_without_outputs(name):
     assert not dirty, f"{name}: cells {dirty} hold outputs; run `make strip-notebooks`."
     assert "widgets" not in nb.metadata, f"{name}: widget state in the metadata; run `make strip-notebooks`."
     parameters = [cell for cell in nb.cells if "parameters" in cell.metadata.get("tags", [])]
-    assert len(parameters) == 1 and parameters[0].cell_type == "code", f"{name}: needs one code cell tagged 'parameters'."
+    assert len(parameters) == 1 and parameters[0].cell_type == "code", (
+        f"{name}: needs one code cell tagged 'parameters'."
+    )
     for key in SMALL[name]:  # every overridden setting is a parameter of the notebook
-        assert re.search(rf"^{key} = ", parameters[0].source, re.M), f"{name}: no parameter {key} to override."
+        assert re.search(rf"^{key} = ", parameters[0].source, re.M), (
+            f"{name}: no parameter {key} to override."
+        )
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +98,10 @@ def kernel(tmp_path_factory):
 def _injected(settings: dict) -> str:
     lines = ["# injected by tests/test_notebooks.py: small settings, and a check of the interpreter"]
     lines += [f"{key} = {value!r}" for key, value in settings.items()]
-    lines += ["import sys", f"assert sys.prefix == {sys.prefix!r}, f'kernel runs {{sys.executable}}, not {sys.executable}'"]
+    lines += [
+        "import sys",
+        f"assert sys.prefix == {sys.prefix!r}, f'kernel runs {{sys.executable}}, not {sys.executable}'",
+    ]
     return "\n".join(lines)
 
 
@@ -153,7 +163,11 @@ def test_data_cell_falls_back_to_generated_data(kernel, tmp_path):
     data_cell = next(i for i, cell in enumerate(nb.cells) if "find_cellbench(DATA_DIR)" in cell.source)
     position = next(i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", []))
     nb.cells = nb.cells[:data_cell + 1]
-    nb.cells.insert(position + 1, nbformat.v4.new_code_cell(_injected({"N_GENES": 50, "DATA_DIR": str(tmp_path)})))
+    nb.cells.insert(
+        position + 1, nbformat.v4.new_code_cell(_injected({"N_GENES": 50, "DATA_DIR": str(tmp_path)}))
+    )
     run_notebook(nb, "quickstart.ipynb", tmp_path, kernel)
     text = "".join(_text(cell) for cell in nb.cells if cell.cell_type == "code")
-    assert "Data: generated data from pyro_scvi.data.synthetic_iid" in text and "900 cells x 50 genes" in text, text
+    assert (
+        "Data: generated data from pyro_scvi.data.synthetic_iid" in text and "900 cells x 50 genes" in text
+    ), text

@@ -38,7 +38,9 @@ def test_log_pochhammer_equals_lgamma_difference_and_its_gradient(counts_and_the
 
 def test_gradcheck_and_leading_dims(counts_and_theta):
     counts, theta = counts_and_theta
-    assert torch.autograd.gradcheck(lambda t: log_pochhammer(counts[:, :4], t), (theta[:4].detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda t: log_pochhammer(counts[:, :4], t), (theta[:4].detach().requires_grad_(),)
+    )
     stacked = log_pochhammer(counts.expand(2, 6, 9), theta)  # (S, n, G) counts
     torch.testing.assert_close(stacked[1], log_pochhammer(counts, theta))
 

@@ -19,10 +19,16 @@ def test_likelihood_parameters_are_consistent_with_the_model(trained):
     assert ((params["dropout"] > 0) & (params["dropout"] < 1)).all()
     many = trained.get_likelihood_parameters(n_samples=4, indices=[0, 1, 2])
     assert many["mean"].shape == (4, 3, trained.adata.n_vars)
-    assert trained.get_likelihood_parameters(n_samples=4, give_mean=True, indices=[0, 1, 2])["mean"].shape == (3, trained.adata.n_vars)
+    assert (
+        trained.get_likelihood_parameters(n_samples=4, give_mean=True, indices=[0, 1, 2])["mean"].shape
+        == (3, trained.adata.n_vars)
+    )
 
 
-@pytest.mark.parametrize("likelihood, keys", [("poisson", {"mean"}), ("normal", {"mean", "dispersions"}), ("nb", {"mean", "dispersions"})])
+@pytest.mark.parametrize(
+    "likelihood, keys",
+    [("poisson", {"mean"}), ("normal", {"mean", "dispersions"}), ("nb", {"mean", "dispersions"})],
+)
 def test_likelihood_parameters_for_every_likelihood(adata, likelihood, keys):
     SCVI.setup_anndata(adata, batch_key="batch")
     model = SCVI(adata, gene_likelihood=likelihood, n_hidden=16)
@@ -30,7 +36,9 @@ def test_likelihood_parameters_for_every_likelihood(adata, likelihood, keys):
     params = model.get_likelihood_parameters()
     assert set(params) == keys and all(np.isfinite(v).all() for v in params.values())
     if likelihood == "normal":
-        np.testing.assert_allclose(params["dispersions"][0], model.module.log_dispersion.exp().detach().numpy(), rtol=1e-6)
+        np.testing.assert_allclose(
+            params["dispersions"][0], model.module.log_dispersion.exp().detach().numpy(), rtol=1e-6
+        )
 
 
 def test_posterior_predictive_matches_the_likelihood_mean(trained):
@@ -68,7 +76,13 @@ def test_feature_correlation_matrix(trained):
 
 def test_batch_embedding_representation(adata, tmp_path):
     SCVI.setup_anndata(adata, batch_key="batch")
-    model = SCVI(adata, batch_representation="embedding", batch_embedding_kwargs={"embedding_dim": 3}, encode_covariates=True, n_hidden=16)
+    model = SCVI(
+        adata,
+        batch_representation="embedding",
+        batch_embedding_kwargs={"embedding_dim": 3},
+        encode_covariates=True,
+        n_hidden=16,
+    )
     assert model.module.decoder.hidden.fc_layers[0][0].in_features == 10 + 3
     model.train(max_epochs=2, enable_progress_bar=False)
     rep = model.get_batch_representation()
@@ -93,6 +107,8 @@ def test_importance_weighted_expression(trained):
     w = trained.get_importance_weights(None, cells, z, max_cells=20, n_mc_samples=20)
     assert w.shape == (30,) and np.isclose(w.sum(), 1.0) and (w >= 0).all()
     with pytest.raises(ValueError, match="single transform_batch"):
-        trained.get_normalized_expression(n_samples_overall=10, weights="importance", transform_batch=["batch_0", "batch_1"])
+        trained.get_normalized_expression(
+            n_samples_overall=10, weights="importance", transform_batch=["batch_0", "batch_1"]
+        )
     with pytest.raises(ValueError, match="weights must be"):
         trained.get_normalized_expression(weights="magic")

@@ -14,15 +14,17 @@ from pyro_scvi.data import synthetic_iid
 from pyro_scvi.data.minibatch import Minibatch
 from pyro_scvi.infer.elbo import elbo_parts, traces
 from pyro_scvi.infer.importance import marginal_log_likelihood
-from pyro_scvi.models.priors import LogNormalLibraryPrior, MixtureOfGaussiansPrior, NormalPrior, VampPrior
 from pyro_scvi.models.module import SCVIModule
+from pyro_scvi.models.priors import LogNormalLibraryPrior, MixtureOfGaussiansPrior, NormalPrior, VampPrior
 
 
 def _batch(n=16, G=12, B=2, seed=0, identical=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.poisson(torch.full((1 if identical else n, G), 3.0), generator=g).expand(n, G).clone()
     x[:, 0] += 1  # no empty cell
-    batch_index = torch.zeros(n, 1, dtype=torch.long) if identical else torch.randint(0, B, (n, 1), generator=g)
+    batch_index = (
+        torch.zeros(n, 1, dtype=torch.long) if identical else torch.randint(0, B, (n, 1), generator=g)
+    )
     return Minibatch(x=x, batch_index=batch_index, labels=torch.zeros(n, 1, dtype=torch.long),
                      log_library=x.sum(1, keepdim=True).log())
 
@@ -75,7 +77,9 @@ def test_mog_with_one_standard_component_gives_the_normal_prior_elbo():
     b = elbo_parts(mog.model, mog.guide, batch)
     torch.testing.assert_close(b.reconstruction["x"], a.reconstruction["x"])  # same draw, same weights
     z = guide_trace.nodes["z"]["value"]
-    torch.testing.assert_close(model_trace.nodes["z"]["fn"].log_prob(z), dist.Normal(0.0, 1.0).log_prob(z).sum(-1))
+    torch.testing.assert_close(
+        model_trace.nodes["z"]["fn"].log_prob(z), dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    )
     # the Monte-Carlo KL is unbiased for the analytic one: same ELBO up to MC noise
     difference = b.kl["z"] - a.kl["z"]
     assert abs(difference.mean().item()) < 4 * difference.std().item() / math.sqrt(batch.n_cells)
@@ -148,7 +152,9 @@ def test_custom_prior_object_trains_and_must_be_passed_again_on_load(small_adata
         SCVI.load(tmp_path / "m", small_adata)
     loaded = SCVI.load(tmp_path / "m", small_adata, z_prior=StudentTPrior(3))
     torch.testing.assert_close(loaded.module.z_prior.log_scale, model.module.z_prior.log_scale)
-    np.testing.assert_allclose(loaded.get_latent_representation(), model.get_latent_representation(), atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(), model.get_latent_representation(), atol=1e-6
+    )
     first = SCVI(small_adata, n_latent=3, z_prior=VampPrior(2))
     with pytest.raises(ValueError, match="another model"):  # one prior object per model
         SCVI(small_adata, n_latent=3, z_prior=first.module.z_prior)
@@ -169,7 +175,8 @@ def test_library_priors_default_and_custom(small_adata):
     pyro.set_rng_seed(0)
     default = SCVI(small_adata, n_latent=3, use_observed_lib_size=False)
     assert isinstance(default.module.library_prior, LogNormalLibraryPrior)
-    assert not any(k.startswith("library_prior") for k in default.module.state_dict())  # scvi-tools' names kept
+    # scvi-tools' names kept
+    assert not any(k.startswith("library_prior") for k in default.module.state_dict())
     custom = SCVI(small_adata, n_latent=3, use_observed_lib_size=False, library_prior=ShiftedLibraryPrior())
     custom.train(max_epochs=2, enable_progress_bar=False)
     assert custom.module.library_prior.loc.item() != 7.0
@@ -192,7 +199,9 @@ def test_global_kl_is_divided_by_the_number_of_training_cells():
     pyro.set_rng_seed(2)
     parts = elbo_parts(module.model, module.guide, batch)
     assert parts.n_obs == 1000 and set(parts.kl_global) == {"inverse_dispersion"}
-    kl_theta = torch.distributions.kl_divergence(module.dispersion_posterior(), module.dispersion_hyperprior()).sum()
+    kl_theta = torch.distributions.kl_divergence(
+        module.dispersion_posterior(), module.dispersion_hyperprior()
+    ).sum()
     torch.testing.assert_close(parts.kl_global["inverse_dispersion"], kl_theta)
     expected = (parts.reconstruction["x"] + parts.kl["z"]).mean() + kl_theta / 1000
     torch.testing.assert_close(parts.loss, expected)
@@ -269,5 +278,7 @@ def test_dispersion_hyperprior_validation_and_gene_batch_shapes(small_adata, tmp
     assert params["dispersions"].shape == (2, small_adata.n_obs, small_adata.n_vars)
     model.save(tmp_path / "m")
     loaded = SCVI.load(tmp_path / "m", small_adata)
-    torch.testing.assert_close(loaded.module.dispersion_posterior().mean, model.module.dispersion_posterior().mean)
+    torch.testing.assert_close(
+        loaded.module.dispersion_posterior().mean, model.module.dispersion_posterior().mean
+    )
     assert loaded.module.n_train_cells == model.module.n_train_cells

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_registry import FULL_SETUP, make_adata
 
 from pyro_scvi.data import AnnDataManager, Field, Registry
 from pyro_scvi.data.registry import (
@@ -22,9 +23,8 @@ from pyro_scvi.data.registry import (
     validate_registered,
 )
 from pyro_scvi.io import load_registry
-from pyro_scvi.io.native import to_safe
 from pyro_scvi.io.legacy import registry_from_legacy_setup_dict
-from test_registry import FULL_SETUP, make_adata
+from pyro_scvi.io.native import to_safe
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 SCVI_TOOLS_MODEL = SHARED_FIXTURES / "scvi_tools_cellbench5" / "model"

@@ -22,7 +22,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from pyro_scvi import SCVI, settings
 from pyro_scvi.data import synthetic_iid
@@ -57,8 +59,8 @@ def assert_finite_model(model):
 def snapshot_adata(adata):
     """Everything a failed check must leave as it was."""
     X = adata.X.toarray() if sp.issparse(adata.X) else np.array(adata.X)
-    return (X, adata.obs.copy(), {k: np.array(v) for k, v in adata.obsm.items()}, copy.deepcopy(dict(adata.uns)),
-            list(adata.layers), list(adata.var_names), list(adata.obs_names))
+    return (X, adata.obs.copy(), {k: np.array(v) for k, v in adata.obsm.items()},
+            copy.deepcopy(dict(adata.uns)), list(adata.layers), list(adata.var_names), list(adata.obs_names))
 
 
 def assert_unchanged(adata, before):
@@ -66,13 +68,22 @@ def assert_unchanged(adata, before):
     now = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
     np.testing.assert_array_equal(now, X)
     pd.testing.assert_frame_equal(adata.obs, obs)
-    assert set(adata.obsm) == set(obsm) and all(np.array_equal(np.asarray(adata.obsm[k]), v) for k, v in obsm.items())
+    assert set(adata.obsm) == set(obsm) and all(
+        np.array_equal(np.asarray(adata.obsm[k]), v) for k, v in obsm.items()
+    )
     assert set(adata.uns) == set(uns) and all(adata.uns[k] == uns[k] for k in uns)
-    assert list(adata.layers) == layers and list(adata.var_names) == var_names and list(adata.obs_names) == obs_names
+    assert (
+        list(adata.layers) == layers
+        and list(adata.var_names) == var_names
+        and list(adata.obs_names) == obs_names
+    )
 
 
 class ListModule:
-    """A datamodule over ``adata``'s counts in minibatches of 20; ``hook(epoch, i)`` runs before each batch."""
+    """A datamodule over ``adata``'s counts in minibatches of 20.
+
+    ``hook(epoch, i)`` runs before each batch.
+    """
 
     def __init__(self, adata, hook=None, on_epoch=None):
         self.X, self.codes = np.asarray(adata.X, dtype=np.float32), adata.obs["_scvi_batch"].to_numpy()
@@ -89,7 +100,7 @@ class ListModule:
             yield {"X": x, "batch": torch.tensor(self.codes[start:start + 20])[:, None]}
 
 
-# ------------------------------------------------------------------------------------------ faults in training
+# ---------------------------------------------------------------------------------- faults in training
 
 
 def test_nan_loss_keeps_last_finite_weights_and_history():
@@ -105,7 +116,9 @@ def test_nan_loss_keeps_last_finite_weights_and_history():
         if epoch == 2:
             expected.update(state(model))
 
-    with pytest.raises(FloatingPointError, match=r"(?s)epoch 2.*last finite.*raw counts.*learning rate.*plan_kwargs"):
+    with pytest.raises(
+        FloatingPointError, match=r"(?s)epoch 2.*last finite.*raw counts.*learning rate.*plan_kwargs"
+    ):
         model.train(max_epochs=5, datamodule=ListModule(adata, poison, on_epoch), **QUIET)
     for name, value in model.module.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
@@ -121,7 +134,9 @@ def test_absurd_learning_rate_stops_with_a_clear_error():
     setup_quietly(adata)
     model = SCVI(adata, n_hidden=16)
     model.train(max_epochs=1, **QUIET)
-    with pytest.raises(FloatingPointError, match=r"(?s)normalised or log data.*learning rate that is too high"):
+    with pytest.raises(
+        FloatingPointError, match=r"(?s)normalised or log data.*learning rate that is too high"
+    ):
         model.train(max_epochs=30, plan_kwargs={"lr": 1e4}, **QUIET)
     assert_finite_model(model)
     assert np.isfinite(model.history["train_loss"].to_numpy()).all()
@@ -158,7 +173,7 @@ def test_ctrl_c_leaves_a_usable_model_with_its_history():
     assert len(model.history["train_loss"]) == 4
 
 
-# ------------------------------------------------------------------------------------------ odd but valid data
+# ---------------------------------------------------------------------------------- odd but valid data
 
 
 @pytest.mark.parametrize("likelihood", ["zinb", "poisson"])
@@ -189,7 +204,8 @@ def test_never_expressed_genes_alone_give_no_warning():
 def test_empty_row_in_a_datamodule_minibatch_has_a_finite_library():
     batch = minibatch_from_dict({"X": torch.tensor([[0.0, 0.0], [1.0, 3.0]])})
     torch.testing.assert_close(batch.log_library, torch.tensor([[0.0], [np.log(4.0)]], dtype=torch.float32))
-    coo = minibatch_from_dict({"X": sp.coo_matrix(np.array([[0.0, 2.0], [1.0, 3.0]]))})  # SciPy COO is densified
+    # SciPy COO is densified
+    coo = minibatch_from_dict({"X": sp.coo_matrix(np.array([[0.0, 2.0], [1.0, 3.0]]))})
     torch.testing.assert_close(coo.x, torch.tensor([[0.0, 2.0], [1.0, 3.0]]))
 
 
@@ -199,7 +215,8 @@ def test_every_matrix_format_gives_the_same_model():
     latents = {}
     for name, matrix in [("float32", dense.astype(np.float32)), ("float64", dense.astype(np.float64)),
                          ("int32", dense.astype(np.int32)), ("int64", dense.astype(np.int64)),
-                         ("csr", sp.csr_matrix(dense)), ("csc", sp.csc_matrix(dense)), ("csr_array", sp.csr_array(dense))]:
+                         ("csr", sp.csr_matrix(dense)), ("csc", sp.csc_matrix(dense)),
+                         ("csr_array", sp.csr_array(dense))]:
         adata = base.copy()
         adata.X = matrix
         setup_quietly(adata, batch_key="batch")
@@ -222,8 +239,8 @@ def test_views_are_copied_by_model_methods():
     model = SCVI(adata, n_hidden=16)
     model.train(max_epochs=1, **QUIET)
     view = adata[:10]
-    np.testing.assert_allclose(model.get_latent_representation(view), model.get_latent_representation(indices=np.arange(10)),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.get_latent_representation(view),
+                               model.get_latent_representation(indices=np.arange(10)), rtol=1e-5, atol=1e-6)
     assert_unchanged(adata, snapshot_adata(adata))
 
 
@@ -239,7 +256,7 @@ def test_category_with_one_cell_trains():
     assert_finite_model(model)
 
 
-# ------------------------------------------------------------------------------------------ tiny data, BatchNorm
+# ---------------------------------------------------------------------------------- tiny data, BatchNorm
 
 
 def test_a_single_cell_is_a_clear_error():
@@ -260,13 +277,17 @@ def test_fewer_cells_than_batch_size():
     assert_finite_model(model)
 
 
-@pytest.mark.parametrize("n_obs, train_size, validation_size", [(17, 1.0, None), (18, 0.9, None), (21, 0.8, 0.1), (33, 1.0, 0.0)])
+@pytest.mark.parametrize(
+    "n_obs, train_size, validation_size", [(17, 1.0, None), (18, 0.9, None), (21, 0.8, 0.1), (33, 1.0, 0.0)]
+)
 def test_one_cell_left_over_never_reaches_batchnorm(n_obs, train_size, validation_size):
     adata = synthetic_iid(batch_size=n_obs, n_genes=10, n_batches=1, n_labels=1, seed=1)
     setup_quietly(adata)
     model = SCVI(adata, n_hidden=8)
     with pytest.warns(UserWarning, match="moved"):
-        model.train(max_epochs=1, batch_size=16, train_size=train_size, validation_size=validation_size, **QUIET)
+        model.train(
+            max_epochs=1, batch_size=16, train_size=train_size, validation_size=validation_size, **QUIET
+        )
     assert len(model.train_indices) % 16 not in (1, 2)
     assert len(model.train_indices) + len(model.validation_indices) + len(model.test_indices) == n_obs
 
@@ -276,7 +297,12 @@ def test_impossible_minibatches_are_clear_errors():
     setup_quietly(adata)
     model = SCVI(adata, n_hidden=8)
     with pytest.raises(ValueError, match="BatchNorm"):  # external indices with one cell left over
-        model.train(max_epochs=1, batch_size=16, datasplitter_kwargs={"external_indexing": [np.arange(17), [], []]}, **QUIET)
+        model.train(
+            max_epochs=1,
+            batch_size=16,
+            datasplitter_kwargs={"external_indexing": [np.arange(17), [], []]},
+            **QUIET,
+        )
     with pytest.raises(ValueError, match="BatchNorm"):
         model.train(max_epochs=1, batch_size=1, **QUIET)
     with pytest.raises(ValueError, match="no training minibatch"):
@@ -291,7 +317,7 @@ def test_impossible_minibatches_are_clear_errors():
     assert_finite_model(plain)
 
 
-# ------------------------------------------------------------------------------------------ names, keys, transfer
+# ---------------------------------------------------------------------------------- names, keys, transfer
 
 
 def test_duplicated_names_warn_and_still_work():
@@ -317,7 +343,10 @@ def setup_quietly_except_names(adata):
 def test_missing_obs_key_names_it_and_lists_the_columns():
     adata = small()
     before = snapshot_adata(adata)
-    with pytest.raises(KeyError, match=r"btch not found in adata\.obs\. Available columns: \['batch', 'labels', 'library_size'\]"):
+    with pytest.raises(
+        KeyError,
+        match=r"btch not found in adata\.obs\. Available columns: \['batch', 'labels', 'library_size'\]",
+    ):
         SCVI.setup_anndata(adata, batch_key="btch")
     assert_unchanged(adata, before)
 
@@ -348,14 +377,18 @@ def test_gene_order_changed_is_an_error_naming_the_fix(fitted):
         fitted.get_latent_representation(permuted)
     assert_unchanged(permuted, before)
     fixed = permuted[:, fitted.adata.var_names].copy()  # the suggested fix works
-    np.testing.assert_allclose(fitted.get_latent_representation(fixed), fitted.get_latent_representation(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        fitted.get_latent_representation(fixed), fitted.get_latent_representation(), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_unseen_genes_are_an_error_naming_them(fitted):
     other = fresh_copy(fitted.adata)
     other.var_names = ["new_gene"] + list(other.var_names[1:])
     before = snapshot_adata(other)
-    with pytest.raises(ValueError, match=r"1 of the model's genes are missing.*new_gene.*prepare_query_anndata"):
+    with pytest.raises(
+        ValueError, match=r"1 of the model's genes are missing.*new_gene.*prepare_query_anndata"
+    ):
         fitted.get_normalized_expression(other)
     assert_unchanged(other, before)
 
@@ -408,7 +441,11 @@ def test_refused_overwrite_and_foreign_files(fitted, tmp_path):
 # ------------------------------------------------------------------------------------------ property test
 
 
-@hsettings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@hsettings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(
     n_cells=st.integers(1, 30),
     n_genes=st.integers(1, 6),

@@ -14,7 +14,12 @@ FIXTURE = Path(__file__).parent / "fixtures" / "saved_by_0.1.0"
 def same(a, b) -> bool:
     """Equality of nested registries (dicts, lists, NumPy arrays, scalars)."""
     if isinstance(a, dict) or isinstance(b, dict):
-        return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return (
+            isinstance(a, dict)
+            and isinstance(b, dict)
+            and a.keys() == b.keys()
+            and all(same(a[k], b[k]) for k in a)
+        )
     if isinstance(a, (list, tuple, np.ndarray)) or isinstance(b, (list, tuple, np.ndarray)):
         a, b = np.asarray(a, dtype=object), np.asarray(b, dtype=object)
         return a.shape == b.shape and all(same(x, y) for x, y in zip(a.ravel(), b.ravel()))

@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import anndata
 import numpy as np
 import pytest
 import torch
@@ -94,7 +93,9 @@ def test_every_option_survives_the_scvi_tools_layout(adata, tmp_path, options):
     assert "px_r" in state or options.get("dispersion") == "gene-cell"
     assert not any(k.startswith(("decoder.hidden", "library_encoder")) for k in state)
     loaded = SCVI.load(tmp_path / "m", adata=adata)
-    for ours, theirs in zip(loaded.get_latent_representation(return_dist=True), model.get_latent_representation(return_dist=True)):
+    for ours, theirs in zip(
+        loaded.get_latent_representation(return_dist=True), model.get_latent_representation(return_dist=True)
+    ):
         np.testing.assert_array_equal(ours, theirs)
     settings.seed = 2
     expected = model.get_normalized_expression(return_numpy=True)

@@ -46,7 +46,8 @@ def test_split_is_validation_first_and_seeded():
 
 @pytest.mark.parametrize("train_size", [0.9, None, 1.0])
 def test_split_never_leaves_a_tiny_training_minibatch(train_size):
-    # 143 cells, batch 128: ceil(0.9*143)=129 → remainder 1; with train_size=1.0: 143 → 15 (fine), use 129 cells
+    # 143 cells, batch 128: ceil(0.9*143)=129 → remainder 1;
+    # with train_size=1.0: 143 → 15 (fine), use 129 cells
     n = 143 if train_size != 1.0 else 129
     with pytest.warns(UserWarning, match="moved"):
         train, val, test = split_indices(n, train_size, batch_size=128, seed=0)
@@ -74,9 +75,14 @@ def test_early_stopping_counts_non_improving_checks():
 
 def test_history_keys_signs_and_append(trained):
     h = trained.history
-    for key in ["train_loss", "elbo_train", "reconstruction_loss_train", "kl_local_train", "kl_global_train", "kl_weight",
-                "validation_loss", "elbo_validation", "reconstruction_loss_validation", "kl_local_validation", "kl_global_validation"]:
-        assert isinstance(h[key], pd.DataFrame) and list(h[key].columns) == [key] and h[key].index.name == "epoch"
+    for key in ["train_loss", "elbo_train", "reconstruction_loss_train", "kl_local_train", "kl_global_train",
+                "kl_weight", "validation_loss", "elbo_validation", "reconstruction_loss_validation",
+                "kl_local_validation", "kl_global_validation"]:
+        assert (
+            isinstance(h[key], pd.DataFrame)
+            and list(h[key].columns) == [key]
+            and h[key].index.name == "epoch"
+        )
     assert len(h["elbo_train"]) == 40 and len(h["elbo_validation"]) == 8
     assert (h["elbo_train"][["elbo_train"]].to_numpy() > 0).all()  # negative ELBO: positive
     np.testing.assert_allclose(
@@ -140,7 +146,8 @@ def test_inference_recovers_generated_cell_types_and_expression():
     model.train(max_epochs=60, enable_progress_bar=False)
     latent = model.get_latent_representation()
     assert silhouette_score(latent, data.obs["labels"]) > 0.3
-    assert abs(silhouette_score(latent, data.obs["batch"])) < 0.25  # batches mix (0.17 at 60 epochs, 0.07 at 150)
+    # batches mix (0.17 at 60 epochs, 0.07 at 150)
+    assert abs(silhouette_score(latent, data.obs["batch"])) < 0.25
     # decoded in each batch and averaged, the normalized expression of a cell type matches its true profile
     expression = model.get_normalized_expression(transform_batch=["batch_0", "batch_1"], return_numpy=True)
     from scipy.stats import spearmanr
@@ -206,7 +213,10 @@ def test_datamodule_and_sparse_minibatches(adata):
             X = adata.X.toarray()
             codes = adata.obs["_scvi_batch"].to_numpy()
             for start in range(0, adata.n_obs, 100):
-                yield {"X": torch.tensor(X[start:start + 100]), "batch": torch.tensor(codes[start:start + 100])[:, None]}
+                yield {
+                    "X": torch.tensor(X[start:start + 100]),
+                    "batch": torch.tensor(codes[start:start + 100])[:, None],
+                }
 
     model.train(max_epochs=2, datamodule=Module(), enable_progress_bar=False)
     assert len(model.history["train_loss"]) == 4
@@ -218,7 +228,10 @@ def test_frozen_entries_stay_bitwise_fixed_with_weight_decay(adata):
     weight = model.module.decoder.hidden.fc_layers[0][0].weight
     mask = torch.ones_like(weight, dtype=torch.bool)
     mask[:, -2:] = False  # only the batch one-hot columns train
-    model.module.frozen_parameters = {"decoder.hidden.fc_layers.Layer 0.0.weight": mask, "log_dispersion": torch.tensor(True)}
+    model.module.frozen_parameters = {
+        "decoder.hidden.fc_layers.Layer 0.0.weight": mask,
+        "log_dispersion": torch.tensor(True),
+    }
     before_weight, before_theta = weight.detach().clone(), model.module.log_dispersion.detach().clone()
     before_other = model.module.decoder.scale_head[0].weight.detach().clone()
     model.train(max_epochs=3, enable_progress_bar=False, plan_kwargs={"weight_decay": 0.1})

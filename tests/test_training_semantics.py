@@ -63,7 +63,8 @@ def _record_kl_weights(monkeypatch) -> list[float]:
 
 
 @pytest.mark.parametrize("plan, expected", [
-    # by epoch (the default schedule, shortened): weight = epoch / n_epochs_kl_warmup for every step of the epoch
+    # by epoch (the default schedule, shortened):
+    # weight = epoch / n_epochs_kl_warmup for every step of the epoch
     ({"n_epochs_kl_warmup": 4}, [0, 0, 0, .25, .25, .25, .5, .5, .5, .75, .75, .75, 1, 1, 1]),
     # by optimiser step, counted over epochs: weight = step / n_steps_kl_warmup
     ({"n_epochs_kl_warmup": None, "n_steps_kl_warmup": 10}, [min(s / 10, 1.0) for s in range(15)]),
@@ -71,7 +72,8 @@ def _record_kl_weights(monkeypatch) -> list[float]:
     ({"n_epochs_kl_warmup": 2, "min_kl_weight": 0.2, "max_kl_weight": 0.8}, [.2] * 3 + [.5] * 3 + [.8] * 9),
 ])
 def test_kl_weight_of_every_step(monkeypatch, plan, expected):
-    adata = synthetic_iid(batch_size=150, n_genes=30, n_batches=2, seed=0)  # 270 training cells: 3 steps per epoch
+    # 270 training cells: 3 steps per epoch
+    adata = synthetic_iid(batch_size=150, n_genes=30, n_batches=2, seed=0)
     SCVI.setup_anndata(adata, batch_key="batch")
     model = SCVI(adata, n_hidden=16, n_latent=3)
     weights = _record_kl_weights(monkeypatch)
@@ -89,8 +91,12 @@ def test_batchnorm_statistics_after_one_step_and_not_after_validation():
     assert len(norms) == 3  # z encoder, library encoder, decoder
     before = {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in norms.items()}
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in norms}
-    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: inputs[name].append((mod.training, args[0].detach().clone())))
-             for name, m in norms.items()]
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, args, out, name=name: inputs[name].append((mod.training, args[0].detach().clone()))
+        )
+        for name, m in norms.items()
+    ]
     model.train(max_epochs=1, batch_size=128, check_val_every_n_epoch=1, enable_progress_bar=False)
     for hook in hooks:
         hook.remove()
@@ -104,8 +110,13 @@ def test_batchnorm_statistics_after_one_step_and_not_after_validation():
         assert len(training) == 1, name  # one training step; validation ran in eval mode
         assert any(not is_training for is_training, _ in inputs[name]), "validation should have run"
         x = training[0]
-        # momentum 0.01, unbiased batch variance for the running estimate (scvi-tools: BatchNorm1d(momentum=0.01, eps=1e-3))
-        torch.testing.assert_close(m.running_mean, 0.99 * before[name][0] + 0.01 * x.mean(0), rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(m.running_var, 0.99 * before[name][1] + 0.01 * x.var(0, unbiased=True), rtol=1e-5, atol=1e-7)
+        # momentum 0.01, unbiased batch variance for the running estimate
+        # (scvi-tools: BatchNorm1d(momentum=0.01, eps=1e-3))
+        torch.testing.assert_close(
+            m.running_mean, 0.99 * before[name][0] + 0.01 * x.mean(0), rtol=1e-5, atol=1e-7
+        )
+        torch.testing.assert_close(
+            m.running_var, 0.99 * before[name][1] + 0.01 * x.var(0, unbiased=True), rtol=1e-5, atol=1e-7
+        )
         assert int(m.num_batches_tracked) == 1
         assert m.momentum == 0.01 and m.eps == 1e-3

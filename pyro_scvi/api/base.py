@@ -82,8 +82,10 @@ class BaseModel:
         if registry is None:
             raise ValueError(f"Please set up your AnnData with {cls.__name__}.setup_anndata first.")
         if registry.model_name != cls.__name__:
-            raise ValueError(f"Please set up your AnnData with {cls.__name__}.setup_anndata first. It appears the "
-                             "AnnData object has been setup with a different model.")
+            raise ValueError(
+                f"Please set up your AnnData with {cls.__name__}.setup_anndata first. It appears the "
+                "AnnData object has been setup with a different model."
+            )
         validate_registered(adata, registry)
         return registry
 
@@ -116,8 +118,10 @@ class BaseModel:
         manager = self._instance_managers.get(adata.uns.get("_scvi_uuid"))
         if manager is None:
             if required:
-                raise ValueError(f"This AnnData has not been registered with this model: pass it to a model method "
-                                 f"(which transfers the setup) or call {type(self).__name__}.setup_anndata.")
+                raise ValueError(
+                    f"This AnnData has not been registered with this model: pass it to a model method "
+                    f"(which transfers the setup) or call {type(self).__name__}.setup_anndata."
+                )
             return None
         if manager.adata is not adata:  # a copy: transfer the setup onto this object
             self.transfer_setup(adata)
@@ -139,7 +143,9 @@ class BaseModel:
         """The registered field ``registry_key`` of ``adata`` (e.g. ``"X"``, ``"batch"`` codes ``(n, 1)``)."""
         return self.get_anndata_manager(adata, required=True).get_from_registry(registry_key)
 
-    def view_anndata_setup(self, adata: anndata.AnnData | None = None, hide_state_registries: bool = False) -> None:
+    def view_anndata_setup(
+        self, adata: anndata.AnnData | None = None, hide_state_registries: bool = False
+    ) -> None:
         """Print the registry of ``adata`` (default: the model's AnnData)."""
         registry = self.registry_ if adata is None else self.transfer_setup(adata)
         print(format_registry(registry, hide_state_registries=hide_state_registries))
@@ -161,7 +167,8 @@ class BaseModel:
 
     @adata.setter
     def adata(self, adata: anndata.AnnData) -> None:
-        """Swap the model's AnnData: the setup is transferred to it (same categories) and becomes the model's registry."""
+        """Swap the model's AnnData: the setup is transferred to it (same categories) and becomes the
+        model's registry."""
         self.registry_ = self.transfer_setup(adata)
         self._adata = adata
         self._data_cache = None
@@ -173,8 +180,9 @@ class BaseModel:
             return self.registry_
         if adata.is_view:
             adata._init_as_actual(adata.copy())
-        registry = setup_registry(adata, source_registry=self.registry_, model_name=type(self).__name__,
-                                  check_var_names=True)  # same genes in the same order, or a clear error
+        registry = setup_registry(
+            adata, source_registry=self.registry_, model_name=type(self).__name__, check_var_names=True
+        )  # same genes in the same order, or a clear error
         self._remember(AnnDataManager(adata, registry))
         return registry
 
@@ -233,13 +241,17 @@ class BaseModel:
     def check_trained(self) -> None:
         """Raise ``RuntimeError`` if the model has not been trained."""
         if not self.is_trained_:
-            raise RuntimeError("Trying to query inferred values from an untrained model. Please train the model first.")
+            raise RuntimeError(
+                "Trying to query inferred values from an untrained model. Please train the model first."
+            )
 
     def check_not_minified(self, method: str, adata=None) -> None:
         """Raise ``ValueError`` if ``method`` needs counts that a minified AnnData no longer has."""
         adata = self._adata if adata is None else adata
         if adata is not None and adata.uns.get(MINIFY_TYPE_KEY) == "latent_posterior_parameters":
-            raise ValueError(f"The {type(self).__name__}.{method} function currently does not support minified data.")
+            raise ValueError(
+                f"The {type(self).__name__}.{method} function currently does not support minified data."
+            )
 
     # ------------------------------------------------------------------ parameters and device
     @contextlib.contextmanager

@@ -18,6 +18,7 @@ from pyro.poutine.util import prune_subsample_sites
 
 from ..diagnostics import import_arviz
 from ..infer import posterior
+from ..models import sites
 
 __all__ = ["CriticismMixin", "LARGE_PREDICTIVE_ELEMENTS"]
 
@@ -104,7 +105,7 @@ class _PosteriorDraws:
     def __init__(self, n_samples: int, n_cells: int, n_genes: int, predictive: bool) -> None:
         self.n_samples, self.n_cells, self.n_genes, self.predictive = n_samples, n_cells, n_genes, predictive
         self.latent: dict[str, np.ndarray] = {}  # local (S, N, ·) or global (S, ·)
-        self.dims = {"x": ["cell", "gene"], "batch": ["cell"], "labels": ["cell"]}
+        self.dims = {sites.X: ["cell", "gene"], "batch": ["cell"], "labels": ["cell"]}
         self.global_sites: set[str] = set()
         self.global_trace = None  # the first minibatch's draws of the global latents, reused by the others
         self.log_lik = np.empty((n_samples, n_cells), dtype=np.float64)  # (S, N)
@@ -160,9 +161,9 @@ class _PosteriorDraws:
             if name in self.global_sites:
                 out[name] = value[None]
                 continue
-            if name == "library" and value.ndim == 3 and value.shape[-1] == 1:
+            if name == sites.LIBRARY and value.ndim == 3 and value.shape[-1] == 1:
                 value = value[..., 0]
-            if name == "z":
+            if name == sites.Z:
                 self.dims[name] = ["cell", "latent_dim"]
                 coords["latent_dim"] = np.arange(value.shape[-1])
             else:
@@ -185,10 +186,10 @@ class _PosteriorDraws:
                     "labels": _category_names(registry, "labels", self.label_codes)}
         groups = {
             "posterior": dataset(posterior_group, self.dims),
-            "log_likelihood": dataset({"x": self.log_lik[None]}, {"x": ["cell"]}),
-            "observed_data": dataset({"x": self.observed}, self.dims, sample_dims=False),
+            "log_likelihood": dataset({sites.X: self.log_lik[None]}, {sites.X: ["cell"]}),
+            "observed_data": dataset({sites.X: self.observed}, self.dims, sample_dims=False),
             "constant_data": dataset(constant, self.dims, sample_dims=False),
         }
         if self.predictive:
-            groups["posterior_predictive"] = dataset({"x": self.draws[None]}, self.dims)
+            groups["posterior_predictive"] = dataset({sites.X: self.draws[None]}, self.dims)
         return az.InferenceData(**groups)

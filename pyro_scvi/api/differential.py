@@ -21,6 +21,7 @@ import pandas as pd
 
 from ..differential import (
     DE_KWARGS,
+    DE_MODES,
     comparison_masks,
     comparison_table,
     pair_samples,
@@ -62,8 +63,8 @@ def _check_options(mode, weights, batch_correction, batchid1, batchid2, kwargs: 
         raise TypeError(f"differential_expression got unexpected keyword argument(s) {unknown}; "
                         f"accepted: {sorted(DE_KWARGS)}.")
     options = {**DE_KWARGS, **kwargs}
-    if mode not in ("vanilla", "change"):
-        raise ValueError(f"mode must be 'vanilla' or 'change', got {mode!r}.")
+    if mode not in DE_MODES:
+        raise ValueError(f"mode must be one of {DE_MODES}, got {mode!r}.")
     if options["test_mode"] not in ("three", "two"):
         raise ValueError(f"test_mode must be 'three' or 'two', got {options['test_mode']!r}.")
     if weights not in (None, "uniform", "importance"):

@@ -20,7 +20,9 @@ __all__ = ["EvaluationMixin"]
 class EvaluationMixin:
     """Goodness of fit for a model following :class:`~pyro_scvi.api.protocol.ModelProtocol`."""
 
-    def _elbo_terms_per_cell(self, adata, indices, batch_size, dataloader, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _elbo_terms_per_cell(
+        self, adata, indices, batch_size, dataloader, method: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-cell reconstruction loss −log p(x | z, l) and summed KL (weight 1), one draw each."""
         self.check_not_minified(method, adata)
         self.module.eval()
@@ -29,10 +31,14 @@ class EvaluationMixin:
             for batch in self.minibatches(adata, indices, batch_size, dataloader):
                 parts = elbo_parts(self.module.model, self.module.guide, batch)
                 reconstruction.append(sum(parts.reconstruction.values()))
-                kl.append(sum(parts.kl.values(), torch.zeros_like(reconstruction[-1])) + parts.kl_global_per_cell)
+                kl.append(
+                    sum(parts.kl.values(), torch.zeros_like(reconstruction[-1])) + parts.kl_global_per_cell
+                )
         return torch.cat(reconstruction), torch.cat(kl)
 
-    def get_elbo(self, adata=None, indices=None, batch_size=None, dataloader=None, return_mean: bool = True) -> torch.Tensor:
+    def get_elbo(
+        self, adata=None, indices=None, batch_size=None, dataloader=None, return_mean: bool = True
+    ) -> torch.Tensor:
         """The evidence lower bound per cell, ``E_q[log p(x | z, l)] − KL(q(z, l | x) ‖ p(z, l))``.
 
         Returns the ELBO itself (a negative number, higher is better), as a 0-d tensor averaged over
@@ -44,17 +50,28 @@ class EvaluationMixin:
         elbo = -(reconstruction + kl)
         return elbo.mean() if return_mean else elbo
 
-    def get_reconstruction_error(self, adata=None, indices=None, batch_size=None, dataloader=None,
-                                 return_mean: bool = True) -> dict[str, torch.Tensor]:
+    def get_reconstruction_error(
+        self, adata=None, indices=None, batch_size=None, dataloader=None, return_mean: bool = True
+    ) -> dict[str, torch.Tensor]:
         """``{"reconstruction_loss": −E_q log p(x | z, l)}``: a positive negative log-likelihood
         (lower is better), averaged over cells or per cell ``(n,)``; one draw per cell."""
         self.check_trained()
-        reconstruction, _ = self._elbo_terms_per_cell(adata, indices, batch_size, dataloader, "get_reconstruction_error")
+        reconstruction, _ = self._elbo_terms_per_cell(
+            adata, indices, batch_size, dataloader, "get_reconstruction_error"
+        )
         return {"reconstruction_loss": reconstruction.mean() if return_mean else reconstruction}
 
-    def get_marginal_ll(self, adata=None, indices=None, n_mc_samples: int = 1000, batch_size=None,
-                        return_mean: bool = True, dataloader=None, n_mc_samples_per_pass: int | None = None,
-                        return_diagnostics: bool = False):
+    def get_marginal_ll(
+        self,
+        adata=None,
+        indices=None,
+        n_mc_samples: int = 1000,
+        batch_size=None,
+        return_mean: bool = True,
+        dataloader=None,
+        n_mc_samples_per_pass: int | None = None,
+        return_diagnostics: bool = False,
+    ):
         """Importance-sampling estimate of the marginal log-likelihood ``log p(x_n)`` (negative,
         higher is better) with ``n_mc_samples`` guide draws per cell.
 
@@ -75,18 +92,32 @@ class EvaluationMixin:
         with self.pyro_scope(), torch.no_grad():
             for batch in self.minibatches(adata, indices, batch_size, dataloader):
                 if not return_diagnostics:
-                    values.append(marginal_log_likelihood(self.module.model, self.module.guide, batch, n_mc_samples,
-                                                          n_mc_samples_per_pass).cpu())
+                    values.append(
+                        marginal_log_likelihood(
+                            self.module.model, self.module.guide, batch, n_mc_samples, n_mc_samples_per_pass
+                        ).cpu()
+                    )
                     continue
-                log_weights = log_importance_weights_in_passes(self.module.model, self.module.guide, batch,
-                                                               n_mc_samples, n_mc_samples_per_pass).cpu()
+                log_weights = log_importance_weights_in_passes(
+                    self.module.model, self.module.guide, batch, n_mc_samples, n_mc_samples_per_pass
+                ).cpu()
                 values.append(torch.logsumexp(log_weights, dim=0) - np.log(n_mc_samples))
                 psis = psis_diagnostics(log_weights)
                 pareto_k.append(psis.pareto_k)
                 ess.append(psis.ess)
         values = torch.cat(values)
         if return_diagnostics:
-            index = pd.RangeIndex(len(values), name="cell") if dataloader is not None else self.cell_names(adata, indices)
-            return pd.DataFrame({"marginal_ll": values.double().numpy(), "pareto_k": np.concatenate(pareto_k),
-                                 "ess": np.concatenate(ess)}, index=index)
+            index = (
+                pd.RangeIndex(len(values), name="cell")
+                if dataloader is not None
+                else self.cell_names(adata, indices)
+            )
+            return pd.DataFrame(
+                {
+                    "marginal_ll": values.double().numpy(),
+                    "pareto_k": np.concatenate(pareto_k),
+                    "ess": np.concatenate(ess),
+                },
+                index=index,
+            )
         return float(values.mean()) if return_mean else values

@@ -21,8 +21,12 @@ class MinificationMixin:
     """``minify_adata`` for a model following :class:`~pyro_scvi.api.protocol.ModelProtocol` whose module
     has ``latent_library`` and ``has_custom_guide``."""
 
-    def minify_adata(self, minified_data_type: str = "latent_posterior_parameters",
-                     use_latent_qzm_key: str = "X_latent_qzm", use_latent_qzv_key: str = "X_latent_qzv") -> None:
+    def minify_adata(
+        self,
+        minified_data_type: str = "latent_posterior_parameters",
+        use_latent_qzm_key: str = "X_latent_qzm",
+        use_latent_qzv_key: str = "X_latent_qzv",
+    ) -> None:
         """Replace the model's AnnData by a copy that keeps each cell's posterior of z instead of its counts.
 
         Store the posterior first, e.g. ``adata.obsm["X_latent_qzm"], adata.obsm["X_latent_qzv"] =
@@ -35,19 +39,27 @@ class MinificationMixin:
         is not modified.
         """
         if minified_data_type not in MINIFIED_TYPES:
-            raise ValueError(f"minified_data_type must be one of {MINIFIED_TYPES}, got {minified_data_type!r}.")
+            raise ValueError(
+                f"minified_data_type must be one of {MINIFIED_TYPES}, got {minified_data_type!r}."
+            )
         if self.module.latent_library:
-            raise ValueError("Minification is not supported for models that do not use observed library size.")
+            raise ValueError(
+                "Minification is not supported for models that do not use observed library size."
+            )
         if self.module.has_custom_guide:
-            raise ValueError("minify_adata needs the built-in guide, which reads the stored posterior "
-                             "(batch.latent_loc/latent_scale); this model has a custom guide.")
+            raise ValueError(
+                "minify_adata needs the built-in guide, which reads the stored posterior "
+                "(batch.latent_loc/latent_scale); this model has a custom guide."
+            )
         adata = self.adata
         if adata is None:
             raise ValueError("This model has no AnnData to minify.")
         for key in (use_latent_qzm_key, use_latent_qzv_key):
             if key not in adata.obsm:
-                raise ValueError(f"adata.obsm[{key!r}] is missing: store the posterior first with "
-                                 "model.get_latent_representation(return_dist=True).")
+                raise ValueError(
+                    f"adata.obsm[{key!r}] is missing: store the posterior first with "
+                    "model.get_latent_representation(return_dist=True)."
+                )
         _, data = self.registered_data()
         minified = adata.copy()
         if minified_data_type == "latent_posterior_parameters":

@@ -70,7 +70,9 @@ class ModelProtocol(Protocol):
                     batch_size: int | None = None, dataloader=None) -> Iterator[Minibatch]:
         """Minibatches of the selected cells, in order, on :attr:`device`."""
 
-    def cell_names(self, adata: anndata.AnnData | None = None, indices: Sequence[int] | None = None) -> pd.Index:
+    def cell_names(
+        self, adata: anndata.AnnData | None = None, indices: Sequence[int] | None = None
+    ) -> pd.Index:
         """Names of the selected cells (``obs_names``), in the order of :meth:`minibatches`."""
 
     def batch_codes(self, transform_batch) -> list[int | None]:
@@ -87,4 +89,5 @@ class ModelProtocol(Protocol):
 
     @classmethod
     def register_manager(cls, adata_manager) -> None:
-        """Record an :class:`~pyro_scvi.data.manager.AnnDataManager` in this class's store of set-up AnnData."""
+        """Record an :class:`~pyro_scvi.data.manager.AnnDataManager` in this class's store of set-up
+        AnnData."""

@@ -23,7 +23,12 @@ import pyro
 import torch
 
 from ..infer.importance import aggregate_posterior_log_weights, marginal_log_likelihood
-from ..infer.posterior import observation_distribution, posterior_model_traces, posterior_sites, variational_posterior
+from ..infer.posterior import (
+    observation_distribution,
+    posterior_model_traces,
+    posterior_sites,
+    variational_posterior,
+)
 from ..models import sites
 from ..models.likelihoods import likelihood_parameters
 from .training import count_cells
@@ -157,8 +162,9 @@ class QueriesMixin:
         n_samples = self._expression_draws_per_cell(adata, indices, transform_batch, library_size, n_samples,
                                                     n_samples_overall, weights, dataloader)
         mask = self._gene_mask(gene_list)
+        # (S, n, G') expression draws and the (S, n, d) latent draws they were decoded from
         samples, latents = self._expression_samples(adata, indices, transform_batch, mask, library_size,
-                                                    n_samples, batch_size, dataloader)  # (S, n, G'), (S, n, d)
+                                                    n_samples, batch_size, dataloader)
         if n_samples_overall is not None:
             flat = samples.reshape(-1, samples.shape[-1])
             probabilities = None
@@ -169,22 +175,41 @@ class QueriesMixin:
             return flat[rows]
         if n_samples > 1 and not return_mean:
             if return_numpy is False:
-                warnings.warn("return_numpy must be True when n_samples > 1 and return_mean is False; "
-                              "returning an array.", UserWarning, stacklevel=2)
+                warnings.warn(
+                    "return_numpy must be True when n_samples > 1 and return_mean is False; "
+                    "returning an array.",
+                    UserWarning,
+                    stacklevel=2,
+                )
             return samples
         result = samples.mean(0)
         if return_numpy or dataloader is not None:
             return result
         return pd.DataFrame(result, index=self.cell_names(adata, indices), columns=self.var_names[mask])
 
-    def _expression_draws_per_cell(self, adata, indices, transform_batch, library_size, n_samples: int,
-                                   n_samples_overall: int | None, weights, dataloader) -> int:
+    def _expression_draws_per_cell(
+        self,
+        adata,
+        indices,
+        transform_batch,
+        library_size,
+        n_samples: int,
+        n_samples_overall: int | None,
+        weights,
+        dataloader,
+    ) -> int:
         """Check the arguments of :meth:`get_normalized_expression`; the number of draws per cell."""
         if weights not in (None, "uniform", "importance"):
             raise ValueError(f"weights must be None, 'uniform' or 'importance', got {weights!r}.")
         if weights == "importance" and (n_samples_overall is None or dataloader is not None):
-            raise ValueError("weights='importance' needs n_samples_overall and adata/indices (not a dataloader).")
-        if weights == "importance" and transform_batch is not None and len(self.batch_codes(transform_batch)) > 1:
+            raise ValueError(
+                "weights='importance' needs n_samples_overall and adata/indices (not a dataloader)."
+            )
+        if (
+            weights == "importance"
+            and transform_batch is not None
+            and len(self.batch_codes(transform_batch)) > 1
+        ):
             raise ValueError("weights='importance' works with a single transform_batch.")
         if library_size != "latent" and not isinstance(library_size, (int, float)):
             raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}.")
@@ -200,8 +225,17 @@ class QueriesMixin:
             raise ValueError("n_samples_overall needs adata/indices, not a dataloader.")
         return n_samples_overall // n_cells + 1
 
-    def _expression_samples(self, adata, indices, transform_batch, mask: np.ndarray, library_size,
-                            n_samples: int, batch_size, dataloader) -> tuple[np.ndarray, torch.Tensor]:
+    def _expression_samples(
+        self,
+        adata,
+        indices,
+        transform_batch,
+        mask: np.ndarray,
+        library_size,
+        n_samples: int,
+        batch_size,
+        dataloader,
+    ) -> tuple[np.ndarray, torch.Tensor]:
         """Draws of the expression ``(S, n, G')`` (averaged over transform batches) and of z ``(S, n, d)``."""
         site = sites.MEAN if library_size == "latent" else sites.NORMALIZED_EXPRESSION
         factor = 1.0 if library_size == "latent" else float(library_size)
@@ -211,7 +245,9 @@ class QueriesMixin:
         chunks, latents = [], []
         with self.pyro_scope():
             for batch in self.minibatches(adata, indices, batch_size, dataloader):
-                draws = posterior_sites(self.module.model, self.module.guide, batch, n_samples, [site, sites.Z], codes)
+                draws = posterior_sites(
+                    self.module.model, self.module.guide, batch, n_samples, [site, sites.Z], codes
+                )
                 value = draws[0][site] if len(draws) == 1 else torch.stack([d[site] for d in draws]).mean(0)
                 if not genes.all():
                     value = value[..., genes.to(value.device)]
@@ -220,8 +256,16 @@ class QueriesMixin:
         return torch.cat(chunks, dim=1).numpy(), torch.cat(latents, dim=1)
 
     @torch.no_grad()
-    def get_importance_weights(self, adata, indices, z: torch.Tensor, max_cells: int = 1024, truncation: bool = False,
-                               n_mc_samples: int = 500, n_mc_samples_per_pass: int = 250) -> np.ndarray:
+    def get_importance_weights(
+        self,
+        adata,
+        indices,
+        z: torch.Tensor,
+        max_cells: int = 1024,
+        truncation: bool = False,
+        n_mc_samples: int = 500,
+        n_mc_samples_per_pass: int = 250,
+    ) -> np.ndarray:
         """Normalised importance weights ``(M,)`` of latent draws ``z`` ``(M, d)`` taken from the
         variational posteriors of the cells ``indices``.
 
@@ -237,18 +281,32 @@ class QueriesMixin:
         anchors = data.minibatch(anchors_idx, device=self.device)
         self.module.eval()
         with self.pyro_scope():
-            log_evidence = marginal_log_likelihood(self.module.model, self.module.guide, anchors, n_mc_samples,
-                                                   n_mc_samples_per_pass)
-            log_w = aggregate_posterior_log_weights(self.module.model, self.module.guide, z.to(self.device), anchors,
-                                                    log_evidence, latent_library=self.module.latent_library)
+            log_evidence = marginal_log_likelihood(
+                self.module.model, self.module.guide, anchors, n_mc_samples, n_mc_samples_per_pass
+            )
+            log_w = aggregate_posterior_log_weights(
+                self.module.model,
+                self.module.guide,
+                z.to(self.device),
+                anchors,
+                log_evidence,
+                latent_library=self.module.latent_library,
+            )
         if truncation:
             log_w = log_w.clamp(min=float(torch.logsumexp(log_w, 0) - np.log(len(log_w))))
         weights = torch.softmax(log_w.double(), dim=0).cpu().numpy()
         return weights / weights.sum()
 
     @torch.no_grad()
-    def get_likelihood_parameters(self, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False,
-                                  batch_size=None, dataloader=None) -> dict[str, np.ndarray]:
+    def get_likelihood_parameters(
+        self,
+        adata=None,
+        indices=None,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        batch_size=None,
+        dataloader=None,
+    ) -> dict[str, np.ndarray]:
         """Parameters of p(x | z, l) at posterior draws of z (and l).
 
         Keys: ``"mean"`` (NB mean μ; Poisson rate; Normal location), ``"dispersions"`` (θ for
@@ -273,8 +331,17 @@ class QueriesMixin:
         return out
 
     @torch.no_grad()
-    def posterior_predictive_sample(self, adata=None, indices=None, transform_batch=None, n_samples: int = 1,
-                                    gene_list=None, batch_size=None, dataloader=None, silent: bool = True):
+    def posterior_predictive_sample(
+        self,
+        adata=None,
+        indices=None,
+        transform_batch=None,
+        n_samples: int = 1,
+        gene_list=None,
+        batch_size=None,
+        dataloader=None,
+        silent: bool = True,
+    ):
         """Counts drawn from the posterior predictive p(x̃ | x) with ``pyro.infer.Predictive``.
 
         Returns a ``sparse.GCXS`` array of shape ``(n, G')``, or ``(n, G', S)`` for
@@ -284,7 +351,9 @@ class QueriesMixin:
         try:
             import sparse
         except ImportError as error:
-            raise ImportError("posterior_predictive_sample returns sparse.GCXS arrays: pip install 'pyro-scvi[sparse]'.") from error
+            raise ImportError(
+                "posterior_predictive_sample returns sparse.GCXS arrays: pip install 'pyro-scvi[sparse]'."
+            ) from error
         self.check_trained()
         self.module.eval()
         codes = self.batch_codes(transform_batch)
@@ -295,8 +364,13 @@ class QueriesMixin:
             for batch in self.minibatches(adata, indices, batch_size, dataloader):
                 draws = []
                 for code in codes:
-                    predictive = pyro.infer.Predictive(predictive_model, guide=self.module.guide, num_samples=n_samples,
-                                                       parallel=True, return_sites=[sites.X])
+                    predictive = pyro.infer.Predictive(
+                        predictive_model,
+                        guide=self.module.guide,
+                        num_samples=n_samples,
+                        parallel=True,
+                        return_sites=[sites.X],
+                    )
                     x = predictive(batch, transform_batch=code)[sites.X]
                     draws.append(x.reshape(n_samples, batch.n_cells, -1))
                 x = torch.stack(draws).mean(0)[..., mask.to(batch.x.device)]  # (S, n, G')
@@ -305,9 +379,17 @@ class QueriesMixin:
         return sparse.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
 
     @torch.no_grad()
-    def get_feature_correlation_matrix(self, adata=None, indices=None, n_samples: int = 10, batch_size: int = 64,
-                                       rna_size_factor: int = 1000, transform_batch=None,
-                                       correlation_type: str = "spearman", silent: bool = True) -> pd.DataFrame:
+    def get_feature_correlation_matrix(
+        self,
+        adata=None,
+        indices=None,
+        n_samples: int = 10,
+        batch_size: int = 64,
+        rna_size_factor: int = 1000,
+        transform_batch=None,
+        correlation_type: str = "spearman",
+        silent: bool = True,
+    ) -> pd.DataFrame:
         """Gene-gene correlation of denoised expression, ``(G, G)`` with var names.
 
         For each batch in ``transform_batch`` (default: the cells' own), draws
@@ -325,10 +407,14 @@ class QueriesMixin:
             rows = []
             with self.pyro_scope():
                 for batch in self.minibatches(adata, indices, batch_size):
-                    (trace,) = posterior_model_traces(self.module.model, self.module.guide, batch, n_samples, [code])
+                    (trace,) = posterior_model_traces(
+                        self.module.model, self.module.guide, batch, n_samples, [code]
+                    )
                     rate = rna_size_factor * trace.nodes[sites.NORMALIZED_EXPRESSION]["value"]
                     rate = rate.expand(n_samples, batch.n_cells, rate.shape[-1])
-                    params = likelihood_parameters(observation_distribution(trace), self.module.gene_likelihood)
+                    params = likelihood_parameters(
+                        observation_distribution(trace), self.module.gene_likelihood
+                    )
                     if self.module.gene_likelihood in ("zinb", "nb"):
                         theta = params["dispersions"].expand_as(rate)
                         rate = torch.distributions.Gamma(theta, theta / rate).sample()
@@ -350,8 +436,12 @@ class QueriesMixin:
         Only for models built with ``batch_representation="embedding"``.
         """
         if not self.module.uses_batch_embedding:
-            raise KeyError("Embedding batch not found: this model represents batches as one-hot vectors; "
-                           "build it with SCVI(adata, batch_representation='embedding') to learn one.")
-        rows = [self.module.batch_embedding(batch.batch_index.reshape(-1)).cpu()
-                for batch in self.minibatches(adata, indices, batch_size)]
+            raise KeyError(
+                "Embedding batch not found: this model represents batches as one-hot vectors; "
+                "build it with SCVI(adata, batch_representation='embedding') to learn one."
+            )
+        rows = [
+            self.module.batch_embedding(batch.batch_index.reshape(-1)).cpu()
+            for batch in self.minibatches(adata, indices, batch_size)
+        ]
         return torch.cat(rows).numpy()

@@ -51,11 +51,18 @@ def nondefault_priors(module) -> list[str]:
 def freezing_state(module) -> dict:
     """What a query model (``load_query_data``) freezes: entry masks, BatchNorm momenta, dropout rates."""
     return {
-        "masks": {name: torch.as_tensor(mask, dtype=torch.bool).cpu()
-                  for name, mask in module.frozen_parameters.items()},
-        "batchnorm_momentum": {name: float(m.momentum) for name, m in module.named_modules()
-                               if isinstance(m, torch.nn.BatchNorm1d) and m.momentum != 0.01},
-        "dropout": {name: float(m.p) for name, m in module.named_modules() if isinstance(m, torch.nn.Dropout)},
+        "masks": {
+            name: torch.as_tensor(mask, dtype=torch.bool).cpu()
+            for name, mask in module.frozen_parameters.items()
+        },
+        "batchnorm_momentum": {
+            name: float(m.momentum)
+            for name, m in module.named_modules()
+            if isinstance(m, torch.nn.BatchNorm1d) and m.momentum != 0.01
+        },
+        "dropout": {
+            name: float(m.p) for name, m in module.named_modules() if isinstance(m, torch.nn.Dropout)
+        },
     }
 
 
@@ -83,8 +90,11 @@ class SavingMixin:
 
     def _custom_parts(self) -> dict:
         """Names of the user code this model runs (saved so that :meth:`load` can ask for it)."""
-        return {"model_fn": function_name(self.module.model_fn), "guide_fn": function_name(self.module.guide_fn),
-                "module_class": type(self.module).__qualname__}
+        return {
+            "model_fn": function_name(self.module.model_fn),
+            "guide_fn": function_name(self.module.guide_fn),
+            "module_class": type(self.module).__qualname__,
+        }
 
     def save(
         self,
@@ -110,32 +120,57 @@ class SavingMixin:
             raise ValueError("save_anndata=True but this model has no AnnData.")
         if scvi_tools_format:
             self._check_scvi_tools_exportable()
-            io.write_scvi_tools_model(dir_path, self.module.state_dict(), self.var_names, {
-                "registry_": self.registry_, "init_params_": self.init_params_, "is_trained_": self.is_trained_,
-                "history_": self.history_, "train_indices_": self.train_indices_,
-                "validation_indices_": self.validation_indices_, "test_indices_": self.test_indices_,
-            }, prefix=prefix, overwrite=overwrite)
+            io.write_scvi_tools_model(
+                dir_path,
+                self.module.state_dict(),
+                self.var_names,
+                {
+                    "registry_": self.registry_,
+                    "init_params_": self.init_params_,
+                    "is_trained_": self.is_trained_,
+                    "history_": self.history_,
+                    "train_indices_": self.train_indices_,
+                    "validation_indices_": self.validation_indices_,
+                    "test_indices_": self.test_indices_,
+                },
+                prefix=prefix,
+                overwrite=overwrite,
+            )
             if save_anndata:
                 target = Path(dir_path) / f"{prefix or ''}adata.h5ad"
                 staging = target.with_name(f".{target.name}.partial")
                 self.adata.write_h5ad(staging, **anndata_write_kwargs)
                 staging.replace(target)
             return
-        io.write_model_dir(dir_path, self._native_payload(), prefix=prefix, overwrite=overwrite,
-                           adata=self.adata if save_anndata else None, **anndata_write_kwargs)
+        io.write_model_dir(
+            dir_path,
+            self._native_payload(),
+            prefix=prefix,
+            overwrite=overwrite,
+            adata=self.adata if save_anndata else None,
+            **anndata_write_kwargs,
+        )
 
     def _check_scvi_tools_exportable(self) -> None:
         """Raise ``ValueError`` when scvi-tools' format cannot hold this model."""
         custom = self._custom_parts()
-        if (custom["model_fn"] or custom["guide_fn"] or custom["module_class"] != self._scvi_tools_module_name
-                or self.module.gene_likelihood not in BUILTIN_LIKELIHOODS):
-            raise ValueError("scvi_tools_format=True needs the built-in scVI (module, model, guide and a built-in "
-                             "gene_likelihood); save this model in pyro-scvi's format instead.")
+        if (
+            custom["model_fn"]
+            or custom["guide_fn"]
+            or custom["module_class"] != self._scvi_tools_module_name
+            or self.module.gene_likelihood not in BUILTIN_LIKELIHOODS
+        ):
+            raise ValueError(
+                "scvi_tools_format=True needs the built-in scVI (module, model, guide and a built-in "
+                "gene_likelihood); save this model in pyro-scvi's format instead."
+            )
         blockers = nondefault_priors(self.module)
         if blockers:
-            raise ValueError(f"scvi_tools_format=True cannot hold {', '.join(blockers)}: scvi-tools' "
-                             "SCVI has only the normal z prior, the per-batch library prior and a point-estimated θ. "
-                             "Save this model in pyro-scvi's format instead (scvi_tools_format=False).")
+            raise ValueError(
+                f"scvi_tools_format=True cannot hold {', '.join(blockers)}: scvi-tools' "
+                "SCVI has only the normal z prior, the per-batch library prior and a point-estimated θ. "
+                "Save this model in pyro-scvi's format instead (scvi_tools_format=False)."
+            )
 
     def _native_payload(self) -> dict:
         """Everything pyro-scvi's file holds, as tensors and plain data."""
@@ -197,27 +232,46 @@ class SavingMixin:
         init = dict(attrs["init_params_"]["non_kwargs"])
         init.update(attrs["init_params_"].get("kwargs", {}).get("kwargs", {}))
         cls._check_loadable(init, attrs.get("custom_model_") or {}, model_fn, guide_fn)
-        init.update({name: value for name, value in (("z_prior", z_prior), ("library_prior", library_prior))
-                     if value is not None})
-        model = cls(adata, registry=None if adata is not None else registry, model_fn=model_fn, guide_fn=guide_fn,
-                    **init)
+        init.update(
+            {
+                name: value
+                for name, value in (("z_prior", z_prior), ("library_prior", library_prior))
+                if value is not None
+            }
+        )
+        model = cls(
+            adata,
+            registry=None if adata is not None else registry,
+            model_fn=model_fn,
+            guide_fn=guide_fn,
+            **init,
+        )
         model._restore(saved, resolve_device(accelerator, device))
         return model
 
     @classmethod
     def _adata_for_load(cls, dir_path: Path, prefix: str | None, adata, var_names, registry):
-        """The AnnData a loaded model gets (given, or saved beside the model), set up with the saved registry."""
+        """The AnnData a loaded model gets (given, or saved beside the model), set up with the saved
+        registry."""
         if adata is None:
             saved_adata = dir_path / f"{prefix or ''}adata.h5ad"
             if not saved_adata.exists():
-                warnings.warn("Save path contains no saved anndata and no adata was passed. Model will be loaded "
-                              "without anndata.", UserWarning, stacklevel=3)
+                warnings.warn(
+                    "Save path contains no saved anndata and no adata was passed. Model will be loaded "
+                    "without anndata.",
+                    UserWarning,
+                    stacklevel=3,
+                )
                 return None
             adata = anndata.read_h5ad(saved_adata)
         names = np.asarray(var_names, dtype=object)
         if len(names) != adata.n_vars or not np.array_equal(names, np.asarray(adata.var_names, dtype=object)):
-            warnings.warn("`var_names` for the loaded `model` does not match those used to train the model; "
-                          "results may be wrong.", UserWarning, stacklevel=3)
+            warnings.warn(
+                "`var_names` for the loaded `model` does not match those used to train the model; "
+                "results may be wrong.",
+                UserWarning,
+                stacklevel=3,
+            )
         if adata.is_view:
             adata._init_as_actual(adata.copy())
         transferred = setup_registry(adata, source_registry=registry, model_name=registry.model_name)
@@ -225,7 +279,8 @@ class SavingMixin:
         return adata
 
     def _restore(self, saved: dict, device: torch.device) -> None:
-        """Weights, training state, freezing and Pyro parameters from a read file; then ``eval()`` on ``device``."""
+        """Weights, training state, freezing and Pyro parameters from a read file; then ``eval()`` on
+        ``device``."""
         attrs = saved["attr_dict"]
         self.module.load_state_dict(saved["model_state_dict"], strict=True)
         self.is_trained_ = bool(attrs.get("is_trained_", False))
@@ -245,18 +300,24 @@ class SavingMixin:
         """Clear errors for the code a saved model needs and the file cannot hold."""
         likelihood = init.get("gene_likelihood", "zinb")
         if likelihood not in LIKELIHOODS:
-            raise ValueError(f"The saved model uses gene_likelihood={likelihood!r}, which is not registered in this "
-                             f"session: call pyro_scvi.models.register_likelihood({likelihood!r}, ...) before "
-                             f"{cls.__name__}.load. " + unknown_likelihood_message(likelihood))
+            raise ValueError(
+                f"The saved model uses gene_likelihood={likelihood!r}, which is not registered in this "
+                f"session: call pyro_scvi.models.register_likelihood({likelihood!r}, ...) before "
+                f"{cls.__name__}.load. " + unknown_likelihood_message(likelihood)
+            )
         for name, given in (("model_fn", model_fn), ("guide_fn", guide_fn)):
             if custom.get(name) and given is None:
-                raise ValueError(f"The model was saved with a custom {name} ({custom[name]}); functions are not "
-                                 f"saved: pass it again, {cls.__name__}.load(dir_path, adata, {name}=...).")
+                raise ValueError(
+                    f"The model was saved with a custom {name} ({custom[name]}); functions are not "
+                    f"saved: pass it again, {cls.__name__}.load(dir_path, adata, {name}=...)."
+                )
         saved_class = custom.get("module_class")
         if saved_class and saved_class != cls._module_cls.__qualname__:
-            raise ValueError(f"The model was saved with the module class {saved_class!r}, but {cls.__name__} builds "
-                             f"{cls._module_cls.__qualname__!r}: load it with the {cls.__name__} subclass whose "
-                             f"_module_cls is {saved_class}.")
+            raise ValueError(
+                f"The model was saved with the module class {saved_class!r}, but {cls.__name__} builds "
+                f"{cls._module_cls.__qualname__!r}: load it with the {cls.__name__} subclass whose "
+                f"_module_cls is {saved_class}."
+            )
 
     @staticmethod
     def load_registry(dir_path: str | Path, prefix: str | None = None) -> dict:
@@ -269,8 +330,13 @@ class SavingMixin:
         io.view_setup_args(dir_path, prefix)
 
     @staticmethod
-    def convert_legacy_save(dir_path: str | Path, output_dir_path: str | Path, overwrite: bool = False,
-                            prefix: str | None = None, **save_kwargs) -> None:
+    def convert_legacy_save(
+        dir_path: str | Path,
+        output_dir_path: str | Path,
+        overwrite: bool = False,
+        prefix: str | None = None,
+        **save_kwargs,
+    ) -> None:
         """Rewrite a scvi-tools < 0.15 save (``model_params.pt``, ``attr.pkl``, ``var_names.csv``)
         in the current layout, readable by :meth:`load` and by scvi-tools 1.x."""
         if save_kwargs:

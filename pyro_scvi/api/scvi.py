@@ -103,45 +103,48 @@ class SCVI(
     ) -> None:
         for name, fn in (("model_fn", model_fn), ("guide_fn", guide_fn)):
             if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be a function fn(module, batch, transform_batch=None), got {fn!r}.")
+                raise TypeError(
+                    f"{name} must be a function fn(module, batch, transform_batch=None), got {fn!r}."
+                )
         unknown = sorted(set(kwargs) - set(_MODULE_KWARGS))
         if unknown:
-            raise TypeError(f"SCVI got unexpected keyword argument(s) {unknown}; accepted extra arguments: {list(_MODULE_KWARGS)}.")
+            raise TypeError(
+                f"SCVI got unexpected keyword argument(s) {unknown}; accepted extra arguments: "
+                f"{list(_MODULE_KWARGS)}."
+            )
         if "var_activation" in kwargs:
             kwargs["var_activation"] = resolve_activation(kwargs["var_activation"])[0]
         self._init_state(adata, registry)
-        registry = self.registry_
-        self.init_params_ = {
-            "non_kwargs": dict(n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
-                               dispersion=dispersion, gene_likelihood=gene_likelihood,
-                               use_observed_lib_size=use_observed_lib_size, latent_distribution=latent_distribution),
-            "kwargs": {"kwargs": _storable_priors(kwargs)},
-        }
-        stats = self.summary_stats
-        size_factor_registered = registry.has_size_factor
-        library_log_means = library_log_vars = None
-        if not use_observed_lib_size and not size_factor_registered:
-            if adata is not None:
-                library_log_means, library_log_vars = library_size_prior(adata, registry)
-            else:  # rebuilt from a file: the saved buffers replace these placeholders
-                library_log_means, library_log_vars = np.zeros((1, stats["n_batch"])), np.ones((1, stats["n_batch"]))
-        self.module = self._module_cls(
-            n_input=stats["n_vars"], n_batch=stats["n_batch"], n_labels=stats["n_labels"],
-            n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers,
-            n_continuous_cov=stats.get("n_extra_continuous_covs", 0),
-            n_cats_per_cov=registry.n_cats_per_covariate or None,
-            dropout_rate=dropout_rate, dispersion=dispersion, gene_likelihood=gene_likelihood,
-            latent_distribution=latent_distribution, use_size_factor_key=size_factor_registered,
-            use_observed_lib_size=use_observed_lib_size,
-            library_log_means=library_log_means, library_log_vars=library_log_vars, **kwargs,
-        )
+        params = dict(n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
+                      dispersion=dispersion, gene_likelihood=gene_likelihood,
+                      use_observed_lib_size=use_observed_lib_size, latent_distribution=latent_distribution)
+        self.init_params_ = {"non_kwargs": params, "kwargs": {"kwargs": _storable_priors(kwargs)}}
+        self.module = self._module_cls(**self._data_arguments(use_observed_lib_size), **params, **kwargs)
         if model_fn is not None:
             self.module.model_fn = model_fn
         if guide_fn is not None:
             self.module.guide_fn = guide_fn
-        self.module.n_train_cells = int(stats["n_cells"])  # train() sets the size of the training split
+        self.module.n_train_cells = self.registry_.n_cells  # train() sets the size of the training split
         if adata is not None:
             self._init_priors_from_data()
+
+    def _data_arguments(self, use_observed_lib_size: bool) -> dict:
+        """What the module needs from the registry: sizes, covariates and the per-batch library prior."""
+        registry = self.registry_
+        library_log_means = library_log_vars = None
+        if not use_observed_lib_size and not registry.has_size_factor:
+            if self.adata is not None:
+                library_log_means, library_log_vars = library_size_prior(self.adata, registry)
+            else:  # rebuilt from a file: the saved buffers replace these placeholders
+                shape = (1, registry.n_batch)
+                library_log_means, library_log_vars = np.zeros(shape), np.ones(shape)
+        return dict(
+            n_input=registry.n_vars, n_batch=registry.n_batch, n_labels=registry.n_labels,
+            n_continuous_cov=registry.summary_stats.get("n_extra_continuous_covs", 0),
+            n_cats_per_cov=registry.n_cats_per_covariate or None,
+            use_size_factor_key=registry.has_size_factor,
+            library_log_means=library_log_means, library_log_vars=library_log_vars,
+        )
 
     @classmethod
     def setup_anndata(
@@ -163,16 +166,25 @@ class SCVI(
         if kwargs and "source_registry" not in kwargs:
             raise TypeError(f"setup_anndata got unexpected keyword argument(s) {sorted(kwargs)}.")
         registry = setup_registry(
-            adata, layer=layer, batch_key=batch_key, labels_key=labels_key, size_factor_key=size_factor_key,
-            categorical_covariate_keys=categorical_covariate_keys, continuous_covariate_keys=continuous_covariate_keys,
-            model_name=cls.__name__, **kwargs,
+            adata,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+            model_name=cls.__name__,
+            **kwargs,
         )
         cls.register_manager(AnnDataManager(adata, registry))
 
     def _init_priors_from_data(self) -> None:
         """Give priors with an ``init_from_data`` hook (VampPrior) a minibatch of random cells."""
-        priors = [p for p in (getattr(self.module, "z_prior", None), getattr(self.module, "library_prior", None))
-                  if hasattr(p, "init_from_data")]
+        priors = [
+            p
+            for p in (getattr(self.module, "z_prior", None), getattr(self.module, "library_prior", None))
+            if hasattr(p, "init_from_data")
+        ]
         if not priors or self.adata.uns.get(MINIFY_TYPE_KEY) == "latent_posterior_parameters":
             return
         _, data = self.registered_data()
@@ -194,10 +206,11 @@ def _storable_priors(kwargs: dict) -> dict:
     for name in ("z_prior", "library_prior"):
         value = kwargs.get(name)
         if isinstance(value, str) and value.startswith(_CUSTOM_PRIOR):
-            raise ValueError(f"This model was built with a custom {name} object ({value[len(_CUSTOM_PRIOR):]}), which a "
-                             f"saved file cannot hold: pass a new instance again, e.g. SCVI.load(dir_path, adata, "
-                             f"{name}={value[len(_CUSTOM_PRIOR):]}(...)); its parameters are restored from the file.")
+            raise ValueError(
+                f"This model was built with a custom {name} object ({value[len(_CUSTOM_PRIOR) :]}), which a "
+                f"saved file cannot hold: pass a new instance again, e.g. SCVI.load(dir_path, adata, "
+                f"{name}={value[len(_CUSTOM_PRIOR) :]}(...)); its parameters are restored from the file."
+            )
         if isinstance(value, torch.nn.Module):
             stored[name] = _CUSTOM_PRIOR + type(value).__qualname__
     return stored
-

@@ -44,17 +44,27 @@ def count_cells(indices) -> int:
     return int(indices.sum()) if indices.dtype == bool else len(indices)
 
 
-def epochs_of(data: RegisteredData, indices: np.ndarray, batch_size: int, shuffle: bool = False,
-              drop_last: bool = False, device="cpu", sparse: bool = False) -> Callable[[], Iterator[Minibatch]]:
+def epochs_of(
+    data: RegisteredData,
+    indices: np.ndarray,
+    batch_size: int,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    device="cpu",
+    sparse: bool = False,
+) -> Callable[[], Iterator[Minibatch]]:
     """A function that yields one epoch of minibatches of ``indices`` each time it is called."""
+
     def epoch() -> Iterator[Minibatch]:
         for _, batch in data.iterate(indices, batch_size, shuffle, drop_last, device, sparse):
             yield batch
+
     return epoch
 
 
 def datamodule_batches(datamodule, device) -> TrainingData:
     """Minibatches from a datamodule with ``train_dataloader()`` (and optionally ``val_dataloader()``)."""
+
     def train() -> Iterator[Minibatch]:
         return (minibatch_from_dict(tensors, device) for tensors in datamodule.train_dataloader())
 
@@ -72,7 +82,9 @@ def _datasplitter_options(datasplitter_kwargs: dict | None) -> tuple[bool, tuple
     drop_last = bool(options.pop("drop_last", False))
     external = options.pop("external_indexing", None)
     if options:
-        raise TypeError(f"Unknown datasplitter_kwargs {sorted(options)}; accepted: drop_last, external_indexing.")
+        raise TypeError(
+            f"Unknown datasplitter_kwargs {sorted(options)}; accepted: drop_last, external_indexing."
+        )
     return drop_last, external
 
 
@@ -131,11 +143,15 @@ class TrainingMixin:
             self.check_not_minified("train")
         unknown = sorted(set(trainer_kwargs) - set(TRAINER_KWARGS))
         if unknown:
-            raise TypeError(f"train got unexpected keyword argument(s) {unknown}; accepted: {list(TRAINER_KWARGS)}.")
+            raise TypeError(
+                f"train got unexpected keyword argument(s) {unknown}; accepted: {list(TRAINER_KWARGS)}."
+            )
         parallel = data_parallel_for(accelerator, devices, trainer_kwargs.get("strategy"))  # None: one device
         if parallel is not None and datamodule is not None:
-            raise ValueError("A datamodule cannot be sharded across data-parallel processes; "
-                             "train on the registered AnnData.")
+            raise ValueError(
+                "A datamodule cannot be sharded across data-parallel processes; "
+                "train on the registered AnnData."
+            )
         plan = TrainingPlan(**(plan_kwargs or {}))
         device = resolve_device(accelerator, devices) if parallel is None else parallel.device
         self.module.to(device)
@@ -145,8 +161,17 @@ class TrainingMixin:
         if datamodule is not None:
             data = datamodule_batches(datamodule, device)
         else:
-            data = self._registered_training_data(train_size, validation_size, batch_size, shuffle_set_split,
-                                                  drop_last, external, load_sparse_tensor, device, parallel)
+            data = self._registered_training_data(
+                train_size,
+                validation_size,
+                batch_size,
+                shuffle_set_split,
+                drop_last,
+                external,
+                load_sparse_tensor,
+                device,
+                parallel,
+            )
         if early_stopping and data.validation is None:
             raise ValueError("Can't run Early Stopping with validation monitor with no validation set")
         check_val = trainer_kwargs.get("check_val_every_n_epoch")
@@ -154,22 +179,40 @@ class TrainingMixin:
             check_val = 1
         progress = trainer_kwargs.get("enable_progress_bar", settings.progress_bar)
         self._run_training(
-            data, plan,
-            max_epochs if max_epochs is not None else max_epochs_heuristic(data.n_cells or self.registry_.n_cells),
-            stopper=_early_stopping(trainer_kwargs) if early_stopping else None, check_val=check_val,
-            progress=progress and (parallel is None or parallel.is_main), parallel=parallel,
+            data,
+            plan,
+            max_epochs
+            if max_epochs is not None
+            else max_epochs_heuristic(data.n_cells or self.registry_.n_cells),
+            stopper=_early_stopping(trainer_kwargs) if early_stopping else None,
+            check_val=check_val,
+            progress=progress and (parallel is None or parallel.is_main),
+            parallel=parallel,
         )
 
-    def _registered_training_data(self, train_size, validation_size, batch_size: int, shuffle_set_split: bool,
-                                  drop_last: bool, external, sparse: bool, device, parallel) -> TrainingData:
+    def _registered_training_data(
+        self,
+        train_size,
+        validation_size,
+        batch_size: int,
+        shuffle_set_split: bool,
+        drop_last: bool,
+        external,
+        sparse: bool,
+        device,
+        parallel,
+    ) -> TrainingData:
         """Split the model's AnnData and return its training and validation minibatches."""
         _, data = self.registered_data()
         if external is not None:
             train_idx, val_idx, test_idx = (np.asarray(i, dtype=np.int64) for i in external)
         else:
-            split_seed = settings.seed if parallel is None or settings.seed is not None else parallel.shared_seed()
+            split_seed = (
+                settings.seed if parallel is None or settings.seed is not None else parallel.shared_seed()
+            )
             train_idx, val_idx, test_idx = split_indices(
-                data.n_obs, train_size, validation_size, batch_size, shuffle_set_split, split_seed, drop_last)
+                data.n_obs, train_size, validation_size, batch_size, shuffle_set_split, split_seed, drop_last
+            )
         n_shard = len(train_idx) if parallel is None else parallel.shard_length(len(train_idx))
         check_training_minibatches(self.module, n_shard, batch_size, drop_last)
         if parallel is None:
@@ -177,14 +220,27 @@ class TrainingMixin:
             val_cells = val_idx
         else:  # this process's shard of a fresh permutation each epoch
             train = parallel.epoch_batches(
-                train_idx, lambda order: epochs_of(data, order, batch_size, False, drop_last, device, sparse)())
+                train_idx,
+                lambda order: epochs_of(data, order, batch_size, False, drop_last, device, sparse)(),
+            )
             val_cells = parallel.validation_shard(val_idx)
-        validation = None if len(val_idx) == 0 else epochs_of(data, val_cells, batch_size, device=device,
-                                                              sparse=sparse)
+        validation = (
+            None
+            if len(val_idx) == 0
+            else epochs_of(data, val_cells, batch_size, device=device, sparse=sparse)
+        )
         return TrainingData(train, validation, (train_idx, val_idx, test_idx), data.n_obs)
 
-    def _run_training(self, data: TrainingData, plan: TrainingPlan, max_epochs: int, stopper, check_val,
-                      progress: bool, parallel) -> None:
+    def _run_training(
+        self,
+        data: TrainingData,
+        plan: TrainingPlan,
+        max_epochs: int,
+        stopper,
+        check_val,
+        progress: bool,
+        parallel,
+    ) -> None:
         """Run SVI in the model's parameter store and record the history, also when interrupted."""
         if self.module.has_custom_model or self.module.has_custom_guide:
             self._check_custom_functions(next(iter(data.train()), None))
@@ -194,13 +250,23 @@ class TrainingMixin:
         hooks = {}
         if parallel is not None:
             parallel.prepare(self.module)  # rank 0's weights everywhere, shared permutation seed
-            hooks = dict(gradient_hook=parallel.average_gradients, reduce_sums=parallel.sum_across_ranks,
-                         epoch_end_hook=parallel.sync_buffers)
+            hooks = dict(
+                gradient_hook=parallel.average_gradients,
+                reduce_sums=parallel.sum_across_ranks,
+                epoch_end_hook=parallel.sync_buffers,
+            )
         try:
             with self.pyro_scope():
                 records, stop_reason = run_training(
-                    self.module, data.train, data.validation, max_epochs, plan,
-                    check_val_every_n_epoch=check_val, early_stopping=stopper, progress_bar=progress, **hooks,
+                    self.module,
+                    data.train,
+                    data.validation,
+                    max_epochs,
+                    plan,
+                    check_val_every_n_epoch=check_val,
+                    early_stopping=stopper,
+                    progress_bar=progress,
+                    **hooks,
                 )
             if parallel is not None:
                 parallel.finish()

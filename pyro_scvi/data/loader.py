@@ -258,7 +258,9 @@ def split_indices(
     return train, validation, test
 
 
-def check_training_minibatches(module: torch.nn.Module, n_train: int, batch_size: int, drop_last: bool) -> None:
+def check_training_minibatches(
+    module: torch.nn.Module, n_train: int, batch_size: int, drop_last: bool
+) -> None:
     """Raise ``ValueError`` when training would see no minibatch, or a minibatch of one cell for a
     module with BatchNorm (which cannot train on one cell)."""
     if drop_last and n_train < batch_size:

@@ -105,7 +105,10 @@ def _load() -> ctypes.CDLL | None:
             return _library
         _loaded = True
         if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
-            _reason = f"the fused kernel is built for Linux on x86-64 only (this is {sys.platform}/{platform.machine()})"
+            _reason = (
+                "the fused kernel is built for Linux on x86-64 only "
+                f"(this is {sys.platform}/{platform.machine()})"
+            )
             return None
         try:
             target = library_path()
@@ -114,9 +117,12 @@ def _load() -> ctypes.CDLL | None:
             library = ctypes.CDLL(str(target))
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             _reason = f"could not build or load the fused kernel ({error})"
-            warnings.warn(f"pyro_scvi: {_reason}; the NB/ZINB log-density falls back to the slower torch "
-                          "formula. Install a C compiler (e.g. gcc) or set $CC to use the fused kernel.",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"pyro_scvi: {_reason}; the NB/ZINB log-density falls back to the slower torch "
+                "formula. Install a C compiler (e.g. gcc) or set $CC to use the fused kernel.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         library.nb_log_prob.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
@@ -154,7 +160,12 @@ def supports(value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, logits:
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False
     shape = value.shape
-    if value.dim() == 0 or value.numel() == 0 or mu.shape != shape or (logits is not None and logits.shape != shape):
+    if (
+        value.dim() == 0
+        or value.numel() == 0
+        or mu.shape != shape
+        or (logits is not None and logits.shape != shape)
+    ):
         return False
     return theta.shape == shape or _per_gene_theta(theta, shape[-1])
 
@@ -180,8 +191,17 @@ class _NBLogProb(torch.autograd.Function):
             return None if t is None else t.data_ptr()
 
         status = library.nb_log_prob(
-            n_rows, n_genes, pointer(x_c), pointer(mu_c), pointer(theta_c), 0 if per_gene else n_genes,
-            pointer(logits_c), pointer(log_prob), pointer(d_mu), pointer(d_theta), pointer(d_logits),
+            n_rows,
+            n_genes,
+            pointer(x_c),
+            pointer(mu_c),
+            pointer(theta_c),
+            0 if per_gene else n_genes,
+            pointer(logits_c),
+            pointer(log_prob),
+            pointer(d_mu),
+            pointer(d_theta),
+            pointer(d_logits),
             torch.get_num_threads(),
         )
         if status != 0:
@@ -205,8 +225,9 @@ class _NBLogProb(torch.autograd.Function):
         return None, grad_mu, grad_theta, grad_logits
 
 
-def nb_log_prob(value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor,
-                logits: torch.Tensor | None = None) -> torch.Tensor:
+def nb_log_prob(
+    value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, logits: torch.Tensor | None = None
+) -> torch.Tensor:
     """log NB(value | μ, θ), or log ZINB with zero-inflation ``logits``, per entry (shape of ``value``).
 
     Differentiable in μ, θ and the logits (not in the counts). Requires :func:`available` and
@@ -215,8 +236,10 @@ def nb_log_prob(value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor,
     if not available():
         raise RuntimeError(f"The fused kernel is not available: {unavailable_reason()}.")
     if not supports(value, mu, theta, logits):
-        raise ValueError("nb_log_prob takes float32 CPU tensors: counts, μ (and logits) of one shape (..., G) "
-                         "and θ of that shape or of one value per gene.")
+        raise ValueError(
+            "nb_log_prob takes float32 CPU tensors: counts, μ (and logits) of one shape (..., G) "
+            "and θ of that shape or of one value per gene."
+        )
     if not torch.is_grad_enabled():  # values only: the kernel then skips the derivatives
         mu, theta = mu.detach(), theta.detach()
         logits = None if logits is None else logits.detach()

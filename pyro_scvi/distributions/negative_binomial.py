@@ -17,10 +17,11 @@ per-cell-and-gene μ of shape ``(n, G)``. They are kept unexpanded internally so
 depend on θ alone (``lgamma(θ)``, ``log(θ+ε)``) are computed once per gene, not once per entry.
 
 Fast paths. On float32 CPU tensors whose counts, μ and logits share one shape, ``log_prob`` calls
-the fused kernel of :mod:`pyro_scvi.distributions.fused`: one vectorised C pass computes the log-density and its
-derivatives in μ, θ and the logits (compiled on first use; the same function, tested against this
-module's formula in float64). Where it does not apply (CUDA, float64, broadcast μ, no C compiler)
-the torch formula below is used, with the sparse-aware variant on sparse CPU data.
+the fused kernel of :mod:`pyro_scvi.distributions.fused`: one vectorised C pass computes the
+log-density and its derivatives in μ, θ and the logits (compiled on first use; the same function,
+tested against this module's formula in float64). Where it does not apply (CUDA, float64,
+broadcast μ, no C compiler) the torch formula below is used, with the sparse-aware variant on
+sparse CPU data.
 
 Sparse-aware log-density. UMI matrices are mostly zeros, and at x = 0 the lgamma
 terms cancel: ``log NB(0 | μ, θ) = θ·[log(θ+ε) − log(θ+μ+ε)]``. When the counts have the
@@ -29,8 +30,9 @@ of them are non-zero, ``log_prob`` evaluates the zero-count formula
 on every entry and the remaining terms (``x·log μ``, ``lgamma(x+θ) − lgamma(θ) − lgamma(x+1)``,
 the non-zero ZINB branch) only at the non-zero entries, then writes those into place. It is the
 same function, so values and gradients agree with the dense formula to float rounding
-(tests/test_fast_log_prob.py); :func:`dense_log_prob` switches it and the fused kernel off. On CUDA the dense formula
-is used: finding the non-zero entries would make the host wait for the device at every step.
+(tests/test_fast_log_prob.py); :func:`dense_log_prob` switches it and the fused kernel off. On
+CUDA the dense formula is used: finding the non-zero entries would make the host wait for the
+device at every step.
 """
 
 from __future__ import annotations
@@ -58,8 +60,7 @@ def _as_tensors(*values):
     dtype = ref.dtype if ref is not None else torch.get_default_dtype()
     device = ref.device if ref is not None else None
     return tuple(
-        v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=dtype, device=device)
-        for v in values
+        v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=dtype, device=device) for v in values
     )
 
 
@@ -86,8 +87,8 @@ def _per_gene(theta, n_genes: int):
 
 def _count_terms(value, theta):
     """``lgamma(x + θ) − lgamma(θ) − lgamma(x + 1)`` on the broadcast shape of ``value`` and ``θ``:
-    by per-gene lookup tables (:mod:`pyro_scvi.distributions.pochhammer`) for whole-number counts on the CPU with
-    one θ per gene (genes on the last dim), else by lgamma."""
+    by per-gene lookup tables (:mod:`pyro_scvi.distributions.pochhammer`) for whole-number counts on
+    the CPU with one θ per gene (genes on the last dim), else by lgamma."""
     n_genes = value.shape[-1] if value.dim() else 0
     if _FAST_PATHS and value.device.type == "cpu" and theta.dim() and theta.shape[-1] == n_genes:
         per_gene = _per_gene(theta, n_genes)
@@ -117,8 +118,8 @@ SPARSE_DENSITY_THRESHOLD = 0.5
 
 
 def _fused_log_prob(value, batch_shape, mu, theta, logits=None):
-    """log NB / log ZINB from the fused CPU kernel (:mod:`pyro_scvi.distributions.fused`), or ``None`` where it
-    does not apply (fast paths off, CUDA, float64, broadcast μ or logits, no compiler, or counts
+    """log NB / log ZINB from the fused CPU kernel (:mod:`pyro_scvi.distributions.fused`), or ``None``
+    where it does not apply (fast paths off, CUDA, float64, broadcast μ or logits, no compiler, or counts
     that require a gradient: the kernel differentiates in the parameters only)."""
     if not _FAST_PATHS or mu.shape != batch_shape or not value.dim() or value.requires_grad:
         return None
@@ -208,7 +209,9 @@ def _zinb_zero_case(log_nb_zero, logits):
 def _log_zinb_sparse(value, mu, theta, logits, batch_shape):
     """log ZINB(value | μ, θ, ℓ) of shape ``batch_shape``: the zero case everywhere, corrected to
     the non-zero case where x ≥ ε."""
-    log_nb_zero, position, coordinates, log_nb_k, log_nb_zero_k = _log_nb_entries(value, mu, theta, batch_shape, _EPS)
+    log_nb_zero, position, coordinates, log_nb_k, log_nb_zero_k = _log_nb_entries(
+        value, mu, theta, batch_shape, _EPS
+    )
     case_zero = _zinb_zero_case(log_nb_zero, logits)  # batch_shape
     logits_k = _at(logits, position, coordinates, batch_shape)  # (k,)
     case_non_zero = log_nb_k - F.softplus(-logits_k) - logits_k  # (k,)
@@ -230,7 +233,10 @@ def _expand_parameters(batch_shape: torch.Size, *parameters):
     per-gene θ stays ``(G,)`` inside Pyro's plates and its per-gene terms stay per gene."""
     for parameter in parameters:
         if torch.broadcast_shapes(parameter.shape, batch_shape) != batch_shape:
-            raise ValueError(f"Cannot expand parameters of shape {tuple(parameter.shape)} to batch shape {tuple(batch_shape)}.")
+            raise ValueError(
+                f"Cannot expand parameters of shape {tuple(parameter.shape)} "
+                f"to batch shape {tuple(batch_shape)}."
+            )
     return parameters
 
 
@@ -338,9 +344,7 @@ class ZeroInflatedNegativeBinomial(TorchDistribution):
     has_rsample = False
 
     def __init__(self, mean, inverse_dispersion, zero_inflation_logits, validate_args=None):
-        self._mu, self._theta, self._logits = _as_tensors(
-            mean, inverse_dispersion, zero_inflation_logits
-        )
+        self._mu, self._theta, self._logits = _as_tensors(mean, inverse_dispersion, zero_inflation_logits)
         batch_shape = torch.broadcast_shapes(self._mu.shape, self._theta.shape, self._logits.shape)
         super().__init__(batch_shape, validate_args=validate_args)
 
@@ -372,7 +376,9 @@ class ZeroInflatedNegativeBinomial(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(ZeroInflatedNegativeBinomial, _instance)
         batch_shape = torch.Size(batch_shape)
-        new._mu, new._theta, new._logits = _expand_parameters(batch_shape, self._mu, self._theta, self._logits)
+        new._mu, new._theta, new._logits = _expand_parameters(
+            batch_shape, self._mu, self._theta, self._logits
+        )
         super(ZeroInflatedNegativeBinomial, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new

@@ -36,7 +36,9 @@ def _partial_sums(terms: torch.Tensor) -> torch.Tensor:
 
 def _table(theta: torch.Tensor, derivative: bool) -> torch.Tensor:
     """``(G, TABLE_SIZE + 1)`` table of Σ_{j<c} log(θ_g + j) (or of Σ 1/(θ_g + j)), float32."""
-    shifted = theta.detach().double()[:, None] + torch.arange(TABLE_SIZE, dtype=torch.float64, device=theta.device)
+    shifted = theta.detach().double()[:, None] + torch.arange(
+        TABLE_SIZE, dtype=torch.float64, device=theta.device
+    )
     return _partial_sums(shifted.reciprocal() if derivative else shifted.log()).to(theta.dtype)
 
 
@@ -100,7 +102,9 @@ def log_factorial(x: torch.Tensor) -> torch.Tensor:
     """``lgamma(x + 1)`` for whole-number counts (a table lookup up to :data:`TABLE_SIZE`)."""
     key = (x.dtype, x.device)
     if key not in _LOG_FACTORIAL:
-        _LOG_FACTORIAL[key] = torch.lgamma(torch.arange(TABLE_SIZE + 1, dtype=torch.float64) + 1).to(dtype=x.dtype, device=x.device)
+        _LOG_FACTORIAL[key] = torch.lgamma(torch.arange(TABLE_SIZE + 1, dtype=torch.float64) + 1).to(
+            dtype=x.dtype, device=x.device
+        )
     count = x.to(torch.int64)
     out = _LOG_FACTORIAL[key].take(count.clamp(max=TABLE_SIZE))
     large = count > TABLE_SIZE

@@ -231,9 +231,9 @@ def run_training(
     over minibatches already on the module's device. Returns ``(records, stop_reason)`` where
     ``records`` maps each history key to a list of ``(epoch, value)``. The records gathered so far
     are kept when training is interrupted (Ctrl-C) or fails; the exception is re-raised after they
-    are attached to it as ``exc.partial_history``. When an epoch ends with a non-finite loss or non-finite weights,
-    the weights of the start of that epoch are restored and ``FloatingPointError`` is raised
-    (finiteness is checked once per epoch, never per step).
+    are attached to it as ``exc.partial_history``. When an epoch ends with a non-finite loss or
+    non-finite weights, the weights of the start of that epoch are restored and
+    ``FloatingPointError`` is raised (finiteness is checked once per epoch, never per step).
 
     Data-parallel hooks (see :mod:`pyro_scvi.infer.distributed`): ``gradient_hook()`` runs after
     each backward pass, before the optimiser step (gradient averaging); ``reduce_sums(t)`` maps the
@@ -366,8 +366,11 @@ def _snapshot(module, previous: dict | None) -> dict:
     """A copy of ``module``'s state dict, written into ``previous`` when it has the same entries
     (no new allocation each epoch)."""
     state = module.state_dict()
-    if previous is not None and previous.keys() == state.keys() and all(
-            previous[k].shape == v.shape and previous[k].dtype == v.dtype for k, v in state.items()):
+    if (
+        previous is not None
+        and previous.keys() == state.keys()
+        and all(previous[k].shape == v.shape and previous[k].dtype == v.dtype for k, v in state.items())
+    ):
         for name, value in state.items():
             previous[name].copy_(value)
         return previous
@@ -395,8 +398,12 @@ class _StepParameters:
         return self._params
 
 
-def _svi_step(svi: SVI, batch: Minibatch, gradient_hook: Callable[[], None] | None = None,
-              step_parameters: _StepParameters | None = None) -> torch.Tensor:
+def _svi_step(
+    svi: SVI,
+    batch: Minibatch,
+    gradient_hook: Callable[[], None] | None = None,
+    step_parameters: _StepParameters | None = None,
+) -> torch.Tensor:
     """``SVI.step`` without reading the loss back to the host: returns the loss as a tensor."""
     loss = svi.loss_and_grads(svi.model, svi.guide, batch)
     if gradient_hook is not None:  # e.g. average the gradients across data-parallel processes
@@ -413,8 +420,9 @@ def _current_lr(optim, default: float) -> float:
     return default if lr is None else lr
 
 
-def append_history(history: dict[str, pd.DataFrame] | None, records: dict[str, list]
-                   ) -> dict[str, pd.DataFrame]:
+def append_history(
+    history: dict[str, pd.DataFrame] | None, records: dict[str, list]
+) -> dict[str, pd.DataFrame]:
     """Append per-epoch records to a history of one-column DataFrames indexed by ``epoch``.
 
     Epochs continue after the last recorded one, so training twice appends rather than overwrites.

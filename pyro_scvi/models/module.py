@@ -18,11 +18,11 @@ from torch import nn
 
 from ..data.minibatch import Minibatch
 from ..guides.scvi import scvi_guide
-from .likelihoods import get_likelihood
 from . import sites
+from .likelihoods import get_likelihood
+from .networks import ExpressionDecoder, GaussianEncoder
 from .priors import LogNormalLibraryPrior, dispersion_prior_distribution, make_z_prior
 from .scvi import scvi_model
-from .networks import ExpressionDecoder, GaussianEncoder
 
 __all__ = ["SCVIModule", "DISPERSIONS", "LATENT_DISTRIBUTIONS", "NORM_PLACEMENTS"]
 
