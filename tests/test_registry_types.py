@@ -127,7 +127,6 @@ def test_round_trip_of_a_legacy_converted_registry_is_exact():
     assert registry.batch_categories.tolist() == ["b1", "b2"]
 
 
-@pytest.mark.skipif(not (SAVED_BY_0_1_0 / "model.pt").exists(), reason="saved-file fixture absent")
 def test_round_trip_of_the_registry_of_a_file_saved_before_the_change():
     saved = load_registry(SAVED_BY_0_1_0)
     assert_identical(Registry.from_dict(saved).to_dict(), saved)
