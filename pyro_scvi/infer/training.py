@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..data.minibatch import Minibatch
 from ..models.sites import Z
-from .elbo import CellMeanELBO, elbo_parts
+from .elbo import OBJECTIVES, CellMeanELBO, elbo_parts, iwae_parts
 from .optim import JointOptimizer
 
 __all__ = ["TrainingPlan", "EarlyStopping", "FrozenEntries", "kl_weight_at", "max_epochs_heuristic",
@@ -74,10 +74,19 @@ class TrainingPlan:
     lr_threshold: float = 0.0
     lr_min: float = 0.0
     lr_scheduler_metric: str = "elbo_validation"
+    #: ``"elbo"`` (scvi-tools' loss) or ``"iwae"`` (importance-weighted bound, DReG gradient)
+    objective: str = "elbo"
+    #: draws per cell and step, vectorised in a ``"particles"`` plate
+    num_particles: int = 1
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("Adam", "AdamW"):
             raise ValueError(f"optimizer={self.optimizer!r} is not supported; use 'Adam' or 'AdamW'.")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r} is not one of {OBJECTIVES}.")
+        particles = self.num_particles
+        if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
+            raise ValueError(f"num_particles must be a positive integer, got {particles!r}.")
         if self.min_kl_weight > self.max_kl_weight:
             raise ValueError(f"min_kl_weight ({self.min_kl_weight}) must not exceed max_kl_weight "
                              f"({self.max_kl_weight}).")
@@ -145,10 +154,15 @@ class _EpochMetrics:
         self.reconstruction = 0.0
         self.kl_local = 0.0
         self.kl_global = 0.0
+        self.bound = None
 
-    def add(self, loss: torch.Tensor, reconstruction: dict, kl: dict, n_cells: int, kl_global=0.0) -> None:
-        """``kl_global``: the global KL per cell of this step (``Σ KL_global / N``)."""
+    def add(self, loss: torch.Tensor, reconstruction: dict, kl: dict, n_cells: int, kl_global=0.0,
+            bound: torch.Tensor | None = None) -> None:
+        """``kl_global``: the global KL per cell of this step (``Σ KL_global / N``); ``bound``: the
+        per-cell IWAE bound ``(n,)`` when training on it."""
         self.n_cells += n_cells
+        if bound is not None:
+            self.bound = (0.0 if self.bound is None else self.bound) + bound.sum() - kl_global * n_cells
         self.loss = self.loss + loss.detach() * n_cells
         self.reconstruction = self.reconstruction + sum((t.sum() for t in reconstruction.values()), 0.0)
         self.kl_local = self.kl_local + sum((t.sum() for t in kl.values()), 0.0)
@@ -156,18 +170,22 @@ class _EpochMetrics:
 
     def compute(self, split: str, loss_name: str,
                 reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-        sums = (self.loss, self.reconstruction, self.kl_local, self.kl_global, self.n_cells)
+        sums = (self.loss, self.reconstruction, self.kl_local, self.kl_global,
+                0.0 if self.bound is None else self.bound, self.n_cells)
         values = torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in sums])
         if reduce_sums is not None:  # data-parallel: sums and cell counts over all processes
             values = reduce_sums(values)
-        loss, rec, kl, kl_global = (values[:4] / max(float(values[4]), 1.0)).tolist()
-        return {
+        loss, rec, kl, kl_global, bound = (values[:5] / max(float(values[5]), 1.0)).tolist()
+        metrics = {
             loss_name: loss,
             f"elbo_{split}": rec + kl + kl_global,
             f"reconstruction_loss_{split}": rec,
             f"kl_local_{split}": kl,
             f"kl_global_{split}": kl_global,
         }
+        if self.bound is not None:  # the negative IWAE bound per cell, signed like elbo_*
+            metrics[f"iwae_{split}"] = -bound
+        return metrics
 
 
 class FrozenEntries:
@@ -199,14 +217,22 @@ class FrozenEntries:
             parameter.copy_(torch.where(mask, value, parameter))
 
 
-def _validate(module, model, guide, batches: Iterable[Minibatch], kl_weight: float,
-              reduce_sums=None) -> dict[str, float]:
+def _validate(module, model, guide, batches: Iterable[Minibatch], kl_weight: float, reduce_sums=None,
+              plan: TrainingPlan | None = None) -> dict[str, float]:
+    """Validation metrics with the plan's objective and number of particles (one ELBO draw by default)."""
     module.eval()
     metrics = _EpochMetrics()
+    iwae = plan is not None and plan.objective == "iwae"
+    particles = 1 if plan is None else plan.num_particles
     with torch.no_grad():
         for batch in batches:
-            parts = elbo_parts(model, guide, batch, kl_weights={Z: kl_weight})
-            metrics.add(parts.loss, parts.reconstruction, parts.kl, batch.n_cells, parts.kl_global_per_cell)
+            if iwae:
+                terms = iwae_parts(model, guide, batch, num_particles=particles, kl_weights={Z: kl_weight})
+                parts, loss, bound = terms.elbo, terms.loss, terms.bound
+            else:
+                parts = elbo_parts(model, guide, batch, kl_weights={Z: kl_weight}, num_particles=particles)
+                loss, bound = parts.loss, None
+            metrics.add(loss, parts.reconstruction, parts.kl, batch.n_cells, parts.kl_global_per_cell, bound)
     module.train()
     return metrics.compute("validation", "validation_loss", reduce_sums)
 
@@ -237,7 +263,7 @@ def run_training(
 
     Data-parallel hooks (see :mod:`pyro_scvi.infer.distributed`): ``gradient_hook()`` runs after
     each backward pass, before the optimiser step (gradient averaging); ``reduce_sums(t)`` maps the
-    float64 vector ``[loss, reconstruction, kl, n_cells]`` of per-epoch sums to its sum over the
+    float64 vector of per-epoch sums (loss, ELBO terms, IWAE bound, n_cells) to its sum over the
     processes; ``epoch_end_hook()`` runs after each training epoch, before validation.
     """
     run = _SVIRun(module, plan, gradient_hook)
@@ -283,7 +309,7 @@ class _SVIRun:
 
     def __init__(self, module, plan: TrainingPlan, gradient_hook: Callable[[], None] | None) -> None:
         self.module, self.plan, self.gradient_hook = module, plan, gradient_hook
-        self.elbo = CellMeanELBO()
+        self.elbo = CellMeanELBO(num_particles=plan.num_particles, objective=plan.objective)
         self.optim = plan.make_optimizer()
         self.svi = SVI(module.model, module.guide, self.optim, loss=self.elbo)
         self.frozen = FrozenEntries(module, getattr(module, "frozen_parameters", {}))
@@ -304,7 +330,8 @@ class _SVIRun:
                 loss = _svi_step(self.svi, batch, self.gradient_hook, self.step_parameters)
                 if self.frozen:
                     self.frozen.restore()
-                metrics.add(loss, elbo.last_reconstruction, elbo.last_kl, batch.n_cells, elbo.last_kl_global)
+                metrics.add(loss, elbo.last_reconstruction, elbo.last_kl, batch.n_cells, elbo.last_kl_global,
+                            elbo.last_bound)
                 self.step += 1
         except Exception as error:  # NaN weights or inputs trip the distributions' argument checks mid-epoch
             if _NON_FINITE_MARK in str(error) or not _all_finite(self.module):
@@ -316,7 +343,8 @@ class _SVIRun:
 
     def validate(self, batches: Iterable[Minibatch], reduce_sums=None) -> dict[str, float]:
         """Validation metrics; advances the learning-rate schedule when it monitors one of them."""
-        values = _validate(self.module, self.svi.model, self.svi.guide, batches, self.kl_weight, reduce_sums)
+        values = _validate(self.module, self.svi.model, self.svi.guide, batches, self.kl_weight, reduce_sums,
+                           self.plan)
         if self.plan.reduce_lr_on_plateau and self.plan.lr_scheduler_metric in values:
             self.optim.step(values[self.plan.lr_scheduler_metric])
         return values
