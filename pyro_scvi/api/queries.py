@@ -286,6 +286,13 @@ class QueriesMixin:
         every log-weight to at least the log of the mean weight, as scvi-tools does.
         """
         self.check_not_minified("get_importance_weights", adata)
+        guide = getattr(self.module, "guide_family", "normal")
+        if guide != "normal" and not self.module.has_custom_guide:
+            raise ValueError(
+                f"weights='importance' is not available with guide={guide!r} yet (the aggregate "
+                "posterior weights assume a mean-field Gaussian q(z | x)); use weights='uniform' or "
+                "guide='normal'."
+            )
         _, data = self.registered_data(adata)
         selection = np.arange(data.n_obs) if indices is None else np.asarray(indices)
         anchors_idx = np.sort(np.random.choice(selection, min(max_cells, len(selection)), replace=False))

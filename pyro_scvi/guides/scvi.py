@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import pyro
 import pyro.distributions as dist
+import torch
+from torch.distributions import register_kl
 
 from ..models import sites
 
@@ -32,6 +34,20 @@ def normal_posterior(module, hidden, loc, scale) -> dist.Distribution:
 def full_rank_posterior(module, hidden, loc, scale) -> dist.Distribution:
     """Full-rank Gaussian: Cholesky factor (n, d, d) with the encoder's σ on the diagonal."""
     return dist.MultivariateNormal(loc, scale_tril=module.z_cholesky(hidden, scale))
+
+
+@register_kl(dist.MultivariateNormal, dist.Independent)
+def _kl_full_rank_diagonal(q, p) -> torch.Tensor:
+    """KL(N(μ, L Lᵀ) ‖ N(m, diag s²)) in closed form, so the full-rank guide keeps the analytic KL of
+    the normal prior: Σ_i [log s_i − log L_ii + ((L Lᵀ)_ii + (μ_i − m_i)²) / (2 s_i²) − ½]."""
+    base = p.base_dist
+    if not isinstance(base, torch.distributions.Normal) or p.reinterpreted_batch_ndims != 1:
+        raise NotImplementedError  # the ELBO then takes the Monte-Carlo estimate
+    variance = base.scale.pow(2)  # (…, n, d)
+    marginal = q.scale_tril.pow(2).sum(-1)  # diag(L Lᵀ), (…, n, d)
+    log_det_ratio = base.scale.log() - q.scale_tril.diagonal(dim1=-2, dim2=-1).log()
+    terms = log_det_ratio + (marginal + (q.loc - base.loc).pow(2)) / (2 * variance) - 0.5
+    return terms.sum(-1)
 
 
 def flow_posterior(module, hidden, loc, scale) -> dist.Distribution:

@@ -3,9 +3,11 @@
 ``q(z | x)`` is the encoder's diagonal Gaussian pushed through ``n_flows`` conditional affine
 coupling layers (:func:`pyro.distributions.transforms.conditional_affine_coupling`), each
 conditioned on the encoder's hidden representation ``h(x)``, with the coordinates reversed between
-layers so that every coordinate is transformed::
+layers so that every coordinate is transformed, and once more at the end when needed to restore
+the order (an even number of reversals)::
 
-    z_0 ~ Normal(μ(x), σ(x)),   z_k = reverse(f_k(z_{k−1}; h(x))),   z = z_K
+    z_0 ~ Normal(μ(x), σ(x)),   z_k = f_k(reverse(z_{k−1}) if k > 1 else z_0; h(x)),
+    z = z_K, or reverse(z_K) when K is even
 
 A coupling layer keeps the first ``⌊d/2⌋`` coordinates and applies an affine map to the rest whose
 location and log-scale are a network of the kept half and ``h``; its inverse and Jacobian are
@@ -47,10 +49,13 @@ class ConditionalLatentFlow(nn.Module):
         self.register_buffer("reverse", torch.arange(n_latent - 1, -1, -1), persistent=False)
 
     def transforms(self, context: torch.Tensor) -> list:
-        """The transforms ``[f_1(·; h), reverse, f_2(·; h), …, f_K(·; h)]`` for ``context`` ``h``."""
+        """The transforms ``[f_1(·; h), reverse, f_2(·; h), …, f_K(·; h)(, reverse)]`` for ``context``
+        ``h`` ``(…, n, n_context)``: an even number of reversals, so that the initial flow is the identity."""
         out = []
         for k, coupling in enumerate(self.couplings):
             if k > 0:
                 out.append(Permute(self.reverse))
             out.append(coupling.condition(context))
+        if len(self.couplings) % 2 == 0:
+            out.append(Permute(self.reverse))
         return out
