@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pyro
 import pyro.distributions as dist
 import pytest
 import torch
@@ -14,6 +15,7 @@ from torch.distributions import kl_divergence
 
 from pyro_scvi import SCVI, settings
 from pyro_scvi.data import synthetic_iid
+from pyro_scvi.guides import z_posterior
 from pyro_scvi.infer.posterior import variational_posterior
 from pyro_scvi.models.module import GUIDES
 
@@ -322,3 +324,20 @@ def test_load_query_data(guide):
     unfrozen = SCVI.load_query_data(query, model, unfrozen=True)
     unfrozen.train(max_epochs=1, enable_progress_bar=False)
     assert any(not torch.equal(v, heads[k]) for k, v in unfrozen.module.named_parameters() if k in heads)
+
+
+def test_custom_guide_reuses_a_family(adata):
+    """guide_fn replaces the built-in guide; with guide="flow" it can reuse the module's flow."""
+
+    def flow_guide(module, batch, transform_batch=None):
+        pyro.module("scvi", module)
+        with pyro.plate("cells", batch.n_cells, dim=-1):
+            encoder_input, covariates = module.encoder_input(batch)
+            pyro.sample("z", z_posterior(module, encoder_input, covariates))  # (n, d)
+
+    model = _model(adata, "flow", guide_fn=flow_guide)
+    before = {k: v.detach().clone() for k, v in model.module.named_parameters() if k.startswith("z_flow.")}
+    model.train(max_epochs=2, batch_size=128, enable_progress_bar=False)
+    assert model.module.has_custom_guide
+    assert any(not torch.equal(v, before[k]) for k, v in model.module.named_parameters() if k in before)
+    assert model.get_latent_representation(mc_samples=50).shape == (adata.n_obs, 4)
