@@ -46,6 +46,12 @@ class MinificationMixin:
             raise ValueError(
                 "Minification is not supported for models that do not use observed library size."
             )
+        guide = getattr(self.module, "guide_family", "normal")
+        if guide != "normal":
+            raise ValueError(
+                f"minify_adata stores a diagonal Gaussian posterior of z per cell, which cannot stand for "
+                f"the guide={guide!r} posterior; keep the counts (no minification) or use guide='normal'."
+            )
         if self.module.has_custom_guide:
             raise ValueError(
                 "minify_adata needs the built-in guide, which reads the stored posterior "

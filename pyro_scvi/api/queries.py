@@ -21,9 +21,12 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
+from pyro.distributions import MultivariateNormal
 
 from ..infer.importance import aggregate_posterior_log_weights, marginal_log_likelihood
 from ..infer.posterior import (
+    latent_mean_variance,
+    monte_carlo_moments,
     observation_distribution,
     posterior_model_traces,
     posterior_sites,
@@ -34,6 +37,14 @@ from ..models.likelihoods import likelihood_parameters
 from .training import count_cells
 
 __all__ = ["QueriesMixin"]
+
+
+def _mean_of_softmax(qz, mc_samples: int) -> torch.Tensor:
+    """E_q[softmax(z)] ``(n, d)`` from ``mc_samples`` draws: at once for a Gaussian guide, in passes
+    for others (a flow's draws go through its networks)."""
+    if isinstance(qz, MultivariateNormal) or (hasattr(qz, "loc") and hasattr(qz, "scale")):
+        return torch.softmax(qz.sample((mc_samples,)), dim=-1).mean(0)
+    return monte_carlo_moments(qz, mc_samples, lambda z: torch.softmax(z, dim=-1))[0]
 
 
 class QueriesMixin:
@@ -54,7 +65,11 @@ class QueriesMixin:
         ``(mean, variance)`` with ``return_dist=True``.
 
         For the logistic-normal latent the mean is the Monte-Carlo mean of ``softmax(z)`` over
-        ``mc_samples`` draws, and ``return_dist`` gives the pre-softmax Gaussian.
+        ``mc_samples`` draws, and ``return_dist`` gives the pre-softmax z's. The mean and variance
+        are exact for the ``"normal"`` and ``"full_rank"`` guides (``loc``; ``scale²`` or the
+        diagonal of ``L Lᵀ``, the marginal variances), and for the ``"flow"`` guide (and a custom
+        guide whose z distribution has neither ``loc``/``scale`` nor a Cholesky factor) the
+        Monte-Carlo mean and variance of ``mc_samples`` draws.
         """
         self.check_trained()
         self.module.eval()
@@ -62,20 +77,16 @@ class QueriesMixin:
         with self.pyro_scope():
             for batch in self.minibatches(adata, indices, batch_size, dataloader):
                 qz = variational_posterior(self.module.guide, batch, sites.Z)
-                if not (hasattr(qz, "loc") and hasattr(qz, "scale")):
-                    raise TypeError(f"get_latent_representation needs a guide site 'z' with a loc and scale "
-                                    f"(e.g. Normal); the guide's is {type(qz).__name__}.")
-                locs.append(qz.loc.cpu())
-                variances.append(qz.scale.pow(2).cpu())
                 if return_dist:
-                    continue
-                if give_mean and self.module.latent_distribution == "ln":
-                    value = torch.softmax(qz.sample((mc_samples,)), dim=-1).mean(0)
+                    loc, variance = latent_mean_variance(qz, mc_samples)
+                    locs.append(loc.cpu())
+                    variances.append(variance.cpu())
+                elif give_mean and self.module.latent_distribution == "ln":
+                    values.append(_mean_of_softmax(qz, mc_samples).cpu())
                 elif give_mean:
-                    value = qz.loc
+                    values.append(latent_mean_variance(qz, mc_samples)[0].cpu())
                 else:
-                    value = self.module.latent_transform(qz.sample())
-                values.append(value.cpu())
+                    values.append(self.module.latent_transform(qz.sample()).cpu())
         if return_dist:
             return torch.cat(locs).numpy(), torch.cat(variances).numpy()
         return torch.cat(values).numpy()
@@ -275,6 +286,13 @@ class QueriesMixin:
         every log-weight to at least the log of the mean weight, as scvi-tools does.
         """
         self.check_not_minified("get_importance_weights", adata)
+        guide = getattr(self.module, "guide_family", "normal")
+        if guide != "normal" and not self.module.has_custom_guide:
+            raise ValueError(
+                f"weights='importance' is not available with guide={guide!r} yet (the aggregate "
+                "posterior weights assume a mean-field Gaussian q(z | x)); use weights='uniform' or "
+                "guide='normal'."
+            )
         _, data = self.registered_data(adata)
         selection = np.arange(data.n_obs) if indices is None else np.asarray(indices)
         anchors_idx = np.sort(np.random.choice(selection, min(max_cells, len(selection)), replace=False))

@@ -387,7 +387,9 @@ def query_freeze_masks(
     ``freeze_decoder_first_layer=False``; everything in ``library_encoder``; the batch embedding;
     BatchNorm affine parameters of the encoders iff ``freeze_batchnorm_encoder=False`` and of the
     decoder iff ``freeze_batchnorm_decoder=False``. Everything else is frozen (Linear biases and
-    non-covariate inputs, loc/var heads, decoder heads, ``log_dispersion``, ...).
+    non-covariate inputs, loc/var heads, decoder heads, ``log_dispersion``, ...), the heads that
+    the ``"full_rank"`` and ``"flow"`` guides add to the z encoder (``z_cholesky``, ``z_flow``)
+    included, like its loc/var heads; with ``unfrozen=True`` they train with the rest.
     """
     parameters = dict(module.named_parameters())
     trainable = {name: torch.zeros_like(p, dtype=torch.bool) for name, p in parameters.items()}

@@ -164,6 +164,13 @@ class SavingMixin:
                 "scvi_tools_format=True needs the built-in scVI (module, model, guide and a built-in "
                 "gene_likelihood); save this model in pyro-scvi's format instead."
             )
+        guide = getattr(self.module, "guide_family", "normal")
+        if guide != "normal":
+            raise ValueError(
+                f"scvi_tools_format=True cannot hold guide={guide!r}: scvi-tools' SCVI has only the "
+                "mean-field Gaussian encoder (guide='normal'). Save this model in pyro-scvi's format "
+                "instead (scvi_tools_format=False)."
+            )
         blockers = nondefault_priors(self.module)
         if blockers:
             raise ValueError(

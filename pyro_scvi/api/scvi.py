@@ -34,7 +34,7 @@ __all__ = ["SCVI"]
 _MODULE_KWARGS = (
     "log_variational", "encode_covariates", "deeply_inject_covariates", "use_batch_norm", "use_layer_norm",
     "var_activation", "batch_representation", "batch_embedding_kwargs", "z_prior", "n_prior_components",
-    "library_prior", "dispersion_prior",
+    "library_prior", "dispersion_prior", "guide", "n_flows",
 )
 
 class SCVI(
@@ -72,6 +72,12 @@ class SCVI(
         ``use_observed_lib_size=False``) and ``dispersion_prior`` (``None``, ``"gamma"`` or
         ``"lognormal"``: θ becomes a global latent variable with a log-normal posterior). Prior
         *objects* are not saved: pass them again to :meth:`load`.
+        The guide's family of q(z | x) (:mod:`pyro_scvi.guides.scvi`): ``guide="normal"`` (the
+        default: scVI's mean-field Gaussian encoder), ``"full_rank"`` (a Gaussian whose Cholesky
+        factor comes from the encoder) or ``"flow"`` (the encoder's Gaussian followed by ``n_flows``
+        conditional affine couplings, default 2, conditioned on the encoder's hidden layer). A latent
+        library keeps its Gaussian posterior. Non-default guides cannot be minified or exported to
+        scvi-tools' format.
     model_fn, guide_fn
         Optional Pyro functions ``fn(module, batch, transform_batch=None)`` that replace the built-in
         model / guide (they reuse the networks of :attr:`module`; the contract is in

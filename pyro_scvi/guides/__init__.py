@@ -1,5 +1,5 @@
 """Guide (variational posterior) functions."""
 
-from .scvi import scvi_guide
+from .scvi import GUIDES, scvi_guide, z_posterior
 
-__all__ = ["scvi_guide"]
+__all__ = ["scvi_guide", "z_posterior", "GUIDES"]

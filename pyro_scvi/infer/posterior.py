@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from pyro import plate, poutine
-from pyro.distributions import Independent
+from pyro.distributions import Independent, MultivariateNormal
 
 from ..data.minibatch import Minibatch
 from ..models import sites
@@ -17,6 +17,8 @@ from ..models.contract import missing_site_message
 
 __all__ = [
     "variational_posterior",
+    "latent_mean_variance",
+    "monte_carlo_moments",
     "posterior_traces",
     "posterior_model_traces",
     "posterior_sites",
@@ -42,6 +44,41 @@ def variational_posterior(guide, batch: Minibatch, site: str = sites.Z):
     if site not in trace.nodes:
         raise KeyError(missing_site_message("guide", site))
     return _base(trace.nodes[site]["fn"])
+
+
+#: elements (draws × cells × width) one Monte-Carlo pass of :func:`monte_carlo_moments` may hold
+MC_PASS_ELEMENTS = 2**24
+
+
+def monte_carlo_moments(distribution, n_samples: int, transform=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) variance ``(n, d)`` of ``transform(z)`` over ``n_samples`` draws
+    ``z ~ distribution`` (batch ``(n,)``, event ``(d,)``), drawn in passes of at most
+    :data:`MC_PASS_ELEMENTS` elements and accumulated in float64."""
+    n_cells = max(1, distribution.batch_shape.numel())
+    width = max(1, distribution.event_shape.numel()) * 16  # a flow's networks are wider than z
+    per_pass = max(1, MC_PASS_ELEMENTS // (n_cells * width))
+    total = total_sq = None
+    for start in range(0, n_samples, per_pass):
+        draws = distribution.sample((min(per_pass, n_samples - start),))
+        draws = draws if transform is None else transform(draws)
+        dtype, draws = draws.dtype, draws.double()
+        total = draws.sum(0) if total is None else total + draws.sum(0)
+        total_sq = draws.pow(2).sum(0) if total_sq is None else total_sq + draws.pow(2).sum(0)
+    mean = total / n_samples
+    variance = (total_sq - n_samples * mean.pow(2)).clamp(min=0) / max(n_samples - 1, 1)
+    return mean.to(dtype), variance.to(dtype)
+
+
+def latent_mean_variance(distribution, n_samples: int = 5000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and marginal variances ``(n, d)`` of a guide's distribution at a latent site (as
+    returned by :func:`variational_posterior`): exact for a ``MultivariateNormal`` (diagonal of
+    ``L Lᵀ``) and for any distribution with ``loc`` and ``scale`` (``loc``, ``scale²``; the normal
+    guide), else a Monte-Carlo estimate from ``n_samples`` draws (the flow guide)."""
+    if isinstance(distribution, MultivariateNormal):
+        return distribution.loc, distribution.scale_tril.pow(2).sum(-1)
+    if hasattr(distribution, "loc") and hasattr(distribution, "scale"):
+        return distribution.loc, distribution.scale.pow(2)
+    return monte_carlo_moments(distribution, n_samples)
 
 
 def posterior_traces(model, guide, batch: Minibatch, n_samples: int, transform_batches=(None,), *,

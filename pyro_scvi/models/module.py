@@ -17,14 +17,15 @@ import torch
 from torch import nn
 
 from ..data.minibatch import Minibatch
-from ..guides.scvi import scvi_guide
+from ..guides.scvi import GUIDES, scvi_guide
 from . import sites
+from .flows import ConditionalLatentFlow
 from .likelihoods import get_likelihood
-from .networks import ExpressionDecoder, GaussianEncoder
+from .networks import CholeskyHead, ExpressionDecoder, GaussianEncoder
 from .priors import LogNormalLibraryPrior, dispersion_prior_distribution, make_z_prior
 from .scvi import scvi_model
 
-__all__ = ["SCVIModule", "DISPERSIONS", "LATENT_DISTRIBUTIONS", "NORM_PLACEMENTS"]
+__all__ = ["SCVIModule", "DISPERSIONS", "GUIDES", "LATENT_DISTRIBUTIONS", "NORM_PLACEMENTS"]
 
 DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
 BATCH_REPRESENTATIONS = ("one-hot", "embedding")
@@ -61,6 +62,11 @@ class SCVIModule(nn.Module):
       ``log_dispersion`` and ``log_dispersion_log_scale`` are then the location and log-scale of
       its log-normal variational posterior, and ``n_train_cells`` (set by ``SCVI.train``) the
       number of cells its KL is spread over (see :meth:`cells_plate`)
+    * ``guide_family``: the built-in guide's family of q(z | x) (:data:`GUIDES`, see
+      :mod:`pyro_scvi.guides.scvi`): ``"normal"`` (mean-field, the default), ``"full_rank"`` (adds
+      ``z_cholesky``, a :class:`~pyro_scvi.models.networks.CholeskyHead`) or ``"flow"`` (adds
+      ``z_flow``, a :class:`~pyro_scvi.models.flows.ConditionalLatentFlow` of ``n_flows`` layers);
+      the extra networks are built last, so the default model's weights do not change
     """
 
     def __init__(
@@ -93,6 +99,8 @@ class SCVIModule(nn.Module):
         n_prior_components: int = 10,
         library_prior: nn.Module | None = None,
         dispersion_prior: str | None = None,
+        guide: str = "normal",
+        n_flows: int = 2,
     ) -> None:
         super().__init__()
         _check_choice("dispersion", dispersion, DISPERSIONS)
@@ -101,6 +109,7 @@ class SCVIModule(nn.Module):
         _check_choice("use_batch_norm", use_batch_norm, NORM_PLACEMENTS)
         _check_choice("use_layer_norm", use_layer_norm, NORM_PLACEMENTS)
         _check_choice("batch_representation", batch_representation, BATCH_REPRESENTATIONS)
+        _check_choice("guide", guide, GUIDES)
         self.n_input, self.n_latent = n_input, n_latent
         self.n_batch, self.n_labels = max(n_batch, 1), max(n_labels, 1)
         self.dispersion = dispersion
@@ -117,6 +126,7 @@ class SCVIModule(nn.Module):
                              use_batch_norm, use_layer_norm, var_activation, batch_embedding_kwargs)
         self._build_dispersion_and_library(library_log_means, library_log_vars)
         self._build_priors(z_prior, n_prior_components, library_prior, dispersion_prior)
+        self._build_guide(guide, n_hidden, n_flows)
         #: parameter name → boolean mask of entries that training must not change (query mapping)
         self.frozen_parameters: dict[str, torch.Tensor] = {}
 
@@ -195,6 +205,14 @@ class SCVIModule(nn.Module):
         for prior in (self.z_prior, self.library_prior):
             if prior is not None and hasattr(prior, "attach"):
                 prior.attach(self)
+
+    def _build_guide(self, guide: str, n_hidden: int, n_flows: int) -> None:
+        """The networks the guide family adds to the z encoder (none for ``"normal"``)."""
+        self.guide_family = guide
+        if guide == "full_rank":
+            self.z_cholesky = CholeskyHead(n_hidden, self.n_latent)
+        elif guide == "flow":
+            self.z_flow = ConditionalLatentFlow(self.n_latent, n_hidden, n_flows)
 
     # -- the probabilistic program ---------------------------------------------------------------
     #: user functions ``fn(module, batch, transform_batch=None)`` replacing the built-in model / guide

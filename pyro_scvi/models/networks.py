@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FCLayers", "GaussianEncoder", "ExpressionDecoder", "one_hot_covariates", "resolve_activation"]
+__all__ = ["FCLayers", "GaussianEncoder", "CholeskyHead", "ExpressionDecoder", "one_hot_covariates",
+           "resolve_activation"]
 
 
 def resolve_activation(var_activation) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -144,10 +145,41 @@ class GaussianEncoder(nn.Module):
         self.var_eps = var_eps
 
     def forward(self, x: torch.Tensor, *categorical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode(x, *categorical)[1:]
+
+    def encode(self, x: torch.Tensor, *categorical: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hidden representation h (…, n, n_hidden), loc and scale (…, n, n_out): what the richer
+        guides condition on (:class:`CholeskyHead`, :class:`~.flows.ConditionalLatentFlow`)."""
         h = self.hidden(x, *categorical)
         loc = self.loc_head(h)
         scale = (self.var_activation(self.var_head(h)) + self.var_eps).sqrt()
-        return loc, scale
+        return h, loc, scale
+
+
+class CholeskyHead(nn.Module):
+    """The strictly-lower-triangular part of a Cholesky factor from an encoder's hidden layer.
+
+    ``off_diagonal`` is a Linear layer ``n_hidden → d(d−1)/2``, initialised at zero, so that a
+    full-rank guide starts as the mean-field one. :meth:`forward` puts the encoder's positive
+    scale ``(…, n, d)`` on the diagonal: ``L = diag(scale) + strict_tril(off_diagonal(h))``.
+    """
+
+    def __init__(self, n_hidden: int, n_latent: int) -> None:
+        super().__init__()
+        self.n_latent = n_latent
+        self.off_diagonal = nn.Linear(n_hidden, n_latent * (n_latent - 1) // 2)
+        nn.init.zeros_(self.off_diagonal.weight)
+        nn.init.zeros_(self.off_diagonal.bias)
+        rows, cols = torch.tril_indices(n_latent, n_latent, offset=-1)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+
+    def forward(self, hidden: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``hidden`` (…, n, n_hidden), ``scale`` (…, n, d) → ``scale_tril`` (…, n, d, d)."""
+        scale_tril = torch.diag_embed(scale)
+        scale_tril[..., self.rows, self.cols] = self.off_diagonal(hidden)
+        return scale_tril
 
 
 class ExpressionDecoder(nn.Module):
