@@ -109,7 +109,7 @@ def test_a_diagonal_refinement_of_a_correlated_posterior_is_flagged_by_pareto_k(
     mean-field one, too narrow across the correlation; the estimate is biased low and k̂ says so."""
     guide = _guide(W_CORR, shift=0.2, scale_factor=1.3, full_rank=True)
     k_guide = diagnostics.psis_diagnostics(_weights(W_CORR, guide, "guide", 4000)).pareto_k
-    log_weights = _weights(W_CORR, guide, "refined", 4000)
+    log_weights = _weights(W_CORR, guide, "refined", 4000, refine_widening=1.0)
     k_refined = diagnostics.psis_diagnostics(log_weights).pareto_k
     estimate = torch.logsumexp(log_weights, 0) - np.log(4000)
     error = (estimate - _evidence(W_CORR, _batch(W_CORR).x)).numpy()
@@ -148,7 +148,7 @@ def test_refinement_moves_a_wrong_guide_towards_the_posterior():
     mean, cov = _posterior(W_ORTHO, batch.x)
     wrong = _guide(W_ORTHO, shift=1.5, scale_factor=0.5)
     pyro.set_rng_seed(0)
-    refined = refined_proposal(_model(W_ORTHO), wrong, batch, steps=100, lr=0.05)["z"].base_dist
+    refined = refined_proposal(_model(W_ORTHO), wrong, batch, steps=100, lr=0.05, widening=1.0)["z"].base_dist
     assert refined.loc.shape == (N_CELLS, 2) and not refined.loc.requires_grad
     error = (refined.loc - mean).abs().max()
     assert error < 0.3 * 1.5

@@ -86,8 +86,9 @@ class EvaluationMixin:
           ``1 − α``, whose polynomial tails cover a posterior that the guide makes too narrow, and
           cost at most a factor ``1/α`` of effective draws where the guide is good (Hesterberg 1995).
         * ``"refined"``: per cell a diagonal Gaussian started at the guide's moments and moved by a
-          few Adam steps on that cell's ELBO (``refine_steps=50``, ``refine_lr=0.05``,
-          ``refine_particles=8`` draws a step); the networks are not changed.
+          few Adam steps on that cell's ELBO (``refine_steps=20``, ``refine_lr=0.1``,
+          ``refine_particles=8`` draws a step), its scale then × ``refine_widening=1.2`` (the ELBO
+          optimum is too narrow for importance sampling); the networks are not changed.
 
         Both work for any guide whose per-cell sites have a mean and standard deviation (closed
         form or Monte Carlo). Pick a proposal by the ``pareto_k`` of ``return_diagnostics``.

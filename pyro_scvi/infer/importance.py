@@ -81,11 +81,11 @@ def proposal_for(model, guide, batch: Minibatch, proposal: str = "guide", **opti
 
     ``options``: ``defensive_alpha``, ``defensive_widening``, ``defensive_df`` (see
     :func:`~pyro_scvi.infer.proposals.defensive_proposal`) and ``refine_steps``, ``refine_lr``,
-    ``refine_particles`` (see :func:`~pyro_scvi.infer.proposals.refined_proposal`).
+    ``refine_particles``, ``refine_widening`` (see :func:`~pyro_scvi.infer.proposals.refined_proposal`).
     """
     check_proposal(proposal)
     known = {"defensive": ("defensive_alpha", "defensive_widening", "defensive_df"),
-             "refined": ("refine_steps", "refine_lr", "refine_particles")}
+             "refined": ("refine_steps", "refine_lr", "refine_particles", "refine_widening")}
     unknown = sorted(set(options) - set(known.get(proposal, ())))
     if unknown:
         raise TypeError(f"proposal={proposal!r} takes no option(s) {unknown}; "
