@@ -49,6 +49,7 @@ __all__ = [
     "posterior_predictive_check",
     "predictive_pit",
     "psis_diagnostics",
+    "smoothed_weights",
     "zero_fraction",
 ]
 
@@ -131,6 +132,30 @@ def psis_diagnostics(log_weights) -> PSISDiagnostics:
     if one_set:
         return PSISDiagnostics(smoothed[:, 0], pareto_k[0], ess[0])
     return PSISDiagnostics(smoothed, pareto_k, ess)
+
+
+def smoothed_weights(log_weights, method: str = "psis") -> tuple[np.ndarray, float]:
+    """Normalised importance weights ``(S,)`` of one set of log-weights ``(S,)`` and the PSIS k̂ of
+    the raw weights.
+
+    ``method``: ``"psis"`` Pareto-smooths the largest weights (:func:`psis_diagnostics`);
+    ``"truncation"`` raises every log-weight to at least the log of the mean weight (scvi-tools'
+    truncated importance sampling); ``"none"`` normalises the raw weights. k̂ needs a few hundred
+    draws (see :func:`psis_diagnostics`).
+    """
+    if method not in ("psis", "truncation", "none"):
+        raise ValueError(f"method must be 'psis', 'truncation' or 'none', got {method!r}.")
+    lw = _numpy(log_weights).reshape(-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # ArviZ on sets with (nearly) equal weights
+        psis = psis_diagnostics(lw)
+    if method == "psis":
+        lw = psis.smoothed_log_weights
+    elif method == "truncation":
+        floor = np.logaddexp.reduce(lw) - math.log(len(lw))
+        lw = np.maximum(lw, floor)
+    weights = np.exp(lw - lw.max())
+    return weights / weights.sum(), float(psis.pareto_k)
 
 
 # ---------------------------------------------------------------------------- posterior-predictive statistics

@@ -267,9 +267,17 @@ def test_to_arviz_and_differential_expression(trained_models, guide):
     assert np.isfinite(idata.log_likelihood["x"].values).all()
     de = model.differential_expression(groupby="labels", group1="label_0", n_samples_overall=200)
     assert de.shape[0] == model.adata.n_vars and np.isfinite(de["bayes_factor"]).all()
-    with pytest.raises(ValueError, match=f"guide='{guide}'.*weights='uniform'"):
-        model.differential_expression(groupby="labels", group1="label_0", n_samples_overall=200,
-                                      weights="importance")
+    # importance weights use the guide's joint density of z (summed over dimensions once, whatever the
+    # family), so they are normalised, finite and not degenerate
+    cells = np.arange(40)
+    z = torch.as_tensor(model.get_latent_representation(indices=cells, give_mean=False), dtype=torch.float32)
+    weights = model.get_importance_weights(model.adata, cells, z, max_cells=40, n_mc_samples=20,
+                                           smoothing="none")
+    assert weights.shape == (40,) and np.isfinite(weights).all()
+    assert weights.sum() == pytest.approx(1.0) and weights.max() < 0.99
+    de = model.differential_expression(groupby="labels", group1="label_0", n_samples_overall=200,
+                                       weights="importance")
+    assert np.isfinite(de["bayes_factor"]).all()
 
 
 # ------------------------------------------------------------------ files, minification, mapping

@@ -276,23 +276,28 @@ class QueriesMixin:
         truncation: bool = False,
         n_mc_samples: int = 500,
         n_mc_samples_per_pass: int = 250,
-    ) -> np.ndarray:
+        smoothing: str = "psis",
+        return_pareto_k: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, float]:
         """Normalised importance weights ``(M,)`` of latent draws ``z`` ``(M, d)`` taken from the
         variational posteriors of the cells ``indices``.
 
         Up to ``max_cells`` random cells of the selection are anchors ``a``;
         ``w(z) ∝ Σ_a p(z | x_a) / Σ_a q(z | x_a)`` with ``p(z | x_a) = p(x_a | z) p(z) / p(x_a)`` and
-        ``p(x_a)`` from :meth:`get_marginal_ll` (``n_mc_samples`` draws). ``truncation=True`` raises
-        every log-weight to at least the log of the mean weight, as scvi-tools does.
+        ``p(x_a)`` from :meth:`get_marginal_ll` (``n_mc_samples`` draws).
+
+        The weights are stabilised by ``truncation=True``: every log-weight raised to at least the
+        log of the mean weight, as scvi-tools does; otherwise by ``smoothing``: ``"psis"`` (default)
+        Pareto-smooths the largest weights, ``"none"`` keeps the raw ones. The PSIS k̂ of the raw
+        weights is returned with ``return_pareto_k=True`` as ``(weights, k̂)``, and a warning names
+        it when it is above 0.7 (the weights are then unreliable; k̂ needs a few hundred draws). See
+        :func:`pyro_scvi.diagnostics.smoothed_weights`.
         """
+        from ..diagnostics import smoothed_weights  # here, so that this change stays inside the method
+
         self.check_not_minified("get_importance_weights", adata)
-        guide = getattr(self.module, "guide_family", "normal")
-        if guide != "normal" and not self.module.has_custom_guide:
-            raise ValueError(
-                f"weights='importance' is not available with guide={guide!r} yet (the aggregate "
-                "posterior weights assume a mean-field Gaussian q(z | x)); use weights='uniform' or "
-                "guide='normal'."
-            )
+        if smoothing not in ("psis", "none"):
+            raise ValueError(f"smoothing must be 'psis' or 'none', got {smoothing!r}.")
         _, data = self.registered_data(adata)
         selection = np.arange(data.n_obs) if indices is None else np.asarray(indices)
         anchors_idx = np.sort(np.random.choice(selection, min(max_cells, len(selection)), replace=False))
@@ -310,10 +315,14 @@ class QueriesMixin:
                 log_evidence,
                 latent_library=self.module.latent_library,
             )
-        if truncation:
-            log_w = log_w.clamp(min=float(torch.logsumexp(log_w, 0) - np.log(len(log_w))))
-        weights = torch.softmax(log_w.double(), dim=0).cpu().numpy()
-        return weights / weights.sum()
+        weights, pareto_k = smoothed_weights(log_w.double(), "truncation" if truncation else smoothing)
+        if pareto_k > 0.7:
+            warnings.warn(
+                f"The importance weights have a Pareto k̂ of {pareto_k:.2f} (> 0.7): they are unreliable.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return (weights, pareto_k) if return_pareto_k else weights
 
     @torch.no_grad()
     def get_likelihood_parameters(
