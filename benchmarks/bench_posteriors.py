@@ -3,8 +3,8 @@
 For each configuration ``guide:objective:K`` the script trains scVI the same way (same seed, data,
 split, epochs and KL warm-up), then scores the validation cells with the same estimator:
 
-- held-out marginal log-likelihood per cell (``get_marginal_ll``, ``--mc-samples`` draws, the
-  ``--proposal`` given, default ``"defensive"``) — mean and its 95 % interval over cells;
+- held-out marginal log-likelihood per cell (``get_marginal_ll``, ``--mc-samples`` draws, with each
+  of ``--proposals``, default ``"defensive"``) — mean and its 95 % interval over cells;
 - Pareto k̂ of those importance weights: median, and the share of cells with k̂ < 0.7;
 - effective sample size of the smoothed weights (median, out of ``--mc-samples``);
 - seconds per training epoch, and the ratio to the first configuration (the default);
@@ -62,8 +62,8 @@ def dataset(a: argparse.Namespace):
     return adata, f"generated (no {a.data}): {adata.n_obs} cells x {adata.n_vars} genes"
 
 
-def run_config(adata, config: dict, a: argparse.Namespace) -> dict:
-    """Train one configuration and score its validation cells."""
+def run_config(adata, config: dict, a: argparse.Namespace) -> list[dict]:
+    """Train one configuration and score its validation cells, one row per proposal."""
     from sklearn.metrics import silhouette_score
 
     from pyro_scvi import SCVI, settings
@@ -76,36 +76,44 @@ def run_config(adata, config: dict, a: argparse.Namespace) -> dict:
     model.train(max_epochs=a.epochs, enable_progress_bar=False, plan_kwargs=plan)
     seconds_per_epoch = (time.perf_counter() - start) / a.epochs
     cells = np.asarray(model.validation_indices)
-    settings.seed = a.seed
-    scores = model.get_marginal_ll(indices=cells, n_mc_samples=a.mc_samples, return_diagnostics=True,
-                                   proposal=a.proposal, batch_size=a.eval_batch_size)
+    latent = model.get_latent_representation()
+    silhouette = float(silhouette_score(latent, adata.obs[a.label_key].astype(str).to_numpy()))
+    rows = []
+    for proposal in a.proposals.split(","):
+        settings.seed = a.seed
+        scores = model.get_marginal_ll(indices=cells, n_mc_samples=a.mc_samples, return_diagnostics=True,
+                                       proposal=proposal, batch_size=a.eval_batch_size)
+        rows.append(dict(config, proposal=proposal, **_scores(scores), seconds_per_epoch=seconds_per_epoch,
+                         silhouette=silhouette, n_validation_cells=int(len(cells))))
+    return rows
+
+
+def _scores(scores) -> dict:
+    """Summaries of ``get_marginal_ll(return_diagnostics=True)`` over the cells."""
     ll = scores["marginal_ll"].to_numpy()
     k = scores["pareto_k"].to_numpy()
-    latent = model.get_latent_representation()
     return {
-        **config,
         "marginal_ll_mean": float(ll.mean()),
         "marginal_ll_ci95": float(1.96 * ll.std(ddof=1) / np.sqrt(len(ll))),
         "pareto_k_median": float(np.median(k)),
         "share_k_below_0.7": float((k < 0.7).mean()),
         "ess_median": float(np.median(scores["ess"].to_numpy())),
-        "seconds_per_epoch": seconds_per_epoch,
-        "silhouette": float(silhouette_score(latent, adata.obs[a.label_key].astype(str).to_numpy())),
-        "n_validation_cells": int(len(cells)),
     }
 
 
 def table(rows: list[dict]) -> str:
-    base = rows[0]
-    lines = ["| guide | objective | K | marginal LL (95% CI over cells) | Δ vs first | median k̂ | "
+    base = {r["proposal"]: r for r in reversed(rows)}  # the first configuration, per proposal
+    lines = ["| guide | objective | K | proposal | marginal LL (95% CI over cells) | Δ vs first | median k̂ | "
              "k̂ < 0.7 | median ESS | s/epoch (ratio) | silhouette |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        first = base[r["proposal"]]
         lines.append(
-            f"| {r['guide']} | {r['objective']} | {r['num_particles']} | {r['marginal_ll_mean']:.2f} "
-            f"± {r['marginal_ll_ci95']:.2f} | {r['marginal_ll_mean'] - base['marginal_ll_mean']:+.2f} | "
+            f"| {r['guide']} | {r['objective']} | {r['num_particles']} | {r['proposal']} | "
+            f"{r['marginal_ll_mean']:.2f} ± {r['marginal_ll_ci95']:.2f} | "
+            f"{r['marginal_ll_mean'] - first['marginal_ll_mean']:+.2f} | "
             f"{r['pareto_k_median']:.2f} | {100 * r['share_k_below_0.7']:.0f} % | {r['ess_median']:.1f} | "
-            f"{r['seconds_per_epoch']:.3f} ({r['seconds_per_epoch'] / base['seconds_per_epoch']:.2f}×) | "
+            f"{r['seconds_per_epoch']:.3f} ({r['seconds_per_epoch'] / first['seconds_per_epoch']:.2f}×) | "
             f"{r['silhouette']:.3f} |"
         )
     return "\n".join(lines)
@@ -120,7 +128,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="guide:objective:K, comma-separated")
     parser.add_argument("--mc-samples", type=int, default=1000)
-    parser.add_argument("--proposal", default="defensive")
+    parser.add_argument("--proposals", default="defensive", help="comma-separated: guide, defensive, refined")
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default=str(HERE / "results" / "posteriors.json"))
@@ -137,11 +145,12 @@ def main(argv=None) -> None:
     machine = cpu_details()
     print(machine_line(machine))
     print(f"Data: {described}; {a.epochs} epochs, seed {a.seed}, {a.mc_samples} draws, "
-          f"proposal {a.proposal!r}")
+          f"proposals {a.proposals}")
     rows = []
     for config in parse_configs(a.configs):
-        rows.append(run_config(adata, config, a))
-        print(json.dumps(rows[-1]), flush=True)
+        for row in run_config(adata, config, a):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"machine": machine, "data": described, "args": vars(a), "rows": rows}
