@@ -282,3 +282,33 @@ def test_dispersion_hyperprior_validation_and_gene_batch_shapes(small_adata, tmp
         loaded.module.dispersion_posterior().mean, model.module.dispersion_posterior().mean
     )
     assert loaded.module.n_train_cells == model.module.n_train_cells
+
+
+def test_kl_from_a_log_normal_to_a_gamma_is_the_closed_form():
+    """KL(LogNormal ‖ Gamma) (θ's posterior against the gamma hyper-prior) against Monte Carlo."""
+    from torch.distributions import kl_divergence
+
+    torch.manual_seed(0)
+    q = dist.LogNormal(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64),
+                       torch.tensor([0.3, 0.2, 1.1], dtype=torch.float64))
+    p = dist.Gamma(torch.tensor(1.5, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)).expand([3])
+    draws = q.sample((400_000,))
+    monte_carlo = (q.log_prob(draws) - p.log_prob(draws)).mean(0)
+    torch.testing.assert_close(kl_divergence(q, p), monte_carlo, atol=3e-3, rtol=0)
+    torch.testing.assert_close(kl_divergence(q.to_event(1), p.to_event(1)), kl_divergence(q, p).sum())
+
+
+def test_the_gamma_dispersion_prior_has_an_analytic_global_kl(adata):
+    """Two evaluations at the same weights give the same global KL: no Monte-Carlo term left."""
+    from pyro_scvi.infer.elbo import elbo_parts
+
+    SCVI.setup_anndata(adata)
+    model = SCVI(adata, n_hidden=16, n_latent=2, gene_likelihood="nb", dispersion_prior="gamma")
+    batch = model.registered_data()[1].minibatch(np.arange(50))
+    model.module.eval()
+    with model.pyro_scope(), torch.no_grad():
+        first, second = (elbo_parts(model.module.model, model.module.guide, batch).kl_global
+                         for _ in range(2))
+    assert first.keys() == second.keys() and len(first) == 1
+    for name in first:
+        assert torch.equal(first[name], second[name])
