@@ -72,6 +72,8 @@ def run_config(adata, config: dict, a: argparse.Namespace) -> list[dict]:
     kwargs = {} if config["guide"] == "normal" else {"guide": config["guide"]}
     model = SCVI(adata, **kwargs)
     plan = {"objective": config["objective"], "num_particles": config["num_particles"]}
+    if a.kl_warmup is not None:
+        plan["n_epochs_kl_warmup"] = a.kl_warmup
     start = time.perf_counter()
     model.train(max_epochs=a.epochs, enable_progress_bar=False, plan_kwargs=plan)
     seconds_per_epoch = (time.perf_counter() - start) / a.epochs
@@ -135,6 +137,8 @@ def main(argv=None) -> None:
     parser.add_argument("--label-key", default="cell_line")
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kl-warmup", type=int, default=None,
+                        help="n_epochs_kl_warmup for every configuration (default: the package's, 400)")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="guide:objective:K, comma-separated")
     parser.add_argument("--mc-samples", type=int, default=1000)
     parser.add_argument("--proposals", default="defensive", help="comma-separated: guide, defensive, refined")
@@ -153,8 +157,8 @@ def main(argv=None) -> None:
     SCVI.setup_anndata(adata, batch_key="batch" if "batch" in adata.obs else None)
     machine = cpu_details()
     print(machine_line(machine))
-    print(f"Data: {described}; {a.epochs} epochs, seed {a.seed}, {a.mc_samples} draws, "
-          f"proposals {a.proposals}")
+    print(f"Data: {described}; {a.epochs} epochs, KL warm-up {a.kl_warmup or 'default'}, seed {a.seed}, "
+          f"{a.mc_samples} draws, proposals {a.proposals}")
     rows = []
     for config in parse_configs(a.configs):
         for row in run_config(adata, config, a):
