@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_io_scvi_tools import legacy_setup_dict
 from test_registry import FULL_SETUP, make_adata
 
 from pyro_scvi.data import AnnDataManager, Field, Registry
@@ -55,28 +56,10 @@ def full():
 
 
 def legacy_registry() -> dict:
-    """The converter's registry for a scvi-tools 0.14 setup with a batch, one categorical and one
-    continuous covariate."""
+    """The converter's registry for the scvi-tools 0.14 setup of ``test_io_scvi_tools`` (a batch, one
+    categorical and one continuous covariate)."""
     var_names = [f"g{i}" for i in range(20)]
-    setup_dict = {
-        "scvi_version": "0.14.6",
-        "categorical_mappings": {
-            "_scvi_batch": {"original_key": "batch", "mapping": np.array(["b1", "b2"], dtype=object)},
-            "_scvi_labels": {"original_key": "_scvi_labels", "mapping": np.array([0])},
-        },
-        "data_registry": {
-            "X": {"attr_name": "X", "attr_key": None},
-            "batch_indices": {"attr_name": "obs", "attr_key": "_scvi_batch"},
-            "labels": {"attr_name": "obs", "attr_key": "_scvi_labels"},
-            "cat_covs": {"attr_name": "obsm", "attr_key": "_scvi_extra_categoricals"},
-            "cont_covs": {"attr_name": "obsm", "attr_key": "_scvi_extra_continuous"},
-        },
-        "summary_stats": {"n_batch": 2, "n_cells": 10, "n_vars": 20, "n_labels": 1},
-        "extra_categoricals": {"mappings": {"donor": np.array(["d1", "d2", "d3"], dtype=object)},
-                               "keys": ["donor"], "n_cats_per_key": [3]},
-        "extra_continuous_keys": np.array(["pct_mito"], dtype=object),
-    }
-    return registry_from_legacy_setup_dict(setup_dict, var_names)
+    return registry_from_legacy_setup_dict(legacy_setup_dict(var_names), var_names)
 
 
 # ------------------------------------------------------------------------------------ round trips
