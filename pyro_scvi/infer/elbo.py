@@ -217,7 +217,9 @@ def _local_log_weights(model_trace, guide_trace, kl_weights: dict[str, float] | 
             continue
         q = guide_trace.nodes[name]
         weight = 1.0 if kl_weights is None else kl_weights.get(name, 1.0)
-        site_ratio = site["fn"].log_prob(site["value"]) - q["fn"].log_prob(q["value"])
+        # log q through the draw itself: a flow's cached inverse would route ∂log q/∂φ around the draw,
+        # past dreg_gradients' hook; a new view of the draw is inverted exactly, keeping ∂log q/∂z
+        site_ratio = site["fn"].log_prob(site["value"]) - q["fn"].log_prob(q["value"].view_as(q["value"]))
         ratio, tempered_ratio = ratio + site_ratio, tempered_ratio + weight * site_ratio
         latents.append((q["value"], q["fn"], weight))
     return log_lik + tempered_ratio, log_lik + ratio, latents
