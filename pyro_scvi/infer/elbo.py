@@ -179,21 +179,21 @@ class IWAETerms(NamedTuple):
     bound: torch.Tensor
     #: the ELBO terms of the same draws (for the history)
     elbo: ELBOTerms
-    #: ``(draw, weights)`` pairs: each reparameterised local draw ``(K, n, ·)`` and the normalised
-    #: weights ``(K, n)`` its gradient is multiplied by
+    #: ``(draw, factor)`` pairs: each reparameterised local draw ``(K, n, ·)`` and the factor ``(K, n)``
+    #: its gradient is multiplied by, ``(1 − β) + β w̃`` for the site's warm-up weight β
     draws: tuple = ()
 
 
 @contextlib.contextmanager
 def dreg_gradients(terms: IWAETerms):
-    """Within this context, gradients reaching the draws are multiplied by their normalised weights,
-    so that differentiating ``terms.surrogate`` gives DReG's guide gradient ``Σ_k w̃_k² ∂log w_k/∂φ``
-    (through the draws). The hooks are removed on exit, so other gradients of the same graph (e.g.
-    of ``terms.loss``) stay the plain ones."""
+    """Within this context, gradients reaching the draws are multiplied by their factors, so that
+    differentiating ``terms.surrogate`` gives DReG's guide gradient ``Σ_k w̃_k [(1 − β) + β w̃_k] ∂log
+    w_k/∂φ`` (through the draws; ``w̃_k²`` at β = 1). The hooks are removed on exit, so other
+    gradients of the same graph (e.g. of ``terms.loss``) stay the plain ones."""
     handles = []
-    for value, weights in terms.draws:
-        shape = weights.shape + (1,) * (value.dim() - weights.dim())
-        handles.append(value.register_hook(lambda grad, w=weights.reshape(shape): grad * w))
+    for value, factor in terms.draws:
+        shape = factor.shape + (1,) * (value.dim() - factor.dim())
+        handles.append(value.register_hook(lambda grad, f=factor.reshape(shape): grad * f))
     try:
         yield
     finally:
@@ -234,10 +234,12 @@ def iwae_parts(model, guide, *args, num_particles: int, kl_weights: dict[str, fl
     the global KL (global latents are treated as in the ELBO). KL warm-up tempers the latent part of
     each weight: ``log w = log p(x | z, l) + β · [log p(z) − log q(z)] + [log p(l) − log q(l)]``, so
     β = 0 weighs draws by the likelihood alone and β = 1 is the IWAE. The surrogate's gradient is
-    ``Σ_k w̃_k ∇_model log w_k`` for the model and ``Σ_k w̃_k² ∂ log w_k/∂v_k · ∂v_k/∂φ`` (through the
-    reparameterised draws v only) for the guide, with ``w̃`` the normalised weights; it needs
-    reparameterisable guide sites and is taken inside :func:`dreg_gradients`. With K = 1 the bound
-    is the one-draw ELBO and the guide's gradient the path derivative ("sticking the landing").
+    ``Σ_k w̃_k ∇_model log w_k`` for the model and ``Σ_k w̃_k [(1 − β) + β w̃_k] ∂ log w_k/∂v_k ·
+    ∂v_k/∂φ`` (through the reparameterised draws v only) for the guide, with ``w̃`` the normalised
+    weights: the score term ``−β Σ_k w̃_k ∂log q(v_k)/∂φ`` of the tempered bound, rewritten by
+    DReG's identity as ``−β Σ_k w̃_k (1 − w̃_k) ∂ log w_k/∂v_k · ∂v_k/∂φ``, joins the path term. It
+    needs reparameterisable guide sites and is taken inside :func:`dreg_gradients`. With K = 1 the
+    bound is the one-draw ELBO and the guide's gradient the path derivative ("sticking the landing").
     """
     model_trace, guide_trace = particle_traces(model, guide, *args, num_particles=num_particles, **kwargs)
     elbo = _elbo_from_traces(model_trace, guide_trace, kl_weights, num_particles)
@@ -249,8 +251,9 @@ def iwae_parts(model, guide, *args, num_particles: int, kl_weights: dict[str, fl
     normalized = torch.softmax(log_w, dim=0).detach()  # (K, n)
     surrogate, draws = log_w, []
     for value, q_fn, weight in latents:
-        if value.requires_grad:  # DReG: w̃² through the draws (dreg_gradients), the score of log q cancelled
-            draws.append((value, normalized if num_particles > 1 else normalized[0]))
+        if value.requires_grad:  # DReG: (1 − β) w̃ + β w̃² through the draws, the score of log q cancelled
+            factor = (1.0 - weight) + weight * normalized  # (K, n)
+            draws.append((value, factor if num_particles > 1 else factor[0]))
             score = q_fn.log_prob(value.detach())
             surrogate = surrogate + weight * (score.unsqueeze(0) if num_particles == 1 else score)
     global_share = elbo.kl_global_per_cell
