@@ -85,10 +85,12 @@ class EvaluationMixin:
           ``defensive_df=None`` for a Normal). The weights are bounded by those of ``q_wide`` over
           ``1 − α``, whose polynomial tails cover a posterior that the guide makes too narrow, and
           cost at most a factor ``1/α`` of effective draws where the guide is good (Hesterberg 1995).
-        * ``"refined"``: per cell a diagonal Gaussian started at the guide's moments and moved by a
-          few Adam steps on that cell's ELBO (``refine_steps=20``, ``refine_lr=0.1``,
-          ``refine_particles=8`` draws a step), its scale then × ``refine_widening=1.2`` (the ELBO
-          optimum is too narrow for importance sampling); the networks are not changed.
+        * ``"refined"``: per cell a Gaussian started at the guide's moments and moved by a few Adam
+          steps on that cell's ELBO (``refine_steps=20``, ``refine_lr=0.1``, ``refine_particles=8``
+          draws a step), its scale then × ``refine_widening=1.2`` (the ELBO optimum is too narrow
+          for importance sampling); the networks are not changed. ``refine_covariance="full"``
+          (default) refines a full covariance, ``"diagonal"`` element-wise scales;
+          ``refine_df=ν`` makes the proposal a Student-t with ν degrees of freedom.
 
         Both work for any guide whose per-cell sites have a mean and standard deviation (closed
         form or Monte Carlo). Pick a proposal by the ``pareto_k`` of ``return_diagnostics``.

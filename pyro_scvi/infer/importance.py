@@ -85,7 +85,8 @@ def proposal_for(model, guide, batch: Minibatch, proposal: str = "guide", **opti
     """
     check_proposal(proposal)
     known = {"defensive": ("defensive_alpha", "defensive_widening", "defensive_df"),
-             "refined": ("refine_steps", "refine_lr", "refine_particles", "refine_widening")}
+             "refined": ("refine_steps", "refine_lr", "refine_particles", "refine_widening",
+                         "refine_covariance", "refine_df")}
     unknown = sorted(set(options) - set(known.get(proposal, ())))
     if unknown:
         raise TypeError(f"proposal={proposal!r} takes no option(s) {unknown}; "
