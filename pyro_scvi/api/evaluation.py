@@ -86,7 +86,7 @@ class EvaluationMixin:
           ``1 − α``, whose polynomial tails cover a posterior that the guide makes too narrow, and
           cost at most a factor ``1/α`` of effective draws where the guide is good (Hesterberg 1995).
         * ``"refined"``: per cell a Gaussian started at the guide's moments and moved by a few Adam
-          steps on that cell's ELBO (``refine_steps=20``, ``refine_lr=0.1``, ``refine_particles=8``
+          steps on that cell's ELBO (``refine_steps=50``, ``refine_lr=0.05``, ``refine_particles=16``
           draws a step), its scale then × ``refine_widening=1.2`` (the ELBO optimum is too narrow
           for importance sampling); the networks are not changed. ``refine_covariance="full"``
           (default) refines a full covariance, ``"diagonal"`` element-wise scales;

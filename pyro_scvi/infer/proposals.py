@@ -167,14 +167,17 @@ def guide_cholesky(fn, n_draws: int = MOMENT_DRAWS) -> tuple[torch.Tensor, torch
 
 
 class _RefinedGaussian:
-    """Per-cell Gaussian parameters being refined: ``loc`` ``(n, d)`` and an unconstrained Cholesky
-    factor (log of the diagonal, strictly lower part free), or a log scale ``(n, ·)`` when diagonal."""
+    """Per-cell Gaussian parameters being refined: ``loc`` ``(n, d)`` and a Cholesky factor
+    ``L = diag(σ) (I + A)`` stored as ``log σ`` on the diagonal and the strictly lower ``A`` below it
+    (``A`` is scale-free, so one Adam step changes correlations, not absolute covariances, by about
+    the learning rate), or a log scale ``(n, ·)`` when diagonal."""
 
     def __init__(self, fn, full: bool) -> None:
         self.event_dim, self.full = fn.event_dim, full and fn.event_dim == 1
         if self.full:
             loc, tril = guide_cholesky(fn)
-            self.raw = torch.tril(tril, -1) + torch.diag_embed(tril.diagonal(dim1=-2, dim2=-1).log())
+            scale = tril.diagonal(dim1=-2, dim2=-1)  # (n, d)
+            self.raw = torch.tril(tril / scale.unsqueeze(-1), -1) + torch.diag_embed(scale.log())
         else:
             loc, scale = guide_moments(fn)
             self.raw = scale.log()
@@ -190,14 +193,15 @@ class _RefinedGaussian:
         loc, raw = (self.loc.detach(), self.raw.detach()) if detach else (self.loc, self.raw)
         if not self.full:
             return _diagonal(loc, raw.exp() * widening, self.event_dim, df)
-        tril = (torch.tril(raw, -1) + torch.diag_embed(raw.diagonal(dim1=-2, dim2=-1).exp())) * widening
+        scale = raw.diagonal(dim1=-2, dim2=-1).exp().unsqueeze(-1) * widening  # (n, d, 1)
+        tril = scale * (torch.tril(raw, -1) + torch.eye(raw.shape[-1], dtype=raw.dtype, device=raw.device))
         if df is None:
             return dist.MultivariateNormal(loc, scale_tril=tril)
         return dist.MultivariateStudentT(df, loc, tril)
 
 
-def refined_proposal(model, guide, batch: Minibatch, steps: int = 20, lr: float = 0.1,
-                     particles: int = 8, widening: float = 1.2, covariance: str = "full",
+def refined_proposal(model, guide, batch: Minibatch, steps: int = 50, lr: float = 0.05,
+                     particles: int = 16, widening: float = 1.2, covariance: str = "full",
                      df: float | None = None) -> dict:
     """Per cell a Gaussian started at the guide's moments and moved by ``steps`` Adam steps (learning
     rate ``lr``) on that cell's ELBO ``E_q[log p(x, z, l)] + H[q]`` (``particles`` reparameterised
@@ -207,7 +211,9 @@ def refined_proposal(model, guide, batch: Minibatch, steps: int = 20, lr: float 
     ``covariance="full"`` refines a full covariance (a Cholesky factor per cell, started at the
     guide's: :func:`guide_cholesky`), so the proposal can follow the posterior's correlations, which
     the guide misses; ``"diagonal"`` refines element-wise scales. The ELBO optimum of a Gaussian is
-    too narrow for importance sampling (zero-forcing), hence ``widening``.
+    too narrow for importance sampling (zero-forcing), hence ``widening``. On CellBench 5cl (top 2000
+    genes, 200 epochs, 1000 draws) these defaults leave 97 % of held-out cells below k̂ 0.7, against
+    51 % with 20 steps at rate 0.1 and 8 draws, and 54 % for a diagonal refinement.
 
     Only the per-cell parameters move: the gradient is taken with :func:`torch.autograd.grad` with
     respect to them alone, so the networks' weights and their ``.grad`` are untouched. All cells and
