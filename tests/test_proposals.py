@@ -287,3 +287,9 @@ def test_importance_weights_are_smoothed_and_report_pareto_k(small_model):
     far = torch.randn(400, z.shape[1]) * 3  # mostly far from the selected cells' posteriors
     with pytest.warns(UserWarning, match=r"Pareto k̂ of .* \(> 0.7\)"):
         small_model.get_importance_weights(None, cells, far, **kwargs)
+
+
+def test_expression_refuses_return_pareto_k_and_says_where_it_is(small_model):
+    with pytest.raises(TypeError, match=r"get_importance_weights\(\.\.\., return_pareto_k=True\)"):
+        small_model.get_normalized_expression(indices=CELLS[:20], n_samples_overall=50, weights="importance",
+                                              return_pareto_k=True)

@@ -170,6 +170,10 @@ class QueriesMixin:
         ``importance_weighting_kwargs`` go there).
         """
         self.check_trained()
+        if "return_pareto_k" in importance_weighting_kwargs:
+            raise TypeError("get_normalized_expression returns expression only: take the weights' Pareto k̂ "
+                            "from get_importance_weights(..., return_pareto_k=True), or from the warning it "
+                            "gives above 0.7.")
         n_samples = self._expression_draws_per_cell(adata, indices, transform_batch, library_size, n_samples,
                                                     n_samples_overall, weights, dataloader)
         mask = self._gene_mask(gene_list)
