@@ -164,6 +164,16 @@ def test_scvi_trains_on_the_iwae_and_records_it_beside_the_elbo(adata):
     assert np.isfinite(model.get_latent_representation()).all()
 
 
+def test_the_full_rank_guide_with_the_iwae_warns_and_still_trains(adata):
+    SCVI.setup_anndata(adata, batch_key="batch")
+    settings.seed = 0
+    model = SCVI(adata, n_hidden=32, n_latent=4, guide="full_rank")
+    with pytest.warns(UserWarning, match="full_rank.*iwae.*unstable"):
+        model.train(max_epochs=1, batch_size=128, enable_progress_bar=False,
+                    plan_kwargs={"objective": "iwae", "num_particles": 2})
+    assert np.isfinite(model.history["iwae_train"].values).all()
+
+
 def test_scvi_elbo_with_particles_trains_and_the_default_has_no_iwae_key(adata):
     SCVI.setup_anndata(adata, batch_key="batch")
     settings.seed = 0

@@ -8,6 +8,7 @@ and an optional :class:`~pyro_scvi.infer.training.EarlyStopping`, and runs
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -153,6 +154,11 @@ class TrainingMixin:
                 "train on the registered AnnData."
             )
         plan = TrainingPlan(**(plan_kwargs or {}))
+        if plan.objective == "iwae" and getattr(self.module, "guide_family", "normal") == "full_rank":
+            warnings.warn("guide='full_rank' with objective='iwae' was unstable on CellBench "
+                          "(benchmarks/bench_posteriors.py: 38-56 nats below the default, or a nan loss); "
+                          "prefer the full-rank guide with the ELBO, or the IWAE with guide='normal'.",
+                          UserWarning, stacklevel=2)
         device = resolve_device(accelerator, devices) if parallel is None else parallel.device
         self.module.to(device)
         drop_last, external = _datasplitter_options(datasplitter_kwargs)
