@@ -32,11 +32,28 @@ from ..infer.posterior import (
     posterior_sites,
     variational_posterior,
 )
+from ..infer.proposals import concatenate_cells, proposal_guide, refined_proposal
 from ..models import sites
 from ..models.likelihoods import likelihood_parameters
 from .training import count_cells
 
 __all__ = ["QueriesMixin"]
+
+
+def _refine_options(weights, importance_weighting_kwargs: dict) -> dict | None:
+    """Pop ``proposal`` and the ``refine_*`` options from the importance-weighting options: the
+    options of :func:`~pyro_scvi.infer.proposals.refined_proposal` for ``proposal="refined"``, else
+    ``None`` (the guide's own draws)."""
+    proposal = importance_weighting_kwargs.pop("proposal", "guide")
+    refine = {key[len("refine_"):]: importance_weighting_kwargs.pop(key)
+              for key in list(importance_weighting_kwargs) if key.startswith("refine_")}
+    if proposal not in ("guide", "refined"):
+        raise ValueError(f"The importance weights' proposal must be 'guide' or 'refined', got {proposal!r}.")
+    if proposal == "guide" and refine:
+        raise TypeError(f"refine_* options {sorted(refine)} need proposal='refined'.")
+    if proposal == "refined" and weights != "importance":
+        raise ValueError("proposal='refined' draws for importance weights: use it with weights='importance'.")
+    return refine if proposal == "refined" else None
 
 
 def _mean_of_softmax(qz, mc_samples: int) -> torch.Tensor:
@@ -167,25 +184,32 @@ class QueriesMixin:
         ``weights="importance"`` (with ``n_samples_overall`` and one transform batch) resamples the
         draws with importance weights that correct the aggregate variational posterior of the
         selected cells towards their aggregate posterior (see :meth:`get_importance_weights`;
-        ``importance_weighting_kwargs`` go there).
+        ``importance_weighting_kwargs`` go there). With ``proposal="refined"`` among them, z is drawn
+        from each cell's refined proposal instead of the guide (``refine_*`` options as in
+        :meth:`get_marginal_ll`), and those proposals stand for q in the weights and propose
+        ``log p(x_a)``: on CellBench 5cl this took the weights' k̂ from far above 0.7 to below it and
+        importance-weighted DE from unstable to as stable as uniform weights (README).
         """
         self.check_trained()
         if "return_pareto_k" in importance_weighting_kwargs:
             raise TypeError("get_normalized_expression returns expression only: take the weights' Pareto k̂ "
                             "from get_importance_weights(..., return_pareto_k=True), or from the warning it "
                             "gives above 0.7.")
+        refine = _refine_options(weights, importance_weighting_kwargs)
         n_samples = self._expression_draws_per_cell(adata, indices, transform_batch, library_size, n_samples,
                                                     n_samples_overall, weights, dataloader)
         mask = self._gene_mask(gene_list)
-        # (S, n, G') expression draws and the (S, n, d) latent draws they were decoded from
-        samples, latents = self._expression_samples(adata, indices, transform_batch, mask, library_size,
-                                                    n_samples, batch_size, dataloader)
+        # (S, n, G') expression draws, the (S, n, d) latent draws they were decoded from, and with
+        # proposal="refined" each minibatch's refined proposals the latents were drawn from
+        samples, latents, proposals = self._expression_samples(
+            adata, indices, transform_batch, mask, library_size, n_samples, batch_size, dataloader, refine)
         if n_samples_overall is not None:
             flat = samples.reshape(-1, samples.shape[-1])
             probabilities = None
             if weights == "importance":
                 z = latents.reshape(-1, self.module.n_latent)  # same (S, n) order as flat
-                probabilities = self.get_importance_weights(adata, indices, z, **importance_weighting_kwargs)
+                probabilities = self._aggregate_importance_weights(adata, indices, z, proposals,
+                                                                   **importance_weighting_kwargs)
             rows = np.random.choice(flat.shape[0], n_samples_overall, replace=True, p=probabilities)
             return flat[rows]
         if n_samples > 1 and not return_mean:
@@ -250,25 +274,31 @@ class QueriesMixin:
         n_samples: int,
         batch_size,
         dataloader,
-    ) -> tuple[np.ndarray, torch.Tensor]:
-        """Draws of the expression ``(S, n, G')`` (averaged over transform batches) and of z ``(S, n, d)``."""
+        refine: dict | None = None,
+    ) -> tuple[np.ndarray, torch.Tensor, list]:
+        """Draws of the expression ``(S, n, G')`` (averaged over transform batches) and of z ``(S, n, d)``,
+        and the proposals they came from: z is drawn from the guide (``[]``), or with ``refine`` (options
+        of :func:`~pyro_scvi.infer.proposals.refined_proposal`) from each cell's refined proposal
+        (one ``{site: distribution}`` per minibatch)."""
         site = sites.MEAN if library_size == "latent" else sites.NORMALIZED_EXPRESSION
         factor = 1.0 if library_size == "latent" else float(library_size)
         codes = self.batch_codes(transform_batch)
         genes = torch.as_tensor(mask)
         self.module.eval()
-        chunks, latents = [], []
+        chunks, latents, proposals = [], [], []
         with self.pyro_scope():
             for batch in self.minibatches(adata, indices, batch_size, dataloader):
-                draws = posterior_sites(
-                    self.module.model, self.module.guide, batch, n_samples, [site, sites.Z], codes
-                )
+                guide = self.module.guide
+                if refine is not None:
+                    proposals.append(refined_proposal(self.module.model, guide, batch, **refine))
+                    guide = proposal_guide(proposals[-1])
+                draws = posterior_sites(self.module.model, guide, batch, n_samples, [site, sites.Z], codes)
                 value = draws[0][site] if len(draws) == 1 else torch.stack([d[site] for d in draws]).mean(0)
                 if not genes.all():
                     value = value[..., genes.to(value.device)]
                 chunks.append((value * factor if factor != 1.0 else value).cpu())
                 latents.append(draws[0][sites.Z].cpu())
-        return torch.cat(chunks, dim=1).numpy(), torch.cat(latents, dim=1)
+        return torch.cat(chunks, dim=1).numpy(), torch.cat(latents, dim=1), proposals
 
     @torch.no_grad()
     def get_importance_weights(
@@ -297,6 +327,17 @@ class QueriesMixin:
         it when it is above 0.7 (the weights are then unreliable; k̂ needs a few hundred draws). See
         :func:`pyro_scvi.diagnostics.smoothed_weights`.
         """
+        return self._aggregate_importance_weights(
+            adata, indices, z, None, max_cells, truncation, n_mc_samples, n_mc_samples_per_pass, smoothing,
+            return_pareto_k)
+
+    def _aggregate_importance_weights(self, adata, indices, z: torch.Tensor, proposals: list | None,
+                                      max_cells: int = 1024, truncation: bool = False,
+                                      n_mc_samples: int = 500, n_mc_samples_per_pass: int = 250,
+                                      smoothing: str = "psis", return_pareto_k: bool = False):
+        """:meth:`get_importance_weights` of draws ``z`` from the guide (``proposals`` empty or
+        ``None``) or from the per-cell ``proposals`` (one ``{site: distribution}`` per minibatch of the
+        selection, in order), which then stand for q in the weights and propose log p(x_a)."""
         from ..diagnostics import smoothed_weights  # here, so that this change stays inside the method
 
         self.check_not_minified("get_importance_weights", adata)
@@ -304,16 +345,18 @@ class QueriesMixin:
             raise ValueError(f"smoothing must be 'psis' or 'none', got {smoothing!r}.")
         _, data = self.registered_data(adata)
         selection = np.arange(data.n_obs) if indices is None else np.asarray(indices)
-        anchors_idx = np.sort(np.random.choice(selection, min(max_cells, len(selection)), replace=False))
-        anchors = data.minibatch(anchors_idx, device=self.device)
+        positions = np.random.choice(len(selection), min(max_cells, len(selection)), replace=False)
+        positions = positions[np.argsort(selection[positions])]  # anchors in the order of their cells
+        anchors = data.minibatch(selection[positions], device=self.device)
+        guide = proposal_guide(concatenate_cells(proposals, positions)) if proposals else self.module.guide
         self.module.eval()
         with self.pyro_scope():
             log_evidence = marginal_log_likelihood(
-                self.module.model, self.module.guide, anchors, n_mc_samples, n_mc_samples_per_pass
+                self.module.model, guide, anchors, n_mc_samples, n_mc_samples_per_pass
             )
             log_w = aggregate_posterior_log_weights(
                 self.module.model,
-                self.module.guide,
+                guide,
                 z.to(self.device),
                 anchors,
                 log_evidence,
@@ -324,7 +367,7 @@ class QueriesMixin:
             warnings.warn(
                 f"The importance weights have a Pareto k̂ of {pareto_k:.2f} (> 0.7): they are unreliable.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         return (weights, pareto_k) if return_pareto_k else weights
 

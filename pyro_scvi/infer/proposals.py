@@ -29,7 +29,7 @@ from ..data.minibatch import Minibatch
 from ..models.sites import CELLS, PARTICLES, cell_frame
 
 __all__ = ["PROPOSALS", "DefensiveMixture", "check_proposal", "guide_moments", "guide_cholesky",
-           "local_sample_sites",
+           "concatenate_cells", "local_sample_sites",
            "local_guide_distributions", "defensive_proposal", "refined_proposal", "proposal_guide"]
 
 #: the proposals of :func:`pyro_scvi.infer.importance.log_importance_weights_in_passes`
@@ -252,3 +252,34 @@ def proposal_guide(distributions: dict):
                 pyro.sample(name, fn)
 
     return guide
+
+
+def _with_parameters(fn, op):
+    """``fn`` rebuilt with ``op(name)`` for each of its parameters (of the same family)."""
+    if isinstance(fn, Independent):
+        return _with_parameters(fn.base_dist, op).to_event(fn.reinterpreted_batch_ndims)
+    if isinstance(fn, dist.MultivariateStudentT):
+        return dist.MultivariateStudentT(fn.df, op("loc"), op("scale_tril"))
+    if isinstance(fn, dist.MultivariateNormal):
+        return dist.MultivariateNormal(op("loc"), scale_tril=op("scale_tril"))
+    if isinstance(fn, dist.StudentT):
+        return dist.StudentT(fn.df, op("loc"), op("scale"))
+    if isinstance(fn, dist.Normal):
+        return dist.Normal(op("loc"), op("scale"))
+    raise TypeError(f"Cannot select cells of a {type(fn).__name__} proposal.")
+
+
+def concatenate_cells(parts: list[dict], index=None) -> dict:
+    """``{site: distribution}`` with batch shape ``(n,)`` of several minibatches' proposals
+    (:func:`refined_proposal`), their cells concatenated in order, then the cells at positions
+    ``index`` selected (all when ``None``)."""
+    out = {}
+    for name, first in parts[0].items():
+        def op(attribute, name=name):
+            bases = [part[name].base_dist if isinstance(part[name], Independent) else part[name]
+                     for part in parts]
+            joined = torch.cat([getattr(base, attribute) for base in bases])  # cells on the first axis
+            return joined if index is None else joined[torch.as_tensor(index, device=joined.device)]
+
+        out[name] = _with_parameters(first, op)
+    return out
