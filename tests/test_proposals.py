@@ -337,6 +337,10 @@ def test_expression_and_de_take_the_refined_proposal_and_check_its_options(small
                                               proposal="defensive")
     with pytest.raises(TypeError, match="need proposal='refined'"):
         small_model.get_normalized_expression(indices=cells, n_samples_overall=40, weights="importance",
-                                              refine_steps=3)
+                                              proposal="guide", refine_steps=3)
     with pytest.raises(ValueError, match="with weights='importance'"):
         small_model.get_normalized_expression(indices=cells, n_samples_overall=40, proposal="refined")
+    settings.seed = 6  # the default proposal of importance weights is the refined one
+    default = small_model.get_normalized_expression(indices=cells, n_samples_overall=40, weights="importance",
+                                                    refine_steps=5, n_mc_samples=20)
+    np.testing.assert_array_equal(default, draws)

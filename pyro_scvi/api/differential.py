@@ -195,8 +195,9 @@ class DifferentialExpressionMixin:
         posterior draws (its own batch per cell, or with ``batch_correction=True`` an equal share
         decoded in each batch of ``batchid1``/``batchid2``, default all batches), optionally
         importance-weighted (``weights="importance"``, with ``importance_weighting_kwargs`` for
-        :meth:`get_normalized_expression`; ``{"proposal": "refined"}`` draws from refined per-cell
-        proposals and gives stable markers where the guide's weights are degenerate) and after dropping
+        :meth:`get_normalized_expression`: by default the draws come from refined per-cell
+        proposals, which gives stable markers where the guide's weights are degenerate;
+        ``{"proposal": "guide"}`` is scvi-tools' weighting) and after dropping
         latent-space outliers (``filter_outlier_cells``). The draws are paired and tested
         (:func:`~pyro_scvi.differential.vanilla_statistics`, or
         :func:`~pyro_scvi.differential.change_statistics` with ``delta``, pseudocounts from
