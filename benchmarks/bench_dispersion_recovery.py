@@ -55,10 +55,13 @@ def fit(adata, theta: np.ndarray, prior: str, epochs: int, seed: int) -> dict:
 
 
 def _mean_ci(values) -> str:
+    """Mean ± half-width of the 95 % t interval over seeds."""
+    from scipy import stats
+
     values = np.asarray(values, dtype=float)
     if len(values) < 2:
         return f"{values.mean():.3f}"
-    half = 1.96 * values.std(ddof=1) / np.sqrt(len(values))
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
     return f"{values.mean():.3f} ± {half:.3f}"
 
 
