@@ -41,7 +41,8 @@ SMALL = {
     "posteriors.ipynb": {"MAX_EPOCHS": 5, "N_GENES": 300, "N_MC_SAMPLES": 50, "N_EVAL_CELLS": 40,
                          "CONFIGS": [("normal", "elbo", 1), ("normal", "iwae", 4), ("full_rank", "elbo", 1),
                                      ("flow", "elbo", 1)],
-                         "N_DE_SEEDS": 2, "DE_SAMPLES": 300, "DE_MC_SAMPLES": 20},
+                         "N_DE_SEEDS": 2, "DE_SAMPLES": 300, "DE_MC_SAMPLES": 20, "REFINE_STEPS": 5,
+                         "DE_MAX_CELLS": 100},
 }
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
