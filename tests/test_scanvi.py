@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+import pytest
 import torch
 from pyro import poutine
 
-from pyro_scvi import SCANVI
+from pyro_scvi import SCANVI, SCVI
 from pyro_scvi.data.synthetic import synthetic_iid
-from pyro_scvi.infer.scanvi import scanvi_cell_terms
+from pyro_scvi.infer.scanvi import SemiSupervisedBatch, SemiSupervisedELBO, scanvi_cell_terms
 from pyro_scvi.models.scanvi import Z2, Y
 from pyro_scvi.models.sites import X, Z
 
@@ -93,3 +95,68 @@ def test_predicts_generated_cell_types_from_ten_percent_of_labels():
     assert list(soft.columns) == ["label_2", "label_0", "label_1"]
     assert list(soft.index) == list(adata.obs_names)
     np.testing.assert_allclose(soft.to_numpy().sum(1), 1.0, rtol=1e-5)
+
+
+def test_from_scvi_model_starts_from_the_scvi_weights():
+    adata, _ = _partly_labelled()
+    SCVI.setup_anndata(adata)
+    scvi = SCVI(adata, **SMALL)
+    scvi.train(max_epochs=2, batch_size=64)
+    with pytest.warns(UserWarning, match="Ignoring param 'n_latent'"):
+        model = SCANVI.from_scvi_model(scvi, "Unknown", labels_key="partial", n_latent=7)
+    assert model.was_pretrained and model.module.n_latent == 4
+    scanvi_state = model.module.state_dict()
+    for name, value in scvi.module.state_dict().items():
+        assert torch.equal(scanvi_state[name], value), name  # bitwise equal
+        assert scanvi_state[name].data_ptr() != value.data_ptr()  # copied, not shared
+    assert list(model._label_mapping) == ["label_2", "label_0", "label_1", "Unknown"]
+    model.train(max_epochs=1, batch_size=64)
+    assert not torch.equal(model.module.z_encoder.loc_head.weight, scvi.module.z_encoder.loc_head.weight)
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    adata, _ = _partly_labelled()
+    model = _model(adata, linear_classifier=True)
+    model.train(max_epochs=2, batch_size=64)
+    model.save(tmp_path / "scanvi", save_anndata=True)
+    loaded = SCANVI.load(tmp_path / "scanvi")
+    assert loaded.module.linear_classifier and loaded.n_labels == 3
+    pd.testing.assert_frame_equal(model.predict(soft=True), loaded.predict(soft=True), check_exact=True)
+    np.testing.assert_array_equal(model.get_latent_representation(), loaded.get_latent_representation())
+    assert list(loaded.history["train_classification_loss"].iloc[:, 0]) == list(
+        model.history["train_classification_loss"].iloc[:, 0])
+
+
+def test_bad_inputs_raise_clear_errors():
+    adata, _ = _partly_labelled()
+    with pytest.raises(ValueError, match="not a column of adata.obs"):
+        SCANVI.setup_anndata(adata, labels_key="cell_type", unlabeled_category="Unknown")
+    adata.obs["all_unknown"] = "Unknown"
+    SCANVI.setup_anndata(adata, labels_key="all_unknown", unlabeled_category="Unknown")
+    with pytest.raises(ValueError, match="at least one labelled cell type"):
+        SCANVI(adata, **SMALL)
+    model = _model(adata)
+    with pytest.raises(ValueError, match="n_samples_per_label"):
+        model.train(max_epochs=1, n_samples_per_label=0)
+    with pytest.raises(ValueError, match="y_prior"):
+        _model(adata, y_prior=[0.5, 0.5])
+    SCVI.setup_anndata(adata)
+    with pytest.raises(ValueError, match="labels_key"), pytest.warns(UserWarning, match="trained yet"):
+        SCANVI.from_scvi_model(SCVI(adata, **SMALL), "Unknown")
+
+
+def test_elbo_adds_the_weighted_classification_term():
+    adata, _ = _partly_labelled()
+    model = _model(adata)
+    module = model.module.eval()
+    batch = next(model.minibatches(indices=np.arange(20)))
+    labelled = next(model.minibatches(indices=model._labeled_indices))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        without = SemiSupervisedELBO(module, 50.0).loss(module.model, module.guide, batch)
+        torch.manual_seed(0)
+        elbo = SemiSupervisedELBO(module, 50.0)
+        with_labels = elbo.loss(module.model, module.guide, SemiSupervisedBatch.of(batch, labelled))
+        cross_entropy = module.classification_loss(labelled)
+    torch.testing.assert_close(with_labels - without, 50.0 * cross_entropy)
+    assert set(elbo.last_metrics) == {"classification_loss", "accuracy"}
