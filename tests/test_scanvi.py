@@ -20,7 +20,7 @@ SMALL = dict(n_hidden=16, n_latent=4)
 def _partly_labelled(fraction: float = 0.1, seed: int = 0, n_cells: int = 150, n_genes: int = 60):
     """Three well separated cell types; ``fraction`` of the cells keep their label, the rest "Unknown"."""
     adata = synthetic_iid(batch_size=n_cells, n_genes=n_genes, n_batches=1, n_labels=3, n_markers=10,
-                          log_fold_change=2.5, seed=seed)
+                          log_fold_change=3.0, seed=seed)
     truth = np.asarray(adata.obs["labels"].astype(str))
     rng = np.random.default_rng(seed)
     keep = np.zeros(adata.n_obs, dtype=bool)
@@ -95,6 +95,8 @@ def test_predicts_generated_cell_types_from_ten_percent_of_labels():
     assert list(soft.columns) == ["label_2", "label_0", "label_1"]
     assert list(soft.index) == list(adata.obs_names)
     np.testing.assert_allclose(soft.to_numpy().sum(1), 1.0, rtol=1e-5)
+    elbo = model.get_elbo(return_mean=False)  # every cell's ELBO with the label summed out
+    assert elbo.shape == (adata.n_obs,) and bool(torch.isfinite(elbo).all()) and float(elbo.mean()) < 0
 
 
 def test_from_scvi_model_starts_from_the_scvi_weights():

@@ -20,7 +20,7 @@ import torch
 
 from ..data.manager import AnnDataManager
 from ..data.registry import setup_registry
-from ..infer.scanvi import SemiSupervisedBatch, SemiSupervisedELBO
+from ..infer.scanvi import SemiSupervisedBatch, SemiSupervisedELBO, scanvi_cell_terms
 from ..models.scanvi_module import SCANVIModule
 from ..settings import settings
 from .base import BaseModel
@@ -261,6 +261,20 @@ class SCANVI(TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, BaseMode
                 group = np.random.choice(group, n_per_label, replace=False)
             chosen.append(group)
         return np.sort(np.concatenate(chosen))
+
+    def _elbo_terms_per_cell(self, adata, indices, batch_size, dataloader, method: str):
+        """scANVI's per-cell terms with the label summed out (every cell treated as unlabelled, no
+        classification term): reconstruction includes the z1 terms, KL those of z2 and y, as in
+        scvi-tools' ``get_elbo``/``get_reconstruction_error``."""
+        self.check_not_minified(method, adata)
+        self.module.eval()
+        reconstruction, kl = [], []
+        with self.pyro_scope(), torch.no_grad():
+            for batch in self.minibatches(adata, indices, batch_size, dataloader):
+                rec, kls = scanvi_cell_terms(self.module.model, self.module.guide, batch)
+                reconstruction.append(sum(rec.values()))
+                kl.append(sum(kls.values()))
+        return torch.cat(reconstruction), torch.cat(kl)
 
     @torch.no_grad()
     def predict(self, adata: anndata.AnnData | None = None, indices=None, soft: bool = False,
