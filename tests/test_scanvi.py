@@ -89,7 +89,8 @@ def test_predicts_generated_cell_types_from_ten_percent_of_labels():
     assert (predicted == truth).mean() >= 0.95
     history = model.history
     for key in ("train_loss", "elbo_train", "train_classification_loss", "train_accuracy",
-                "validation_loss", "validation_accuracy"):
+                "train_f1_score", "validation_loss", "validation_accuracy", "validation_f1_score",
+                "validation_classification_loss"):
         assert key in history, key
     soft = model.predict(soft=True)
     assert list(soft.columns) == ["label_2", "label_0", "label_1"]
@@ -161,4 +162,37 @@ def test_elbo_adds_the_weighted_classification_term():
         with_labels = elbo.loss(module.model, module.guide, SemiSupervisedBatch.of(batch, labelled))
         cross_entropy = module.classification_loss(labelled)
     torch.testing.assert_close(with_labels - without, 50.0 * cross_entropy)
-    assert set(elbo.last_metrics) == {"classification_loss", "accuracy"}
+    assert set(elbo.last_metrics) == {"classification_loss", "accuracy", "f1_score"}
+
+
+def test_split_keeps_labelled_fraction_and_subsamples_labels():
+    adata, _ = _partly_labelled(0.2)
+    model = _model(adata)
+    model._n_samples_per_label = 3
+    data = model._registered_training_data(0.8, None, 32, True, False, None, False, "cpu", None)
+    train, validation, _ = data.indices
+    labelled = set(model._labeled_indices.tolist())
+    assert abs(np.mean([i in labelled for i in train]) - len(labelled) / adata.n_obs) < 0.02
+    assert len(set(train) & set(validation)) == 0 and len(train) + len(validation) == adata.n_obs
+    batches = list(data.train())
+    assert len(batches) == -(-len(train) // 32)
+    for batch in batches:
+        assert batch.labelled.n_cells == 9  # 3 per label, all labelled
+        assert int(batch.labelled.labels.max()) < model.n_labels
+
+
+@pytest.mark.parametrize("options", [
+    dict(gene_likelihood="nb", use_observed_lib_size=False),
+    dict(dispersion="gene-batch", y_prior=[0.2, 0.3, 0.5], n_layers=2),
+])
+def test_options_train_and_predict_on_new_data(options):
+    adata, _ = _partly_labelled()
+    adata.obs["batch"] = np.where(np.arange(adata.n_obs) % 2, "a", "b")
+    SCANVI.setup_anndata(adata, labels_key="partial", unlabeled_category="Unknown", batch_key="batch")
+    model = SCANVI(adata, **SMALL, **options)
+    model.train(max_epochs=1, batch_size=64)
+    query = adata[:20].copy()
+    query.obs["partial"] = "Unknown"
+    predicted = model.predict(query)
+    assert predicted.shape == (20,) and set(predicted) <= {"label_0", "label_1", "label_2"}
+    assert np.isfinite(float(model.get_elbo(query)))

@@ -18,9 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data.loader import check_training_minibatches, split_indices
 from ..data.manager import AnnDataManager
 from ..data.registry import setup_registry
 from ..infer.scanvi import SemiSupervisedBatch, SemiSupervisedELBO, scanvi_cell_terms
+from ..infer.training import max_epochs_heuristic
 from ..models.scanvi_module import SCANVIModule
 from ..settings import settings
 from .base import BaseModel
@@ -198,7 +200,6 @@ class SCANVI(TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, BaseMode
         self._classification_ratio = float(plan_kwargs.pop("classification_ratio", 50.0))
         self._n_samples_per_label = n_samples_per_label
         if max_epochs is None and self.was_pretrained:
-            from ..infer.training import max_epochs_heuristic
             max_epochs = int(min(10, max(2, round(max_epochs_heuristic(self.registry_.n_cells) / 3))))
         if check_val_every_n_epoch is not None:
             trainer_kwargs["check_val_every_n_epoch"] = check_val_every_n_epoch
@@ -214,8 +215,6 @@ class SCANVI(TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, BaseMode
                                   drop_last: bool, external, sparse: bool, device, parallel) -> TrainingData:
         """Labelled and unlabelled cells split apart (same fractions, same seed, labelled first), and
         each minibatch paired with a minibatch of labelled training cells."""
-        from ..data.loader import check_training_minibatches, split_indices
-
         if parallel is not None:
             raise ValueError("SCANVI does not train data-parallel yet; use one device.")
         _, data = self.registered_data()

@@ -108,7 +108,9 @@ class SemiSupervisedELBO(ELBO):
         if labelled is not None and labelled.n_cells:
             cross_entropy, accuracy = self.module.classification_loss(labelled, with_accuracy=True)
             loss = loss + self.classification_ratio * cross_entropy
-            self.last_metrics = {"classification_loss": cross_entropy.detach(), "accuracy": accuracy}
+            # micro F1 equals accuracy for single-label classes (scvi-tools logs both)
+            self.last_metrics = {"classification_loss": cross_entropy.detach(), "accuracy": accuracy,
+                                 "f1_score": accuracy}
         return loss
 
     def loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
