@@ -78,7 +78,8 @@ def test_enumerated_loss_equals_explicit_sum_over_labels():
                          + torch.distributions.kl_divergence(g.nodes[Z2]["fn"], m.nodes[Z2]["fn"])
                          + g.nodes[Y]["fn"].log_prob(y) - m.nodes[Y]["fn"].log_prob(y))
             explicit += probs[:, k] * per_label
-    torch.testing.assert_close(enumerated, explicit, rtol=1e-5, atol=1e-4)
+    assert float(probs.min()) > 1e-3  # every label carries weight: the sum is not trivial
+    torch.testing.assert_close(enumerated, explicit, rtol=1e-5, atol=1e-5)  # float32: ~1e-7 relative
 
 
 def test_predicts_generated_cell_types_from_ten_percent_of_labels():
