@@ -147,6 +147,10 @@ def test_bad_inputs_raise_clear_errors():
     SCVI.setup_anndata(adata)
     with pytest.raises(ValueError, match="labels_key"), pytest.warns(UserWarning, match="trained yet"):
         SCANVI.from_scvi_model(SCVI(adata, **SMALL), "Unknown")
+    with pytest.raises(ValueError, match="z_prior='mog'"), pytest.warns(UserWarning, match="trained yet"):
+        SCANVI.from_scvi_model(SCVI(adata, z_prior="mog", **SMALL), "Unknown", labels_key="partial")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        SCANVI(adata, guide="flow")
 
 
 def test_elbo_adds_the_weighted_classification_term():

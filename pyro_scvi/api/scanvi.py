@@ -29,12 +29,20 @@ from .base import BaseModel
 from .evaluation import EvaluationMixin
 from .queries import QueriesMixin
 from .saving import SavingMixin
+from .scvi import _MODULE_KWARGS as _SCVI_MODULE_KWARGS
 from .scvi import SCVI
 from .training import TrainingData, TrainingMixin, epochs_of
 
 __all__ = ["SCANVI"]
 
 _LABELS_COLUMN = "_scvi_labels"
+#: extra constructor arguments: scANVI's label prior and scVI's module options (one z1 guide family)
+_MODULE_KWARGS = ("y_prior", "latent_distribution") + tuple(
+    name for name in _SCVI_MODULE_KWARGS
+    if name not in ("z_prior", "n_prior_components", "dispersion_prior", "guide", "n_flows"))
+#: scVI options scANVI replaces, with the scVI values from_scvi_model can start from
+_SCVI_ONLY = {"z_prior": "normal", "n_prior_components": 10, "dispersion_prior": None, "guide": "normal",
+              "n_flows": 2}
 
 
 def label_mapping(values: pd.Series, unlabeled_category) -> np.ndarray:
@@ -66,8 +74,9 @@ class SCANVI(TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, BaseMode
     linear_classifier
         q(y | z1) as one linear layer instead of one hidden block.
     **kwargs
-        ``y_prior`` (label proportions, default uniform) and SCVI's extra module arguments
-        (``log_variational``, ``encode_covariates``, ``use_batch_norm``, ...).
+        ``y_prior`` (label proportions, default uniform), ``latent_distribution`` and SCVI's extra
+        module arguments (``log_variational``, ``encode_covariates``, ``use_batch_norm``, ``z_prior``
+        is not used: p(z1) is scANVI's hierarchy); no ``dispersion_prior`` or other guide family.
     """
 
     _module_cls = SCANVIModule
@@ -81,6 +90,10 @@ class SCANVI(TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, BaseMode
                  linear_classifier: bool = False, model_fn=None, guide_fn=None, **kwargs) -> None:
         if model_fn is not None or guide_fn is not None:
             raise ValueError("SCANVI has its own model and guide; model_fn/guide_fn are not supported.")
+        unknown = sorted(set(kwargs) - set(_MODULE_KWARGS))
+        if unknown:
+            raise TypeError(f"SCANVI got unexpected keyword argument(s) {unknown}; accepted extra arguments: "
+                            f"{list(_MODULE_KWARGS)}.")
         self._init_state(adata, registry)
         self._set_labels()
         params = dict(n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
@@ -162,7 +175,11 @@ class SCANVI(TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, BaseMode
             warnings.warn(f"Ignoring param '{name}' as it was already passed in to pretrained SCVI model "
                           f"with value {init[name]}.", UserWarning, stacklevel=2)
             kwargs.pop(name)
-        init.pop("latent_distribution", None)  # SCANVI's z1 is Gaussian; "ln" is not supported here
+        for name, usable in _SCVI_ONLY.items():
+            value = init.pop(name, usable)
+            if value != usable and name != "n_prior_components":
+                raise ValueError(f"The scVI model was built with {name}={value!r}, "
+                                 f"which scANVI lacks; use an scVI model with {name}={usable!r}.")
         setup_args = dict(scvi_model.registry_.setup_args)
         if setup_args.get("labels_key") is None:
             if labels_key is None:
