@@ -120,11 +120,12 @@ def test_from_scvi_model_starts_from_the_scvi_weights():
 
 def test_save_load_round_trip_is_exact(tmp_path):
     adata, _ = _partly_labelled()
-    model = _model(adata, linear_classifier=True)
+    model = _model(adata, linear_classifier=True, y_prior=[0.2, 0.3, 0.5])
     model.train(max_epochs=2, batch_size=64)
     model.save(tmp_path / "scanvi", save_anndata=True)
     loaded = SCANVI.load(tmp_path / "scanvi")
     assert loaded.module.linear_classifier and loaded.n_labels == 3
+    assert torch.equal(loaded.module.y_prior, model.module.y_prior)
     pd.testing.assert_frame_equal(model.predict(soft=True), loaded.predict(soft=True), check_exact=True)
     np.testing.assert_array_equal(model.get_latent_representation(), loaded.get_latent_representation())
     assert list(loaded.history["train_classification_loss"].iloc[:, 0]) == list(
