@@ -278,6 +278,11 @@ class SCANVI(TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, BaseMode
             chosen.append(group)
         return np.sort(np.concatenate(chosen))
 
+    def _check_scvi_tools_exportable(self) -> None:
+        raise ValueError("SCANVI cannot be written in scvi-tools' format yet (its classifier and z2 "
+                         "networks have no name mapping); save it in pyro-scvi's format "
+                         "(scvi_tools_format=False).")
+
     def _elbo_terms_per_cell(self, adata, indices, batch_size, dataloader, method: str):
         """scANVI's per-cell terms with the label summed out (every cell treated as unlabelled, no
         classification term): reconstruction includes the z1 terms, KL those of z2 and y, as in
