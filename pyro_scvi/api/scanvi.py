@@ -30,7 +30,7 @@ from .evaluation import EvaluationMixin
 from .queries import QueriesMixin
 from .saving import SavingMixin
 from .scvi import _MODULE_KWARGS as _SCVI_MODULE_KWARGS
-from .scvi import SCVI
+from .scvi import module_data_arguments
 from .training import TrainingData, TrainingMixin, epochs_of
 
 __all__ = ["SCANVI"]
@@ -83,11 +83,22 @@ class SCANVI(TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, BaseMode
     _summary_params = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion",
                        "gene_likelihood")
 
-    def __init__(self, adata: anndata.AnnData | None = None, registry: dict | None = None,
-                 n_hidden: int = 128,
-                 n_latent: int = 10, n_layers: int = 1, dropout_rate: float = 0.1, dispersion: str = "gene",
-                 gene_likelihood: str = "zinb", use_observed_lib_size: bool = True,
-                 linear_classifier: bool = False, model_fn=None, guide_fn=None, **kwargs) -> None:
+    def __init__(
+        self,
+        adata: anndata.AnnData | None = None,
+        registry: dict | None = None,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: str = "gene",
+        gene_likelihood: str = "zinb",
+        use_observed_lib_size: bool = True,
+        linear_classifier: bool = False,
+        model_fn=None,
+        guide_fn=None,
+        **kwargs,
+    ) -> None:
         if model_fn is not None or guide_fn is not None:
             raise ValueError("SCANVI has its own model and guide; model_fn/guide_fn are not supported.")
         unknown = sorted(set(kwargs) - set(_MODULE_KWARGS))
@@ -100,7 +111,7 @@ class SCANVI(TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, BaseMode
                       dispersion=dispersion, gene_likelihood=gene_likelihood,
                       use_observed_lib_size=use_observed_lib_size, linear_classifier=linear_classifier)
         self.init_params_ = {"non_kwargs": params, "kwargs": {"kwargs": dict(kwargs)}}
-        arguments = SCVI._data_arguments(self, use_observed_lib_size)
+        arguments = module_data_arguments(self.registry_, self.adata, use_observed_lib_size)
         arguments["n_labels"] = self.n_labels
         self.module = SCANVIModule(**arguments, **params, **kwargs)
         self.module.n_train_cells = self.registry_.n_cells
