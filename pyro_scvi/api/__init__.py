@@ -1,5 +1,6 @@
 """The user-facing model classes and the reusable parts they are composed of."""
 
+from .scanvi import SCANVI
 from .scvi import SCVI
 
-__all__ = ["SCVI"]
+__all__ = ["SCVI", "SCANVI"]

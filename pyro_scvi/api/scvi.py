@@ -136,21 +136,7 @@ class SCVI(
 
     def _data_arguments(self, use_observed_lib_size: bool) -> dict:
         """What the module needs from the registry: sizes, covariates and the per-batch library prior."""
-        registry = self.registry_
-        library_log_means = library_log_vars = None
-        if not use_observed_lib_size and not registry.has_size_factor:
-            if self.adata is not None:
-                library_log_means, library_log_vars = library_size_prior(self.adata, registry)
-            else:  # rebuilt from a file: the saved buffers replace these placeholders
-                shape = (1, registry.n_batch)
-                library_log_means, library_log_vars = np.zeros(shape), np.ones(shape)
-        return dict(
-            n_input=registry.n_vars, n_batch=registry.n_batch, n_labels=registry.n_labels,
-            n_continuous_cov=registry.summary_stats.get("n_extra_continuous_covs", 0),
-            n_cats_per_cov=registry.n_cats_per_covariate or None,
-            use_size_factor_key=registry.has_size_factor,
-            library_log_means=library_log_means, library_log_vars=library_log_vars,
-        )
+        return module_data_arguments(self.registry_, self.adata, use_observed_lib_size)
 
     @classmethod
     def setup_anndata(
@@ -199,6 +185,26 @@ class SCVI(
         batch = data.minibatch(cells, device=self.device)
         for prior in priors:
             prior.init_from_data(batch)
+
+
+def module_data_arguments(registry, adata, use_observed_lib_size: bool) -> dict:
+    """The arguments of :class:`~pyro_scvi.models.module.SCVIModule` that come from the data: sizes,
+    covariates and, for a latent library, the per-batch prior (placeholders without ``adata``: a
+    loaded model's saved buffers replace them)."""
+    library_log_means = library_log_vars = None
+    if not use_observed_lib_size and not registry.has_size_factor:
+        if adata is not None:
+            library_log_means, library_log_vars = library_size_prior(adata, registry)
+        else:
+            shape = (1, registry.n_batch)
+            library_log_means, library_log_vars = np.zeros(shape), np.ones(shape)
+    return dict(
+        n_input=registry.n_vars, n_batch=registry.n_batch, n_labels=registry.n_labels,
+        n_continuous_cov=registry.summary_stats.get("n_extra_continuous_covs", 0),
+        n_cats_per_cov=registry.n_cats_per_covariate or None,
+        use_size_factor_key=registry.has_size_factor,
+        library_log_means=library_log_means, library_log_vars=library_log_vars,
+    )
 
 
 #: how init_params_ records a prior object, which the file cannot hold

@@ -272,6 +272,7 @@ class TrainingMixin:
                     check_val_every_n_epoch=check_val,
                     early_stopping=stopper,
                     progress_bar=progress,
+                    elbo=self._training_objective(plan),
                     **hooks,
                 )
             if parallel is not None:
@@ -286,6 +287,11 @@ class TrainingMixin:
         self.is_trained_ = True
         if stop_reason and (parallel is None or parallel.is_main):
             print(stop_reason)
+
+    def _training_objective(self, plan: TrainingPlan):
+        """The loss ``run_training`` optimises: ``None`` for the default per-cell ELBO of ``plan``; a
+        model class with its own objective (scANVI) returns it here."""
+        return None
 
     def _check_custom_functions(self, batch: Minibatch | None) -> None:
         """Trace a custom model/guide once on ``batch`` and raise ``ValueError`` naming a missing site."""

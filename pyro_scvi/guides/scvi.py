@@ -23,7 +23,7 @@ from torch.distributions import register_kl
 
 from ..models import sites
 
-__all__ = ["scvi_guide", "z_posterior", "GUIDES"]
+__all__ = ["scvi_guide", "sample_z_and_library", "z_posterior", "GUIDES"]
 
 
 def normal_posterior(module, hidden, loc, scale) -> dist.Distribution:
@@ -76,16 +76,23 @@ def scvi_guide(module, batch, transform_batch: int | None = None):
             pyro.sample(sites.INVERSE_DISPERSION, module.dispersion_posterior())  # (G,) or (G, B|L)
 
     with module.cells_plate(batch):
-        if batch.latent_loc is not None:  # minified data: the stored posterior
-            if module.guide_family != "normal":
-                raise ValueError(f"Minified data stores a diagonal Gaussian posterior, which the "
-                                 f"guide={module.guide_family!r} model cannot read; use the full counts.")
-            qz = normal_posterior(module, None, batch.latent_loc, batch.latent_scale)  # (n, d) each
-        else:
-            encoder_input, covariates = module.encoder_input(batch)  # (n, G [+ C]), [(n, 1), ...]
-            qz = z_posterior(module, encoder_input, covariates)  # batch (n,), event (d,)
-        pyro.sample(sites.Z, qz)  # (n, d)
+        sample_z_and_library(module, batch)  # (n, d)
 
-        if module.latent_library:
-            library_loc, library_scale = module.library_encoder(encoder_input, *covariates)  # (n, 1) each
-            pyro.sample(sites.LIBRARY, dist.Normal(library_loc, library_scale).to_event(1))  # (n, 1)
+
+def sample_z_and_library(module, batch):
+    """Sample q(z | x) and, when the log-library is latent, q(l | x) inside the ``"cells"`` plate: the
+    part of the guide scVI shares with the guides built on it (scANVI). Returns z (n, d)."""
+    if batch.latent_loc is not None:  # minified data: the stored posterior
+        if module.guide_family != "normal":
+            raise ValueError(f"Minified data stores a diagonal Gaussian posterior, which the "
+                             f"guide={module.guide_family!r} model cannot read; use the full counts.")
+        qz = normal_posterior(module, None, batch.latent_loc, batch.latent_scale)  # (n, d) each
+    else:
+        encoder_input, covariates = module.encoder_input(batch)  # (n, G [+ C]), [(n, 1), ...]
+        qz = z_posterior(module, encoder_input, covariates)  # batch (n,), event (d,)
+    z = pyro.sample(sites.Z, qz)  # (n, d)
+
+    if module.latent_library:
+        library_loc, library_scale = module.library_encoder(encoder_input, *covariates)  # (n, 1) each
+        pyro.sample(sites.LIBRARY, dist.Normal(library_loc, library_scale).to_event(1))  # (n, 1)
+    return z

@@ -155,6 +155,8 @@ class _EpochMetrics:
         self.kl_local = 0.0
         self.kl_global = 0.0
         self.bound = None
+        #: name → [sum of value × n_cells, n_cells] of the objective's extra metrics (e.g. a classifier's)
+        self.extra: dict[str, list] = {}
 
     def add(self, loss: torch.Tensor, reconstruction: dict, kl: dict, n_cells: int, kl_global=0.0,
             bound: torch.Tensor | None = None) -> None:
@@ -167,6 +169,12 @@ class _EpochMetrics:
         self.reconstruction = self.reconstruction + sum((t.sum() for t in reconstruction.values()), 0.0)
         self.kl_local = self.kl_local + sum((t.sum() for t in kl.values()), 0.0)
         self.kl_global = self.kl_global + kl_global * n_cells
+
+    def add_extra(self, metrics: dict, n_cells: int) -> None:
+        """Metrics of one step (``{name: scalar}``), averaged over the epoch weighted by ``n_cells``."""
+        for name, value in metrics.items():
+            total = self.extra.setdefault(name, [0.0, 0])
+            total[0], total[1] = total[0] + value * n_cells, total[1] + n_cells
 
     def compute(self, split: str, loss_name: str,
                 reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
@@ -185,6 +193,8 @@ class _EpochMetrics:
         }
         if self.bound is not None:  # the negative IWAE bound per cell, signed like elbo_*
             metrics[f"iwae_{split}"] = -bound
+        for name, (total, n_cells) in self.extra.items():  # scvi-tools' names: train_accuracy, ...
+            metrics[f"{split}_{name}"] = float(total) / max(n_cells, 1)
         return metrics
 
 
@@ -218,14 +228,21 @@ class FrozenEntries:
 
 
 def _validate(module, model, guide, batches: Iterable[Minibatch], kl_weight: float, reduce_sums=None,
-              plan: TrainingPlan | None = None) -> dict[str, float]:
-    """Validation metrics with the plan's objective and number of particles (one ELBO draw by default)."""
+              plan: TrainingPlan | None = None, elbo=None) -> dict[str, float]:
+    """Validation metrics with the plan's objective and number of particles (one ELBO draw by default),
+    or with ``elbo``, a model's own objective (see ``run_training``)."""
     module.eval()
     metrics = _EpochMetrics()
     iwae = plan is not None and plan.objective == "iwae"
     particles = 1 if plan is None else plan.num_particles
     with torch.no_grad():
         for batch in batches:
+            if elbo is not None:
+                elbo.kl_weights[Z] = kl_weight
+                loss = elbo.loss(model, guide, batch)
+                metrics.add(loss, elbo.last_reconstruction, elbo.last_kl, batch.n_cells)
+                metrics.add_extra(getattr(elbo, "last_metrics", {}), batch.n_cells)
+                continue
             if iwae:
                 terms = iwae_parts(model, guide, batch, num_particles=particles, kl_weights={Z: kl_weight})
                 parts, loss, bound = terms.elbo, terms.loss, terms.bound
@@ -249,6 +266,7 @@ def run_training(
     gradient_hook: Callable[[], None] | None = None,
     reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None,
     epoch_end_hook: Callable[[], None] | None = None,
+    elbo=None,
 ) -> tuple[dict[str, list], str | None]:
     """Train ``module`` (its ``model``/``guide``) with SVI inside the caller's param-store scope.
 
@@ -265,8 +283,13 @@ def run_training(
     each backward pass, before the optimiser step (gradient averaging); ``reduce_sums(t)`` maps the
     float64 vector of per-epoch sums (loss, ELBO terms, IWAE bound, n_cells) to its sum over the
     processes; ``epoch_end_hook()`` runs after each training epoch, before validation.
+
+    ``elbo``: the model's own objective instead of :class:`CellMeanELBO` (e.g. scANVI's
+    :class:`~pyro_scvi.infer.scanvi.SemiSupervisedELBO`), with its interface (``kl_weights``,
+    ``last_reconstruction``, ``last_kl``, ``last_kl_global``, ``last_bound``) and optionally
+    ``last_metrics`` (``{name: scalar}``, logged as ``train_<name>``/``validation_<name>``).
     """
-    run = _SVIRun(module, plan, gradient_hook)
+    run = _SVIRun(module, plan, gradient_hook, elbo)
     records: dict[str, list] = {}
     stop_reason = None
     snapshot = None
@@ -307,9 +330,12 @@ def run_training(
 class _SVIRun:
     """The SVI state of one ``run_training`` call: objective, optimiser, step count and KL weight."""
 
-    def __init__(self, module, plan: TrainingPlan, gradient_hook: Callable[[], None] | None) -> None:
+    def __init__(self, module, plan: TrainingPlan, gradient_hook: Callable[[], None] | None,
+                 elbo=None) -> None:
         self.module, self.plan, self.gradient_hook = module, plan, gradient_hook
-        self.elbo = CellMeanELBO(num_particles=plan.num_particles, objective=plan.objective)
+        self.custom_elbo = elbo is not None
+        self.elbo = elbo if elbo is not None else CellMeanELBO(num_particles=plan.num_particles,
+                                                                objective=plan.objective)
         self.optim = plan.make_optimizer()
         self.svi = SVI(module.model, module.guide, self.optim, loss=self.elbo)
         self.frozen = FrozenEntries(module, getattr(module, "frozen_parameters", {}))
@@ -332,6 +358,7 @@ class _SVIRun:
                     self.frozen.restore()
                 metrics.add(loss, elbo.last_reconstruction, elbo.last_kl, batch.n_cells, elbo.last_kl_global,
                             elbo.last_bound)
+                metrics.add_extra(getattr(elbo, "last_metrics", {}), batch.n_cells)
                 self.step += 1
         except Exception as error:  # NaN weights or inputs trip the distributions' argument checks mid-epoch
             if _NON_FINITE_MARK in str(error) or not _all_finite(self.module):
@@ -344,7 +371,7 @@ class _SVIRun:
     def validate(self, batches: Iterable[Minibatch], reduce_sums=None) -> dict[str, float]:
         """Validation metrics; advances the learning-rate schedule when it monitors one of them."""
         values = _validate(self.module, self.svi.model, self.svi.guide, batches, self.kl_weight, reduce_sums,
-                           self.plan)
+                           self.plan, self.elbo if self.custom_elbo else None)
         if self.plan.reduce_lr_on_plateau and self.plan.lr_scheduler_metric in values:
             self.optim.step(values[self.plan.lr_scheduler_metric])
         return values

@@ -20,7 +20,7 @@ import pyro
 
 from . import sites
 
-__all__ = ["scvi_model"]
+__all__ = ["scvi_model", "observe_counts"]
 
 
 def scvi_model(module, batch, transform_batch: int | None = None):
@@ -37,9 +37,6 @@ def scvi_model(module, batch, transform_batch: int | None = None):
         cell instead of its own (counterfactual expression).
     """
     pyro.module(sites.PYRO_MODULE, module)
-    counterfactual = batch if transform_batch is None else batch.with_batch(transform_batch)
-    batch_index = counterfactual.batch_index  # (n, 1)
-
     theta = None
     if module.dispersion_prior is not None:  # global latent θ, its KL spread over the training cells
         with pyro.plate(sites.GENES, module.n_input, dim=-1):
@@ -47,21 +44,29 @@ def scvi_model(module, batch, transform_batch: int | None = None):
 
     with module.cells_plate(batch):  # n cells (a subsample of n_train_cells when θ is global)
         z = pyro.sample(sites.Z, module.z_prior(batch))  # (n, d)
+        return observe_counts(module, batch, z, transform_batch, theta)  # (n, G)
 
-        if module.use_size_factor:
-            log_library = batch.size_factor.log()  # (n, 1)
-        elif module.use_observed_lib_size:
-            log_library = batch.log_library  # (n, 1)
-        else:
-            log_library = pyro.sample(sites.LIBRARY, module.library_prior(counterfactual))  # (n, 1)
 
-        # (n, d [+ C + E]) and the categorical covariates [(n, 1), ...]
-        decoder_input, covariates = module.decoder_input(z, batch, batch_index)
-        hidden = module.decoder(decoder_input, *covariates)  # (n, H)
-        rho = module.decoder.scale_head(hidden)  # (n, G), sums to 1 over genes
-        mean = log_library.exp() * rho  # (n, G), expected counts before zero-inflation
-        pyro.deterministic(sites.NORMALIZED_EXPRESSION, rho, event_dim=1)
-        pyro.deterministic(sites.MEAN, mean, event_dim=1)
+def observe_counts(module, batch, z, transform_batch: int | None = None, theta=None):
+    """The library and the counts given the latent ``z`` (n, d): the part of the model scVI shares with
+    the models built on it (scANVI). Call it inside the ``"cells"`` plate; ``theta``: a draw of the
+    global θ site, if any."""
+    counterfactual = batch if transform_batch is None else batch.with_batch(transform_batch)
+    batch_index = counterfactual.batch_index  # (n, 1)
+    if module.use_size_factor:
+        log_library = batch.size_factor.log()  # (n, 1)
+    elif module.use_observed_lib_size:
+        log_library = batch.log_library  # (n, 1)
+    else:
+        log_library = pyro.sample(sites.LIBRARY, module.library_prior(counterfactual))  # (n, 1)
 
-        likelihood = module.likelihood(mean, hidden, batch_index, batch.labels, theta)  # batch shape (n, G)
-        return pyro.sample(sites.X, likelihood.to_event(1), obs=batch.x)  # (n, G)
+    # (n, d [+ C + E]) and the categorical covariates [(n, 1), ...]
+    decoder_input, covariates = module.decoder_input(z, batch, batch_index)
+    hidden = module.decoder(decoder_input, *covariates)  # (n, H)
+    rho = module.decoder.scale_head(hidden)  # (n, G), sums to 1 over genes
+    mean = log_library.exp() * rho  # (n, G), expected counts before zero-inflation
+    pyro.deterministic(sites.NORMALIZED_EXPRESSION, rho, event_dim=1)
+    pyro.deterministic(sites.MEAN, mean, event_dim=1)
+
+    likelihood = module.likelihood(mean, hidden, batch_index, batch.labels, theta)  # batch shape (n, G)
+    return pyro.sample(sites.X, likelihood.to_event(1), obs=batch.x)  # (n, G)

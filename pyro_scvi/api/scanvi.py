@@ -1,0 +1,330 @@
+"""``SCANVI``: semi-supervised cell annotation (Xu et al. 2021) with scvi-tools' ``SCANVI`` API.
+
+The same composition as :class:`~pyro_scvi.api.scvi.SCVI` over
+:class:`~pyro_scvi.api.base.BaseModel`; what is scANVI's own is here: the label coding of
+``setup_anndata`` (the unlabeled category always takes the last code), the module
+(:class:`~pyro_scvi.models.scanvi_module.SCANVIModule`), ``from_scvi_model``, the semi-supervised
+training data (a labelled minibatch beside every minibatch) with its objective, and ``predict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import warnings
+
+import anndata
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data.loader import check_training_minibatches, split_indices
+from ..data.manager import AnnDataManager
+from ..data.registry import setup_registry
+from ..infer.scanvi import SemiSupervisedBatch, SemiSupervisedELBO, scanvi_cell_terms
+from ..infer.training import max_epochs_heuristic
+from ..models.scanvi_module import SCANVIModule
+from ..settings import settings
+from .base import BaseModel
+from .evaluation import EvaluationMixin
+from .queries import QueriesMixin
+from .saving import SavingMixin
+from .scvi import _MODULE_KWARGS as _SCVI_MODULE_KWARGS
+from .scvi import module_data_arguments
+from .training import TrainingData, TrainingMixin, epochs_of
+
+__all__ = ["SCANVI"]
+
+_LABELS_COLUMN = "_scvi_labels"
+#: extra constructor arguments: scANVI's label prior and scVI's module options (one z1 guide family)
+_MODULE_KWARGS = ("y_prior", "latent_distribution") + tuple(
+    name for name in _SCVI_MODULE_KWARGS
+    if name not in ("z_prior", "n_prior_components", "dispersion_prior", "guide", "n_flows"))
+#: scVI options scANVI replaces, with the scVI values from_scvi_model can start from
+_SCVI_ONLY = {"z_prior": "normal", "n_prior_components": 10, "dispersion_prior": None, "guide": "normal",
+              "n_flows": 2}
+
+
+def label_mapping(values: pd.Series, unlabeled_category) -> np.ndarray:
+    """scvi-tools' label categories: the column's own order (categorical) or sorted values, then the
+    unlabeled category swapped into (or appended at) the last position."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        categories = list(values.cat.categories)
+    else:
+        categories = sorted(pd.unique(values))
+    if unlabeled_category in set(values):
+        i = categories.index(unlabeled_category)
+        categories[i], categories[-1] = categories[-1], categories[i]
+    elif unlabeled_category not in categories:
+        categories.append(unlabeled_category)
+    return np.asarray(categories, dtype=object)
+
+
+class SCANVI(TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, BaseModel):
+    """single-cell ANnotation using Variational Inference with scvi-tools' ``SCANVI`` interface.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    registry
+        A saved registry to build the model without data (used by :meth:`load`).
+    n_hidden, n_latent, n_layers, dropout_rate, dispersion, gene_likelihood, use_observed_lib_size
+        As in :class:`~pyro_scvi.SCVI`.
+    linear_classifier
+        q(y | z1) as one linear layer instead of one hidden block.
+    **kwargs
+        ``y_prior`` (label proportions, default uniform), ``latent_distribution`` and SCVI's extra
+        module arguments (``log_variational``, ``encode_covariates``, ``use_batch_norm``, ``z_prior``
+        is not used: p(z1) is scANVI's hierarchy); no ``dispersion_prior`` or other guide family.
+    """
+
+    _module_cls = SCANVIModule
+    _summary_params = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion",
+                       "gene_likelihood")
+
+    def __init__(
+        self,
+        adata: anndata.AnnData | None = None,
+        registry: dict | None = None,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: str = "gene",
+        gene_likelihood: str = "zinb",
+        use_observed_lib_size: bool = True,
+        linear_classifier: bool = False,
+        model_fn=None,
+        guide_fn=None,
+        **kwargs,
+    ) -> None:
+        if model_fn is not None or guide_fn is not None:
+            raise ValueError("SCANVI has its own model and guide; model_fn/guide_fn are not supported.")
+        unknown = sorted(set(kwargs) - set(_MODULE_KWARGS))
+        if unknown:
+            raise TypeError(f"SCANVI got unexpected keyword argument(s) {unknown}; accepted extra arguments: "
+                            f"{list(_MODULE_KWARGS)}.")
+        self._init_state(adata, registry)
+        self._set_labels()
+        params = dict(n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
+                      dispersion=dispersion, gene_likelihood=gene_likelihood,
+                      use_observed_lib_size=use_observed_lib_size, linear_classifier=linear_classifier)
+        self.init_params_ = {"non_kwargs": params, "kwargs": {"kwargs": dict(kwargs)}}
+        arguments = module_data_arguments(self.registry_, self.adata, use_observed_lib_size)
+        arguments["n_labels"] = self.n_labels
+        self.module = SCANVIModule(**arguments, **params, **kwargs)
+        self.module.n_train_cells = self.registry_.n_cells
+        self.was_pretrained = False
+
+    def _set_labels(self) -> None:
+        """``unlabeled_category_``, ``labels_`` (raw values), the mapping and ``n_labels`` (``L``)."""
+        field = self.registry_.field("labels")
+        self._label_mapping = np.asarray(field.categories, dtype=object)
+        self.unlabeled_category_ = field.state.get("unlabeled_category", self._label_mapping[-1])
+        self._code_to_label = dict(enumerate(self._label_mapping))
+        n_categories = len(self._label_mapping)
+        if self.adata is not None:
+            self.labels_ = np.asarray(self.adata.obs[field.original_key])
+            has_unlabeled = bool(np.any(self.labels_ == self.unlabeled_category_))
+            distinct = len(pd.unique(self.labels_))
+            all_used = distinct == n_categories - 1
+            self.n_labels = n_categories - 1 if has_unlabeled or all_used else n_categories
+        else:
+            self.labels_ = self._label_mapping[:-1]
+            self.n_labels = n_categories - 1
+        self._labeled_indices = np.flatnonzero(self.labels_ != self.unlabeled_category_)
+        self._unlabeled_indices = np.flatnonzero(self.labels_ == self.unlabeled_category_)
+
+    @classmethod
+    def setup_anndata(cls, adata: anndata.AnnData, labels_key: str, unlabeled_category,
+                      layer: str | None = None, batch_key: str | None = None,
+                      size_factor_key: str | None = None,
+                      categorical_covariate_keys: list[str] | None = None,
+                      continuous_covariate_keys: list[str] | None = None, **kwargs) -> None:
+        """Register ``adata`` as :meth:`SCVI.setup_anndata` does, with ``obs[labels_key]`` coded so that
+        ``unlabeled_category`` (cells without a label) is the last code."""
+        if kwargs:
+            raise TypeError(f"setup_anndata got unexpected keyword argument(s) {sorted(kwargs)}.")
+        if labels_key is None or labels_key not in adata.obs:
+            raise ValueError(f"labels_key={labels_key!r} is not a column of adata.obs; SCANVI needs the "
+                             "cell labels there, with unlabeled_category for cells without one.")
+        values = adata.obs[labels_key]
+        if values.isna().any():
+            raise ValueError(f"adata.obs[{labels_key!r}] has missing values; give those cells the "
+                             f"unlabeled category {unlabeled_category!r} instead.")
+        mapping = label_mapping(values, unlabeled_category)
+        registry = setup_registry(adata, layer=layer, batch_key=batch_key, labels_key=labels_key,
+                                  size_factor_key=size_factor_key,
+                                  categorical_covariate_keys=categorical_covariate_keys,
+                                  continuous_covariate_keys=continuous_covariate_keys,
+                                  model_name=cls.__name__)
+        adata.obs[_LABELS_COLUMN] = pd.Categorical(values, categories=mapping).codes.astype(np.int64)
+        labels = registry.fields["labels"]
+        state = dict(labels.state, categorical_mapping=mapping, unlabeled_category=unlabeled_category)
+        fields = dict(registry.fields)
+        fields["labels"] = dataclasses.replace(labels, state=state, summary_stats={"n_labels": len(mapping)})
+        setup_args = dict(registry.setup_args, unlabeled_category=unlabeled_category)
+        cls.register_manager(AnnDataManager(adata, dataclasses.replace(registry, fields=fields,
+                                                                       setup_args=setup_args)))
+
+    @classmethod
+    def from_scvi_model(cls, scvi_model, unlabeled_category, labels_key: str | None = None,
+                        adata: anndata.AnnData | None = None, **kwargs) -> "SCANVI":
+        """A scANVI model that starts from a trained scVI model: its encoders, decoder and dispersion
+        are copied; the classifier and the z2 networks start fresh. Arguments the scVI model already
+        fixed (``n_latent``, ...) are ignored with a warning."""
+        if not scvi_model.is_trained_:
+            warnings.warn("Passed in scvi model hasn't been trained yet.", UserWarning, stacklevel=2)
+        if scvi_model.minified_data_type == "latent_posterior_parameters":
+            raise ValueError("We cannot use the given scVI model to initialize scANVI because it has "
+                             "minified adata. Keep counts when minifying model using "
+                             "minified_data_type='latent_posterior_parameters_with_counts'.")
+        init = dict(scvi_model.init_params_["non_kwargs"])
+        init.update(scvi_model.init_params_.get("kwargs", {}).get("kwargs", {}))
+        for name in sorted(set(kwargs) & set(init)):
+            warnings.warn(f"Ignoring param '{name}' as it was already passed in to pretrained SCVI model "
+                          f"with value {init[name]}.", UserWarning, stacklevel=2)
+            kwargs.pop(name)
+        for name, usable in _SCVI_ONLY.items():
+            value = init.pop(name, usable)
+            if value != usable and name != "n_prior_components":
+                raise ValueError(f"The scVI model was built with {name}={value!r}, "
+                                 f"which scANVI lacks; use an scVI model with {name}={usable!r}.")
+        setup_args = dict(scvi_model.registry_.setup_args)
+        if setup_args.get("labels_key") is None:
+            if labels_key is None:
+                raise ValueError("A `labels_key` is necessary as the scVI model was initialized "
+                                 "without one.")
+            setup_args["labels_key"] = labels_key
+        adata = scvi_model.adata if adata is None else adata
+        if adata is None:
+            raise ValueError("The scVI model has no AnnData: pass adata= (with the labels column).")
+        keys = ("labels_key", "layer", "batch_key", "size_factor_key", "categorical_covariate_keys",
+                "continuous_covariate_keys")
+        cls.setup_anndata(adata, unlabeled_category=unlabeled_category,
+                          **{k: setup_args.get(k) for k in keys})
+        model = cls(adata, **init, **kwargs)
+        model.module.load_state_dict(scvi_model.module.state_dict(), strict=False)  # copies the values
+        model.was_pretrained = True
+        return model
+
+    def train(self, max_epochs: int | None = None, n_samples_per_label: int | None = None,
+              check_val_every_n_epoch: int | None = None, train_size: float | None = 0.9,
+              validation_size: float | None = None, shuffle_set_split: bool = True, batch_size: int = 128,
+              accelerator: str = "auto", devices="auto", datasplitter_kwargs: dict | None = None,
+              plan_kwargs: dict | None = None, **trainer_kwargs) -> None:
+        """Train on every cell's ELBO with the label summed out plus ``classification_ratio`` (in
+        ``plan_kwargs``, default 50) × the classifier's cross-entropy on a labelled minibatch drawn
+        beside each minibatch (at most ``n_samples_per_label`` cells per label and epoch). Other
+        arguments as :meth:`SCVI.train`; history adds ``train_classification_loss`` and
+        ``train_accuracy`` (``validation_*`` with validation)."""
+        if n_samples_per_label is not None and (isinstance(n_samples_per_label, bool)
+                                                or not isinstance(n_samples_per_label, (int, np.integer))
+                                                or n_samples_per_label < 1):
+            raise ValueError("n_samples_per_label must be a positive integer or None, got "
+                             f"{n_samples_per_label!r}.")
+        plan_kwargs = dict(plan_kwargs or {})
+        self._classification_ratio = float(plan_kwargs.pop("classification_ratio", 50.0))
+        self._n_samples_per_label = n_samples_per_label
+        if max_epochs is None and self.was_pretrained:
+            max_epochs = int(min(10, max(2, round(max_epochs_heuristic(self.registry_.n_cells) / 3))))
+        if check_val_every_n_epoch is not None:
+            trainer_kwargs["check_val_every_n_epoch"] = check_val_every_n_epoch
+        super().train(max_epochs=max_epochs, accelerator=accelerator, devices=devices, train_size=train_size,
+                      validation_size=validation_size, shuffle_set_split=shuffle_set_split,
+                      batch_size=batch_size, datasplitter_kwargs=datasplitter_kwargs, plan_kwargs=plan_kwargs,
+                      **trainer_kwargs)
+
+    def _training_objective(self, plan):
+        return SemiSupervisedELBO(self.module, getattr(self, "_classification_ratio", 50.0))
+
+    def _registered_training_data(self, train_size, validation_size, batch_size: int, shuffle_set_split: bool,
+                                  drop_last: bool, external, sparse: bool, device, parallel) -> TrainingData:
+        """Labelled and unlabelled cells split apart (same fractions, same seed, labelled first), and
+        each minibatch paired with a minibatch of labelled training cells."""
+        if parallel is not None:
+            raise ValueError("SCANVI does not train data-parallel yet; use one device.")
+        _, data = self.registered_data()
+        if external is not None:
+            split = [np.asarray(i, dtype=np.int64) for i in external]
+        else:
+            split = [[], [], []]
+            for group in (self._labeled_indices, self._unlabeled_indices):
+                parts = split_indices(len(group), train_size, validation_size, batch_size, shuffle_set_split,
+                                      settings.seed, drop_last) if len(group) else ([], [], [])
+                for i, part in enumerate(parts):
+                    split[i] = np.concatenate([split[i], group[np.asarray(part, dtype=np.int64)]])
+            split = [np.asarray(i, dtype=np.int64) for i in split]
+        train_idx, val_idx, _ = split
+        check_training_minibatches(self.module, len(train_idx), batch_size, drop_last)
+        labelled = set(self._labeled_indices.tolist())
+
+        def paired(indices, shuffle: bool, subsample: int | None):
+            full = epochs_of(data, indices, batch_size, shuffle, shuffle and drop_last, device, sparse)
+            lab = np.asarray([i for i in indices if i in labelled], dtype=np.int64)
+
+            def epoch():
+                chosen = self._labelled_subsample(lab, subsample)
+                stream = list(epochs_of(data, chosen, batch_size, shuffle, False, device, sparse)())
+                cycle = itertools.cycle(stream) if stream else itertools.repeat(None)
+                for batch, labelled_batch in zip(full(), cycle):
+                    yield SemiSupervisedBatch.of(batch, labelled_batch)
+            return epoch
+
+        train = paired(train_idx, True, self._n_samples_per_label)
+        validation = paired(val_idx, False, None) if len(val_idx) else None
+        return TrainingData(train, validation, tuple(split), data.n_obs)
+
+    def _labelled_subsample(self, indices: np.ndarray, n_per_label: int | None) -> np.ndarray:
+        """At most ``n_per_label`` cells of each label among ``indices`` (all with ``None``)."""
+        if n_per_label is None or len(indices) == 0:
+            return indices
+        values = self.labels_[indices]
+        chosen = []
+        for label in np.unique(values):
+            group = indices[values == label]
+            if len(group) > n_per_label:
+                group = np.random.choice(group, n_per_label, replace=False)
+            chosen.append(group)
+        return np.sort(np.concatenate(chosen))
+
+    def _check_scvi_tools_exportable(self) -> None:
+        raise ValueError("SCANVI cannot be written in scvi-tools' format yet (its classifier and z2 "
+                         "networks have no name mapping); save it in pyro-scvi's format "
+                         "(scvi_tools_format=False).")
+
+    def _elbo_terms_per_cell(self, adata, indices, batch_size, dataloader, method: str):
+        """scANVI's per-cell terms with the label summed out (every cell treated as unlabelled, no
+        classification term): reconstruction includes the z1 terms, KL those of z2 and y, as in
+        scvi-tools' ``get_elbo``/``get_reconstruction_error``."""
+        self.check_not_minified(method, adata)
+        self.module.eval()
+        reconstruction, kl = [], []
+        with self.pyro_scope(), torch.no_grad():
+            for batch in self.minibatches(adata, indices, batch_size, dataloader):
+                rec, kls = scanvi_cell_terms(self.module.model, self.module.guide, batch)
+                reconstruction.append(sum(rec.values()))
+                kl.append(sum(kls.values()))
+        return torch.cat(reconstruction), torch.cat(kl)
+
+    @torch.no_grad()
+    def predict(self, adata: anndata.AnnData | None = None, indices=None, soft: bool = False,
+                batch_size: int | None = None):
+        """The cell types the classifier gives at the encoder mean: label values ``(n,)``, or with
+        ``soft=True`` a DataFrame of probabilities (cells × the ``L`` labels)."""
+        if adata is not None and self.registry_.field("labels").original_key not in adata.obs:
+            key = self.registry_.field("labels").original_key
+            raise KeyError(f"{key} not found in adata.obs.")
+        if indices is not None and len(indices) == 0:
+            return []
+        probs = []
+        for batch in self.minibatches(adata, indices, batch_size):
+            encoder_input, covariates = self.module.encoder_input(batch)
+            loc, _ = self.module.z_encoder(encoder_input, *covariates)  # (n, d)
+            probs.append(self.module.classify(loc).cpu())  # (n, L)
+        probs = torch.cat(probs).numpy()
+        if not soft:
+            return self._label_mapping[probs.argmax(-1)]
+        columns = self._label_mapping[: self.n_labels]
+        return pd.DataFrame(probs, columns=columns, index=self.cell_names(adata, indices))

@@ -1,0 +1,118 @@
+"""``SCANVIModule``: scVI's networks plus the three of scANVI, bound to scANVI's model and guide.
+
+Added to :class:`~pyro_scvi.models.module.SCVIModule` (built after its networks, so every scVI
+weight keeps its name and a trained scVI state dict loads with ``strict=False``):
+
+* ``classifier``: q(y | z1), z1 (…, n, d) → logits (…, n, L); one hidden block or, with
+  ``linear_classifier=True``, a single ``Linear(d, L)``
+* ``z2_encoder``: q(z2 | z1, y), [z1, one-hot y] (…, n, d + L) → loc, scale (…, n, d)
+* ``z1_decoder``: p(z1 | z2, y), [z2, one-hot y] (…, n, d + L) → loc, scale (…, n, d)
+* buffer ``y_prior`` (1, L): the fixed label proportions of p(y) (saved, never trained)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..guides.scanvi import scanvi_guide
+from .module import SCVIModule
+from .networks import FCLayers, GaussianEncoder
+from .scanvi import scanvi_model
+
+__all__ = ["SCANVIModule", "LabelClassifier"]
+
+
+class LabelClassifier(nn.Module):
+    """Logits of the ``n_labels`` classes from z1 (…, n, d) → (…, n, L)."""
+
+    def __init__(self, n_latent: int, n_labels: int, n_hidden: int = 128, n_layers: int = 1,
+                 dropout_rate: float = 0.1, use_batch_norm: bool = True, use_layer_norm: bool = False,
+                 linear: bool = False) -> None:
+        super().__init__()
+        if linear:
+            self.hidden = None
+            self.logits = nn.Linear(n_latent, n_labels)
+        else:
+            self.hidden = FCLayers(n_latent, n_hidden, None, n_layers, n_hidden, dropout_rate,
+                                   use_batch_norm, use_layer_norm)
+            self.logits = nn.Linear(n_hidden, n_labels)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.logits(z if self.hidden is None else self.hidden(z))
+
+
+class SCANVIModule(SCVIModule):
+    """The networks of scANVI for ``L = n_labels`` modelled cell types (see the module docstring).
+
+    ``y_prior``: label proportions ``(L,)`` or ``(1, L)`` (normalised here); ``None`` is uniform.
+    The other arguments are :class:`SCVIModule`'s; ``n_labels`` also sizes ``gene-label`` dispersion.
+    """
+
+    def __init__(self, n_input: int, n_labels: int, *, linear_classifier: bool = False, y_prior=None,
+                 **kwargs) -> None:
+        if n_labels < 1:
+            raise ValueError("scANVI needs at least one labelled cell type; every cell has the "
+                             "unlabeled category. Label some cells in adata.obs[labels_key].")
+        if kwargs.get("dispersion_prior") is not None or kwargs.get("guide", "normal") != "normal":
+            raise ValueError("SCANVI supports neither dispersion_prior nor guide other than 'normal'.")
+        super().__init__(n_input, n_labels=n_labels, **kwargs)
+        self.n_labels = n_labels  # L, also when 1
+        n_hidden, n_layers = kwargs.get("n_hidden", 128), kwargs.get("n_layers", 1)
+        dropout = kwargs.get("dropout_rate", 0.1)
+        bn, ln = kwargs.get("use_batch_norm", "both"), kwargs.get("use_layer_norm", "none")
+        bn_enc, bn_dec = bn in ("encoder", "both"), bn in ("decoder", "both")
+        ln_enc, ln_dec = ln in ("encoder", "both"), ln in ("decoder", "both")
+        self.linear_classifier = linear_classifier
+        self.classifier = LabelClassifier(self.n_latent, n_labels, n_hidden, n_layers, dropout, bn_enc,
+                                          ln_enc, linear=linear_classifier)
+        d_in = self.n_latent + n_labels
+        self.z2_encoder = GaussianEncoder(d_in, self.n_latent, None, n_layers, n_hidden, dropout, bn_enc,
+                                          ln_enc)
+        self.z1_decoder = GaussianEncoder(d_in, self.n_latent, None, n_layers, n_hidden, 0.0, bn_dec, ln_dec,
+                                          var_eps=0.0)
+        probs = torch.ones(n_labels) if y_prior is None else torch.as_tensor(y_prior, dtype=torch.float32)
+        if probs.numel() != n_labels or bool((probs < 0).any()) or not bool(probs.sum() > 0):
+            raise ValueError(f"y_prior must hold {n_labels} non-negative proportions, got shape "
+                             f"{tuple(probs.shape)}.")
+        self.register_buffer("y_prior", (probs / probs.sum()).reshape(1, n_labels))
+
+    def model(self, batch, transform_batch: int | None = None):
+        """p(x, z1, z2, y, l) (see :func:`pyro_scvi.models.scanvi.scanvi_model`)."""
+        return scanvi_model(self, batch, transform_batch=transform_batch)
+
+    def guide(self, batch, transform_batch: int | None = None):
+        """q(z1, y, z2, l | x) (see :func:`pyro_scvi.guides.scanvi.scanvi_guide`)."""
+        return scanvi_guide(self, batch, transform_batch=transform_batch)
+
+    @property
+    def has_custom_model(self) -> bool:
+        return False
+
+    @property
+    def has_custom_guide(self) -> bool:
+        return False
+
+    def classify(self, z1: torch.Tensor) -> torch.Tensor:
+        """q(y | z1): class probabilities (…, n, L)."""
+        return torch.softmax(self.classifier(z1), dim=-1)
+
+    def label_input(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[z, one-hot y]: z (…, n, d), y (n,) sampled or (L, 1) enumerated → (…, n, d + L)."""
+        one_hot = F.one_hot(y.long(), self.n_labels).to(z.dtype)  # (n, L) or (L, 1, L)
+        shape = torch.broadcast_shapes(z.shape[:-1], one_hot.shape[:-1])
+        return torch.cat([z.expand(*shape, -1), one_hot.expand(*shape, -1)], dim=-1)
+
+    def classification_loss(self, labelled, with_accuracy: bool = False):
+        """Mean cross-entropy of the classifier at the encoder mean on a minibatch of labelled cells
+        (codes < L), scvi-tools' ``classification_loss``; with ``with_accuracy`` also the detached
+        fraction classified right."""
+        encoder_input, covariates = self.encoder_input(labelled)
+        loc, _ = self.z_encoder(encoder_input, *covariates)  # (m, d)
+        logits = self.classifier(loc)  # (m, L)
+        codes = labelled.labels.reshape(-1).long()  # (m,)
+        cross_entropy = F.cross_entropy(logits, codes)
+        if not with_accuracy:
+            return cross_entropy
+        return cross_entropy, (logits.argmax(-1) == codes).float().mean().detach()
