@@ -204,3 +204,21 @@ def test_options_train_and_predict_on_new_data(options):
     predicted = model.predict(query)
     assert predicted.shape == (20,) and set(predicted) <= {"label_0", "label_1", "label_2"}
     assert np.isfinite(float(model.get_elbo(query)))
+
+
+def test_differential_expression_with_uniform_weights_and_a_clear_refusal_of_importance():
+    """DE resamples posterior draws of ρ as for scVI. Importance weights need p(x | z) in closed form,
+    which scANVI's extra latents (y, z2) do not give: refused with an error that names the way out."""
+    adata, _ = _partly_labelled()
+    SCANVI.setup_anndata(adata, labels_key="partial", unlabeled_category="Unknown")
+    model = SCANVI(adata, **SMALL)
+    model.train(max_epochs=1, batch_size=64)
+    de = model.differential_expression(groupby="partial", group1="label_0", n_samples_overall=100)
+    assert de.shape[0] == adata.n_vars and np.isfinite(de["bayes_factor"]).all()
+    with pytest.raises(ValueError, match=r"discrete.*weights='uniform'"):
+        model.differential_expression(groupby="partial", group1="label_0", n_samples_overall=100,
+                                      weights="importance")
+    with pytest.raises(ValueError, match="further per-cell latent"):
+        model.differential_expression(groupby="partial", group1="label_0", n_samples_overall=100,
+                                      weights="importance", importance_weighting_kwargs={"proposal": "guide"})
+

@@ -26,6 +26,7 @@ from ..infer.training import max_epochs_heuristic
 from ..models.scanvi_module import SCANVIModule
 from ..settings import settings
 from .base import BaseModel
+from .differential import DifferentialExpressionMixin
 from .evaluation import EvaluationMixin
 from .queries import QueriesMixin
 from .saving import SavingMixin
@@ -60,7 +61,9 @@ def label_mapping(values: pd.Series, unlabeled_category) -> np.ndarray:
     return np.asarray(categories, dtype=object)
 
 
-class SCANVI(TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, BaseModel):
+class SCANVI(
+    TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, DifferentialExpressionMixin, BaseModel,
+):
     """single-cell ANnotation using Variational Inference with scvi-tools' ``SCANVI`` interface.
 
     Parameters

@@ -225,8 +225,13 @@ def refined_proposal(model, guide, batch: Minibatch, steps: int = 50, lr: float 
         raise ValueError(f"refine_covariance must be 'full' or 'diagonal', got {covariance!r}.")
     if df is not None and not df > 0:
         raise ValueError(f"refine_df must be a positive number of degrees of freedom or None, got {df!r}.")
-    params = {name: _RefinedGaussian(fn, covariance == "full")
-              for name, fn in local_guide_distributions(guide, batch).items()}
+    start = local_guide_distributions(guide, batch)
+    discrete = [name for name, fn in start.items() if fn.support.is_discrete]
+    if discrete:
+        raise ValueError(f"proposal='refined' moves continuous per-cell latents, but the guide's site(s) "
+                         f"{discrete} are discrete: use proposal='guide' or 'defensive' for the marginal "
+                         f"likelihood, and weights='uniform' for expression and DE.")
+    params = {name: _RefinedGaussian(fn, covariance == "full") for name, fn in start.items()}
     leaves = [leaf for refined in params.values() for leaf in refined.leaves()]
     optimiser = torch.optim.Adam(leaves, lr=lr)
     with torch.enable_grad():
