@@ -38,6 +38,7 @@ SMALL = {
     "priors.ipynb": {"MAX_EPOCHS": 5, "N_GENES": 300, "N_COMPONENTS": 5, "N_MC_SAMPLES": 30},
     "diagnostics.ipynb": {"MAX_EPOCHS": 5, "N_GENES": 300, "N_CHECK_CELLS": 100, "N_DRAWS": 20,
                           "N_MC_SAMPLES": 60, "N_PPC_SAMPLES": 10},
+    "scanvi.ipynb": {"SCVI_EPOCHS": 5, "SCANVI_EPOCHS": 3, "N_GENES": 300, "N_SAMPLES_PER_LABEL": 20},
     "posteriors.ipynb": {"MAX_EPOCHS": 5, "N_GENES": 300, "N_MC_SAMPLES": 50, "N_EVAL_CELLS": 40,
                          "CONFIGS": [("normal", "elbo", 1), ("normal", "iwae", 4), ("full_rank", "elbo", 1),
                                      ("flow", "elbo", 1)],
