@@ -573,8 +573,8 @@ class ReferenceMappingMixin:
         :func:`query_freeze_masks`); the encoder BatchNorm running statistics are frozen with
         ``freeze_batchnorm_encoder`` and the decoder's with ``freeze_batchnorm_decoder``;
         ``freeze_dropout`` switches dropout off. ``transfer_batch=False`` refuses query batches
-        unknown to the reference. ``freeze_classifier`` is accepted for API compatibility (a model
-        without a classifier ignores it). The returned model is untrained.
+        unknown to the reference. ``freeze_classifier`` keeps a classifier's weights (``SCANVI``;
+        a model without one ignores it). The returned model is untrained.
         """
         _check_arguments(adata, reference_model, datamodule)
         reference = _read_reference(reference_model)
@@ -584,26 +584,42 @@ class ReferenceMappingMixin:
         if adata.is_view:
             adata._init_as_actual(adata.copy())
         _align_query_genes(adata, reference["var_names"], inplace_subset_query_vars)
-        _register_query(cls, adata, registry, transfer_batch)
+        cls._register_query_anndata(adata, registry, transfer_batch)
 
         init = dict(reference["init_params"]["non_kwargs"])
         init.update(reference["init_params"].get("kwargs", {}).get("kwargs", {}))
-        model = cls(adata, **init, **_custom_functions(reference_model))
+        model = cls._build_query_model(adata, init, reference, _custom_functions(reference_model))
         state = transfer_state_dict(
             model.module, reference["state_dict"], _covariate_cat_list(registry, init)
         )
         model.module.load_state_dict(state, strict=True)
         model.module.eval()
-        _freeze_query_module(
-            model.module,
-            init,
-            unfrozen,
-            freeze_dropout,
-            freeze_expression=freeze_expression,
-            freeze_decoder_first_layer=freeze_decoder_first_layer,
-            freeze_batchnorm_encoder=freeze_batchnorm_encoder,
-            freeze_batchnorm_decoder=freeze_batchnorm_decoder,
-        )
+        freeze = dict(freeze_expression=freeze_expression,
+                      freeze_decoder_first_layer=freeze_decoder_first_layer,
+                      freeze_batchnorm_encoder=freeze_batchnorm_encoder,
+                      freeze_batchnorm_decoder=freeze_batchnorm_decoder)
+        if not unfrozen:
+            cls._freeze_query(model.module, init, freeze_dropout, freeze_classifier, **freeze)
+        else:
+            model.module.frozen_parameters = {}
         model.is_trained_ = False
         model.module.to(resolve_device(accelerator, device))
         return model
+
+    # Hooks a model class overrides where its query differs from scVI's (see ``SCANVI``).
+
+    @classmethod
+    def _register_query_anndata(cls, adata: anndata.AnnData, registry, transfer_batch: bool) -> None:
+        """Register the query with the reference setup (new batch categories appended)."""
+        _register_query(cls, adata, registry, transfer_batch)
+
+    @classmethod
+    def _build_query_model(cls, adata: anndata.AnnData, init: dict, reference: dict, custom: dict):
+        """The untrained query model, built with the reference's constructor arguments."""
+        return cls(adata, **init, **custom)
+
+    @classmethod
+    def _freeze_query(cls, module: nn.Module, init: dict, freeze_dropout: bool, freeze_classifier: bool,
+                      **freeze: bool) -> None:
+        """Freeze the query module (``freeze_classifier`` is for classes with a classifier)."""
+        _freeze_query_module(module, init, False, freeze_dropout, **freeze)

@@ -29,7 +29,9 @@ from .base import BaseModel
 from .differential import DifferentialExpressionMixin
 from .evaluation import EvaluationMixin
 from .queries import QueriesMixin
+from .reference_mapping import ReferenceMappingMixin
 from .saving import SavingMixin
+from .scanvi_query import register_scanvi_query, scanvi_query_freeze
 from .scvi import _MODULE_KWARGS as _SCVI_MODULE_KWARGS
 from .scvi import module_data_arguments
 from .training import TrainingData, TrainingMixin, epochs_of
@@ -62,7 +64,8 @@ def label_mapping(values: pd.Series, unlabeled_category) -> np.ndarray:
 
 
 class SCANVI(
-    TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, DifferentialExpressionMixin, BaseModel,
+    TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, ReferenceMappingMixin,
+    DifferentialExpressionMixin, BaseModel,
 ):
     """single-cell ANnotation using Variational Inference with scvi-tools' ``SCANVI`` interface.
 
@@ -126,16 +129,13 @@ class SCANVI(
         self._label_mapping = np.asarray(field.categories, dtype=object)
         self.unlabeled_category_ = field.state.get("unlabeled_category", self._label_mapping[-1])
         self._code_to_label = dict(enumerate(self._label_mapping))
-        n_categories = len(self._label_mapping)
+        # L: every category but the unlabeled one, which is always last (scvi-tools sometimes models
+        # it as a class too, when the data are fully labelled and lack a category; we never do)
+        self.n_labels = len(self._label_mapping) - 1
         if self.adata is not None:
             self.labels_ = np.asarray(self.adata.obs[field.original_key])
-            has_unlabeled = bool(np.any(self.labels_ == self.unlabeled_category_))
-            distinct = len(pd.unique(self.labels_))
-            all_used = distinct == n_categories - 1
-            self.n_labels = n_categories - 1 if has_unlabeled or all_used else n_categories
         else:
             self.labels_ = self._label_mapping[:-1]
-            self.n_labels = n_categories - 1
         self._labeled_indices = np.flatnonzero(self.labels_ != self.unlabeled_category_)
         self._unlabeled_indices = np.flatnonzero(self.labels_ == self.unlabeled_category_)
 
@@ -291,6 +291,14 @@ class SCANVI(
                 group = np.random.choice(group, n_per_label, replace=False)
             chosen.append(group)
         return np.sort(np.concatenate(chosen))
+
+    @classmethod
+    def _register_query_anndata(cls, adata, registry, transfer_batch: bool) -> None:
+        register_scanvi_query(cls, adata, registry, transfer_batch)
+
+    @classmethod
+    def _freeze_query(cls, module, init: dict, freeze_dropout: bool, freeze_classifier: bool, **freeze) -> None:
+        scanvi_query_freeze(module, init, freeze_dropout, freeze_classifier, **freeze)
 
     def _check_scvi_tools_exportable(self) -> None:
         raise ValueError("SCANVI cannot be written in scvi-tools' format yet (its classifier and z2 "
