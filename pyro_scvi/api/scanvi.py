@@ -297,7 +297,8 @@ class SCANVI(
         register_scanvi_query(cls, adata, registry, transfer_batch)
 
     @classmethod
-    def _freeze_query(cls, module, init: dict, freeze_dropout: bool, freeze_classifier: bool, **freeze) -> None:
+    def _freeze_query(cls, module, init: dict, freeze_dropout: bool, freeze_classifier: bool,
+                      **freeze) -> None:
         scanvi_query_freeze(module, init, freeze_dropout, freeze_classifier, **freeze)
 
     def _check_scvi_tools_exportable(self) -> None:
