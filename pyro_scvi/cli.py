@@ -1,8 +1,10 @@
-"""Command line: ``pyro-scvi train|latent|normalize|de|info|demo``.
+"""Command line: ``pyro-scvi train|latent|normalize|de|annotate|info|demo``.
 
 ``pyro-scvi train data.h5ad --batch-key batch --out results`` trains scVI and writes
 ``results/model/`` and ``results/<name>.h5ad`` (latent space in ``obsm["X_scVI"]``); the other
 subcommands load such a model directory (or one saved by scvi-tools 1.x) and apply it to data.
+``pyro-scvi annotate reference.h5ad query.h5ad --labels-key cell_type`` transfers cell types:
+scVI → scANVI on the reference, scArches mapping of the query, predicted labels in the query's obs.
 Run ``pyro-scvi <command> --help`` for each command's options.
 
 Inputs are ``.h5ad`` files, 10x Genomics ``.h5`` files (Cell Ranger v2 and v3) and 10x matrix
@@ -272,6 +274,80 @@ def cmd_train(args) -> int:
     return EXIT_OK
 
 
+def _annotate_reference(args):
+    """A trained SCANVI: loaded from a model directory, or trained (scVI then scANVI) on an .h5ad."""
+    from . import SCANVI, SCVI
+
+    source = Path(args.reference)
+    if source.is_dir() and (source / "model.pt").is_file():
+        _log(args, f"loading the scANVI reference model {source}")
+        return SCANVI.load(source)
+    reference = read_input(args.reference, var_names=args.var_names)
+    _log(args, f"read {args.reference}: {reference.n_obs} cells x {reference.n_vars} genes")
+    if args.labels_key not in reference.obs:
+        raise KeyError(f"The reference has no obs[{args.labels_key!r}]: pass the column of cell types with "
+                       "--labels-key.")
+    labelled = int(np.sum(reference.obs[args.labels_key].astype(str) != str(args.unlabeled_category)))
+    if labelled == 0:
+        raise ValueError(f"No reference cell has a label in obs[{args.labels_key!r}] (all are "
+                         f"{args.unlabeled_category!r}): scANVI needs labelled reference cells.")
+    SCVI.setup_anndata(reference, layer=args.layer, batch_key=args.batch_key)
+    scvi = SCVI(reference, n_latent=args.n_latent, n_layers=args.n_layers,
+                encode_covariates=args.batch_key is not None)
+    scvi.train(max_epochs=args.scvi_epochs, batch_size=args.batch_size, enable_progress_bar=not args.quiet)
+    model = SCANVI.from_scvi_model(scvi, args.unlabeled_category, labels_key=args.labels_key)
+    model.train(max_epochs=args.scanvi_epochs, batch_size=args.batch_size, enable_progress_bar=not args.quiet)
+    accuracy = model.history.get("train_accuracy")
+    accuracy = "" if accuracy is None else f", labelled-cell accuracy {float(accuracy.iloc[-1, 0]):.3f}"
+    _log(args, f"trained the reference: scVI {len(scvi.history['elbo_train'])} epochs, scANVI "
+               f"{len(model.history['elbo_train'])} epochs{accuracy}")
+    return model
+
+
+def cmd_annotate(args) -> int:
+    import pandas as pd
+    import torch
+
+    from . import SCANVI, settings
+
+    out = Path(args.out)
+    _check_output(out, args.overwrite)
+    if args.save_model:
+        _check_output(Path(args.save_model), args.overwrite)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings.seed = args.seed
+    settings.progress_bar = not args.quiet
+    query = read_input(args.query, var_names=args.var_names)
+    _log(args, f"read {args.query}: {query.n_obs} cells x {query.n_vars} genes")
+    reference = _annotate_reference(args)
+    batch_key = reference.registry_.setup_args.get("batch_key")
+    if batch_key is not None and batch_key not in query.obs:
+        query.obs[batch_key] = "query"
+        _log(args, f"the query has no obs[{batch_key!r}]: its cells form one new batch 'query'")
+    layer = reference.registry_.setup_args.get("layer")
+    if layer is not None and layer not in query.layers:
+        raise KeyError(f"The reference was set up with layer={layer!r}, which the query lacks.")
+    SCANVI.prepare_query_anndata(query, reference)
+    model = SCANVI.load_query_data(query, reference)
+    model.train(max_epochs=args.query_epochs, batch_size=args.batch_size,
+                plan_kwargs={"weight_decay": 0.0}, enable_progress_bar=not args.quiet)
+    soft = model.predict(soft=True)
+    query.obs[args.key] = pd.Categorical(soft.idxmax(axis=1).to_numpy(), categories=list(soft.columns))
+    query.obs[f"{args.key}_probability"] = soft.max(axis=1).to_numpy(dtype=np.float32)
+    query.obsm[args.latent_key] = model.get_latent_representation()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    query.write_h5ad(out)
+    if args.save_model:
+        reference.save(Path(args.save_model) / "reference", overwrite=args.overwrite)
+        model.save(Path(args.save_model) / "query", overwrite=args.overwrite)
+    counts = query.obs[args.key].value_counts()
+    _log(args, f"wrote {out}: obs[{args.key!r}] ("
+               + ", ".join(f"{label} {n}" for label, n in counts.items() if n)
+               + f"), obs[{args.key + '_probability'!r}] and obsm[{args.latent_key!r}]")
+    return EXIT_OK
+
+
 def _read_for_model(args):
     adata = read_input(args.input, var_names=getattr(args, "var_names", "gene_symbols"))
     _log(args, f"read {args.input}: {adata.n_obs} cells x {adata.n_vars} genes")
@@ -449,6 +525,7 @@ examples:
   pyro-scvi latent results/model new_cells.h5ad -o new_cells_scvi.h5ad
   pyro-scvi normalize results/model pbmc.h5ad -o normalized.csv --genes CD3E,MS4A1
   pyro-scvi de results/model pbmc.h5ad --groupby cell_type --group1 B -o de_B.csv --mode change
+  pyro-scvi annotate reference.h5ad query.h5ad --labels-key cell_type --batch-key batch -o query_typed.h5ad
   pyro-scvi info results/model
 """
 
@@ -659,6 +736,50 @@ def _add_de(commands) -> None:
     de.set_defaults(func=cmd_de)
 
 
+def _add_annotate(commands) -> None:
+    annotate = commands.add_parser(
+        "annotate", formatter_class=_Formatter,
+        help="transfer cell types from a labelled reference to a query (scANVI + scArches)",
+        description="Train scVI then scANVI on REFERENCE (an .h5ad with cell types in obs[LABELS_KEY]; "
+                    "cells without one carry --unlabeled-category), or load a saved scANVI model "
+                    "directory; map QUERY onto it (scArches: only the weights of its new batches train) "
+                    "and write QUERY with the predicted cell type in obs[KEY], its probability in "
+                    "obs[KEY_probability] and the latent space in obsm[LATENT_KEY].",
+    )
+    annotate.add_argument("reference", help="labelled reference: .h5ad/10x data, or a SCANVI model directory")
+    annotate.add_argument("query", help="query data (.h5ad or 10x) with the reference's genes (missing ones "
+                                        "are zero-padded)")
+    annotate.add_argument("--out", "-o", required=True, help="output .h5ad: the query with its predictions")
+    annotate.add_argument("--labels-key", default="cell_type",
+                          help="obs column of the reference's cell types")
+    annotate.add_argument("--unlabeled-category", default="Unknown",
+                          help="value of obs[LABELS_KEY] for reference cells without a cell type")
+    annotate.add_argument("--batch-key", default=None,
+                          help="obs column of batches (the query's batches are new categories; a query "
+                               "without the column is one batch)")
+    annotate.add_argument("--layer", default=None, help="layer with the raw counts (default: X)")
+    annotate.add_argument("--key", default="predicted_cell_type", help="obs column for the predictions")
+    annotate.add_argument("--latent-key", default="X_scANVI", help="obsm key for the query's latent space")
+    annotate.add_argument("--n-latent", type=_positive_int, default=10, help="dimension of z")
+    annotate.add_argument("--n-layers", type=_positive_int, default=1, help="hidden layers per network")
+    annotate.add_argument("--scvi-epochs", type=_positive_int, default=None,
+                          help="scVI epochs on the reference (default: scvi-tools' heuristic)")
+    annotate.add_argument("--scanvi-epochs", type=_positive_int, default=None,
+                          help="scANVI epochs on the reference (default: scvi-tools' for a pretrained "
+                               "scVI, 2-10)")
+    annotate.add_argument("--query-epochs", type=_positive_int, default=100, help="epochs on the query")
+    annotate.add_argument("--batch-size", type=_positive_int, default=128, help="minibatch size")
+    annotate.add_argument("--seed", type=int, default=0, help="random seed")
+    annotate.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    annotate.add_argument("--var-names", choices=VAR_NAMES, default="gene_symbols",
+                          help="for 10x inputs: name genes by symbol or by id")
+    annotate.add_argument("--save-model", default=None, metavar="DIR",
+                          help="also save the reference and query models in DIR/reference and DIR/query")
+    annotate.add_argument("--overwrite", action="store_true", help="replace the outputs if they exist")
+    _add_common(annotate)
+    annotate.set_defaults(func=cmd_annotate)
+
+
 def _add_info(commands) -> None:
     info = commands.add_parser(
         "info", formatter_class=_Formatter, help="describe a saved model (pyro-scvi's or scvi-tools')",
@@ -696,7 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pyro-scvi {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_latent, _add_normalize, _add_de, _add_info, _add_demo):
+    for add in (_add_train, _add_latent, _add_normalize, _add_de, _add_annotate, _add_info, _add_demo):
         add(commands)
     return parser
 

@@ -304,3 +304,39 @@ def test_embedding_and_var_names_choices_are_accepted():
     for method in _choices("latent", "--embedding"):
         if method != "umap" or _umap_available():
             embed_latent(latent, method)
+
+
+def test_annotate_transfers_cell_types_to_a_query(tmp_path, capsys):
+    """`pyro-scvi annotate`: scVI → scANVI on a labelled reference, the query (a held-out batch without
+    labels or batch column) mapped onto it, predictions in its obs."""
+    data = synthetic_iid(batch_size=150, n_genes=60, n_batches=3, n_labels=3, n_markers=10,
+                         log_fold_change=3.0, seed=0)
+    data.obs["cell_type"] = data.obs["labels"].astype(str)
+    data.obs.loc[data.obs_names[::5], "cell_type"] = "Unknown"
+    reference = data[data.obs["batch"] != "batch_2"].copy()
+    query = data[data.obs["batch"] == "batch_2"].copy()
+    truth = query.obs["labels"].astype(str).to_numpy()
+    del query.obs["cell_type"], query.obs["batch"]
+    reference.write_h5ad(tmp_path / "ref.h5ad")
+    query.write_h5ad(tmp_path / "query.h5ad")
+    out = tmp_path / "typed.h5ad"
+    code = main(["annotate", str(tmp_path / "ref.h5ad"), str(tmp_path / "query.h5ad"), "-o", str(out),
+                 "--batch-key", "batch", "--scvi-epochs", "20", "--scanvi-epochs", "10",
+                 "--query-epochs", "20", "--batch-size", "64", "--save-model", str(tmp_path / "models")])
+    assert code == 0, capsys.readouterr().err
+    assert "predicted_cell_type" in capsys.readouterr().out
+    typed = anndata.read_h5ad(out)
+    assert np.mean(typed.obs["predicted_cell_type"].astype(str).to_numpy() == truth) >= 0.9
+    assert typed.obs["predicted_cell_type_probability"].between(0, 1).all()
+    assert typed.obsm["X_scANVI"].shape == (query.n_obs, 10)
+    # the saved reference model is accepted in place of the reference data
+    again = tmp_path / "again.h5ad"
+    assert main(["annotate", str(tmp_path / "models" / "reference"), str(tmp_path / "query.h5ad"), "-o",
+                 str(again), "--query-epochs", "2", "--quiet"]) == 0
+    assert anndata.read_h5ad(again).obs["predicted_cell_type"].notna().all()
+    # clear errors: the labels column missing from the reference, the output present
+    assert main(["annotate", str(tmp_path / "ref.h5ad"), str(tmp_path / "query.h5ad"), "-o",
+                 str(tmp_path / "x.h5ad"), "--labels-key", "nope", "--quiet"]) == 1
+    assert "--labels-key" in capsys.readouterr().err
+    assert main(["annotate", str(tmp_path / "ref.h5ad"), str(tmp_path / "query.h5ad"), "-o", str(out)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
