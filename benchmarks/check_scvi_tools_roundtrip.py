@@ -6,6 +6,12 @@
    ``latent_mean.npy``/``latent_var.npy``.
 2. *ours*: train a small pyro-scvi model (2 epochs, generated data, ``var_activation="softplus"``),
    export it with ``write_scvi_tools_model`` and compare scvi-tools' latent mean/variance with ours.
+3. *SCANVI fixture*: load ``tests/fixtures/scvi_tools_scanvi_1.4.2`` with ``pyro_scvi.SCANVI.load``,
+   export it with ``save(scvi_tools_format=True)``, load that with ``scvi.model.SCANVI.load`` and
+   compare its ``predict(soft=True)`` and latent with the fixture's (scvi-tools' own) outputs; the
+   same for the fixture relabelled as written by scvi-tools 1.0.3 (classifier ending in a softmax).
+4. *SCANVI ours*: train a small pyro-scvi SCANVI (linear classifier, 2 epochs), export it and
+   compare scvi-tools' ``predict(soft=True)`` and latent with ours.
 
 Run with this project's Python (from the repository root)::
 
@@ -25,18 +31,22 @@ import sys
 import tempfile
 from pathlib import Path
 
+import anndata
 import numpy as np
+import pandas as pd
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pyro_scvi import SCVI  # noqa: E402
+from pyro_scvi import SCANVI, SCVI  # noqa: E402
 from pyro_scvi.data import synthetic_iid  # noqa: E402
 from pyro_scvi.io.model_file import read_payload  # noqa: E402
 from pyro_scvi.io.native import from_safe  # noqa: E402
 from pyro_scvi.io.scvi_tools import read_scvi_tools_model, write_scvi_tools_model  # noqa: E402
 
 FIXTURE = REPO.parent / "shared" / "fixtures" / "scvi_tools_cellbench5"
+SCANVI_FIXTURE = REPO / "tests" / "fixtures" / "scvi_tools_scanvi_1.4.2"
 
 CHILD = r"""
 import json, sys, warnings
@@ -59,9 +69,29 @@ print(json.dumps({
 """
 
 
+SCANVI_CHILD = r"""
+import json, sys, warnings
+import anndata, numpy as np
+import scvi
+model_dir, adata_path, soft_path, latent_path = sys.argv[1:5]
+warnings.simplefilter("ignore")
+model = scvi.model.SCANVI.load(model_dir, adata=anndata.read_h5ad(adata_path), accelerator="cpu")
+soft = model.predict(soft=True)
+print(json.dumps({
+    "scvi_version": scvi.__version__,
+    "is_trained": bool(model.is_trained_),
+    "n_labels": int(model.n_labels),
+    "columns": [str(c) for c in soft.columns],
+    "classifier_ends_in_softmax": type(model.module.classifier.classifier[-1]).__name__ == "Softmax",
+    "max_abs_diff_soft": float(np.abs(soft.to_numpy() - np.load(soft_path)).max()),
+    "max_abs_diff_latent": float(np.abs(model.get_latent_representation() - np.load(latent_path)).max()),
+}))
+"""
+
+
 def run_child(scvi_python: Path, model_dir: Path, adata_path: Path, mean_path: Path, var_path: Path,
-              cwd: str):
-    proc = subprocess.run([str(scvi_python), "-c", CHILD, str(model_dir), str(adata_path), str(mean_path),
+              cwd: str, child: str = CHILD):
+    proc = subprocess.run([str(scvi_python), "-c", child, str(model_dir), str(adata_path), str(mean_path),
                            str(var_path)],
                           capture_output=True, text=True, cwd=cwd, timeout=600)
     if proc.returncode != 0:
@@ -114,12 +144,70 @@ def check_ours(scvi_python: Path, tolerance: float, tmp: str) -> bool:
     return report("pyro-scvi model", result, tolerance)
 
 
+def report_scanvi(name: str, result: dict | None, tolerance: float, softmax: bool = False) -> bool:
+    if result is None:
+        print(f"FAIL [{name}]: scvi.model.SCANVI.load could not load the exported model.")
+        return False
+    print(json.dumps(result, indent=2))
+    worst = max(result["max_abs_diff_soft"], result["max_abs_diff_latent"])
+    ok = worst <= tolerance and result["is_trained"] and result["classifier_ends_in_softmax"] == softmax
+    print(f"{'PASS' if ok else 'FAIL'} [{name}]: scvi-tools {result['scvi_version']} loaded the exported "
+          f"SCANVI (L={result['n_labels']}, softmax classifier: {result['classifier_ends_in_softmax']}); "
+          f"predict(soft=True) max |diff| = {result['max_abs_diff_soft']:.3g}, "
+          f"latent max |diff| = {result['max_abs_diff_latent']:.3g} (tolerance {tolerance:g}).")
+    return ok
+
+
+def check_scanvi_fixture(scvi_python: Path, tolerance: float, tmp: str) -> bool:
+    data = np.load(SCANVI_FIXTURE / "data.npz")
+    obs = pd.DataFrame({"batch": data["batch"], "cell_type": data["cell_type"]}, index=data["obs_names"])
+    adata = anndata.AnnData(X=data["counts"].astype(np.float32), obs=obs,
+                            var=pd.DataFrame(index=data["var_names"]))
+    adata_path = Path(tmp) / "scanvi_fixture.h5ad"
+    adata.write_h5ad(adata_path)
+    soft, latent = SCANVI_FIXTURE / "predict_soft.npy", SCANVI_FIXTURE / "latent.npy"
+    ok = True
+    for name, version in (("SCANVI fixture", None), ("SCANVI fixture as 1.0.3", "1.0.3")):
+        source = SCANVI_FIXTURE / "model"
+        if version is not None:  # the same file, with the registry of an scvi-tools < 1.1 save
+            _, payload = read_payload(source)
+            saved = read_scvi_tools_model(source)
+            attrs = dict(payload["attr_dict"], registry_=dict(payload["attr_dict"]["registry_"],
+                                                               scvi_version=version))
+            source = Path(tmp) / "scanvi_old"
+            write_scvi_tools_model(source, saved["model_state_dict"], saved["var_names"], attrs)
+        model = SCANVI.load(source, adata.copy())
+        out = Path(tmp) / f"scanvi_fixture_exported_{version}"
+        model.save(out, scvi_tools_format=True)
+        result = run_child(scvi_python, out, adata_path, soft, latent, tmp, SCANVI_CHILD)
+        ok &= report_scanvi(name, result, tolerance, softmax=version is not None)
+    return ok
+
+
+def check_scanvi_ours(scvi_python: Path, tolerance: float, tmp: str) -> bool:
+    adata = synthetic_iid(batch_size=150, n_genes=60, n_batches=2, n_labels=3, seed=0)
+    labels = np.asarray(adata.obs["labels"].astype(str), dtype=object)
+    labels[::4] = "Unknown"
+    adata.obs["partial"] = labels
+    SCANVI.setup_anndata(adata, labels_key="partial", unlabeled_category="Unknown", batch_key="batch")
+    model = SCANVI(adata, n_latent=5, linear_classifier=True)
+    model.train(max_epochs=2, enable_progress_bar=False)
+    np.save(Path(tmp) / "scanvi_soft.npy", model.predict(soft=True).to_numpy())
+    np.save(Path(tmp) / "scanvi_latent.npy", model.get_latent_representation())
+    out = Path(tmp) / "scanvi_ours_exported"
+    model.save(out, scvi_tools_format=True, save_anndata=True)
+    result = run_child(scvi_python, out, out / "adata.h5ad", Path(tmp) / "scanvi_soft.npy",
+                       Path(tmp) / "scanvi_latent.npy", tmp, SCANVI_CHILD)
+    return report_scanvi("SCANVI pyro-scvi model", result, tolerance)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scvi-python", default="/work/scvi-venv/bin/python")
     parser.add_argument("--fixture", default=str(FIXTURE))
     parser.add_argument("--tolerance", type=float, default=1e-5, help="max abs latent difference for PASS")
     args = parser.parse_args()
+    torch.set_num_threads(1)
 
     scvi_python, fixture = Path(args.scvi_python), Path(args.fixture)
     if not scvi_python.exists():
@@ -132,6 +220,8 @@ def main() -> int:
         else:
             print(f"SKIP [fixture]: {fixture} not found.")
         ok &= check_ours(scvi_python, args.tolerance, tmp)
+        ok &= check_scanvi_fixture(scvi_python, args.tolerance, tmp)
+        ok &= check_scanvi_ours(scvi_python, args.tolerance, tmp)
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -128,8 +128,6 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert torch.equal(loaded.module.y_prior, model.module.y_prior)
     pd.testing.assert_frame_equal(model.predict(soft=True), loaded.predict(soft=True), check_exact=True)
     np.testing.assert_array_equal(model.get_latent_representation(), loaded.get_latent_representation())
-    with pytest.raises(ValueError, match="scvi_tools_format=False"):
-        model.save(tmp_path / "export", scvi_tools_format=True)
     assert list(loaded.history["train_classification_loss"].iloc[:, 0]) == list(
         model.history["train_classification_loss"].iloc[:, 0])
 

@@ -9,6 +9,7 @@ and prior objects are passed again to :meth:`load`. Reading and writing the file
 
 from __future__ import annotations
 
+import dataclasses
 import urllib.request
 import warnings
 from pathlib import Path
@@ -78,6 +79,23 @@ def restore_freezing(module, state: dict | None) -> None:
         modules[name].p = rate
 
 
+def with_source_extras(transferred: Registry, source: Registry) -> Registry:
+    """``transferred`` with what the generic transfer does not carry over from the saved registry:
+    setup arguments and field-state entries of the model's own setup (scANVI's
+    ``unlabeled_category``), and the source's ``scvi_version`` when it predates scvi-tools 1.1
+    (scvi-tools reads an scANVI classifier's output convention from it and keeps it on re-saving)."""
+    fields = {
+        name: dataclasses.replace(field, state={**source.fields[name].state, **field.state})
+        if name in source.fields else field
+        for name, field in transferred.fields.items()
+    }
+    version = transferred.scvi_version
+    if source.model_name == "SCANVI" and io.scanvi_classifier_softmax({"scvi_version": source.scvi_version}):
+        version = source.scvi_version
+    return dataclasses.replace(transferred, fields=fields, scvi_version=version,
+                               setup_args={**source.setup_args, **transferred.setup_args})
+
+
 class SavingMixin:
     """``save``/``load`` for a model following :class:`~pyro_scvi.api.protocol.ModelProtocol`.
 
@@ -87,6 +105,10 @@ class SavingMixin:
 
     #: the module class whose weights scvi-tools' model of the same name reads
     _scvi_tools_module_name: str = "SCVIModule"
+    #: model attributes scvi-tools' file of this model also holds (in ``attr_dict``)
+    _scvi_tools_attrs: tuple[str, ...] = ()
+    #: constructor arguments read off saved tensor shapes at load: name -> (state-dict key, dim)
+    _sizes_from_state_dict: dict[str, tuple[str, int]] = {}
 
     def _custom_parts(self) -> dict:
         """Names of the user code this model runs (saved so that :meth:`load` can ask for it)."""
@@ -113,8 +135,8 @@ class SavingMixin:
         The file holds only tensors and plain data, so :meth:`load` never unpickles code. The
         directory is replaced atomically; an existing one needs ``overwrite=True``.
         ``scvi_tools_format=True`` writes scvi-tools 1.x's layout instead, which
-        ``scvi.model.SCVI.load`` reads (it is a pickle: scvi-tools loads it with
-        ``weights_only=False``).
+        ``scvi.model.SCVI.load`` (``SCANVI.load`` for a SCANVI) reads (it is a pickle: scvi-tools
+        loads it with ``weights_only=False``).
         """
         if save_anndata and self.adata is None:
             raise ValueError("save_anndata=True but this model has no AnnData.")
@@ -132,6 +154,7 @@ class SavingMixin:
                     "train_indices_": self.train_indices_,
                     "validation_indices_": self.validation_indices_,
                     "test_indices_": self.test_indices_,
+                    **{name: getattr(self, name) for name in self._scvi_tools_attrs},
                 },
                 prefix=prefix,
                 overwrite=overwrite,
@@ -238,6 +261,9 @@ class SavingMixin:
         adata = cls._adata_for_load(dir_path, prefix, adata, saved["var_names"], registry)
         init = dict(attrs["init_params_"]["non_kwargs"])
         init.update(attrs["init_params_"].get("kwargs", {}).get("kwargs", {}))
+        state = saved["model_state_dict"]
+        init.update({name: int(state[key].shape[dim])
+                     for name, (key, dim) in cls._sizes_from_state_dict.items() if key in state})
         cls._check_loadable(init, attrs.get("custom_model_") or {}, model_fn, guide_fn)
         init.update(
             {
@@ -282,7 +308,7 @@ class SavingMixin:
         if adata.is_view:
             adata._init_as_actual(adata.copy())
         transferred = setup_registry(adata, source_registry=registry, model_name=registry.model_name)
-        cls.register_manager(AnnDataManager(adata, transferred))
+        cls.register_manager(AnnDataManager(adata, with_source_extras(transferred, registry)))
         return adata
 
     def _restore(self, saved: dict, device: torch.device) -> None:

@@ -40,7 +40,7 @@ __all__ = ["SCANVI"]
 
 _LABELS_COLUMN = "_scvi_labels"
 #: extra constructor arguments: scANVI's label prior and scVI's module options (one z1 guide family)
-_MODULE_KWARGS = ("y_prior", "latent_distribution") + tuple(
+_MODULE_KWARGS = ("y_prior", "latent_distribution", "classifier_softmax") + tuple(
     name for name in _SCVI_MODULE_KWARGS
     if name not in ("z_prior", "n_prior_components", "dispersion_prior", "guide", "n_flows"))
 #: scVI options scANVI replaces, with the scVI values from_scvi_model can start from
@@ -79,13 +79,20 @@ class SCANVI(
         As in :class:`~pyro_scvi.SCVI`.
     linear_classifier
         q(y | z1) as one linear layer instead of one hidden block.
+    n_labels
+        ``L``, the number of modelled classes; by default derived from the labels as scvi-tools does
+        (:meth:`load` passes the saved one).
     **kwargs
         ``y_prior`` (label proportions, default uniform), ``latent_distribution`` and SCVI's extra
         module arguments (``log_variational``, ``encode_covariates``, ``use_batch_norm``, ``z_prior``
-        is not used: p(z1) is scANVI's hierarchy); no ``dispersion_prior`` or other guide family.
+        is not used: p(z1) is scANVI's hierarchy); no ``dispersion_prior`` or other guide family;
+        ``classifier_softmax`` for the classifier of scvi-tools < 1.1 files.
     """
 
     _module_cls = SCANVIModule
+    _scvi_tools_module_name = "SCANVIModule"
+    _scvi_tools_attrs = ("unlabeled_category_", "labels_")
+    _sizes_from_state_dict = {"n_labels": ("y_prior", 1)}
     _summary_params = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion",
                        "gene_likelihood")
 
@@ -103,6 +110,7 @@ class SCANVI(
         linear_classifier: bool = False,
         model_fn=None,
         guide_fn=None,
+        n_labels: int | None = None,
         **kwargs,
     ) -> None:
         if model_fn is not None or guide_fn is not None:
@@ -113,6 +121,8 @@ class SCANVI(
                             f"{list(_MODULE_KWARGS)}.")
         self._init_state(adata, registry)
         self._set_labels()
+        if n_labels is not None:
+            self.n_labels = int(n_labels)
         params = dict(n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
                       dispersion=dispersion, gene_likelihood=gene_likelihood,
                       use_observed_lib_size=use_observed_lib_size, linear_classifier=linear_classifier)
@@ -297,14 +307,14 @@ class SCANVI(
         register_scanvi_query(cls, adata, registry, transfer_batch)
 
     @classmethod
+    def _build_query_model(cls, adata, init: dict, reference: dict, custom: dict):
+        """The query model with the reference's number of labels (read from its ``y_prior``)."""
+        return cls(adata, **init, **custom, n_labels=reference["state_dict"]["y_prior"].shape[1])
+
+    @classmethod
     def _freeze_query(cls, module, init: dict, freeze_dropout: bool, freeze_classifier: bool,
                       **freeze) -> None:
         scanvi_query_freeze(module, init, freeze_dropout, freeze_classifier, **freeze)
-
-    def _check_scvi_tools_exportable(self) -> None:
-        raise ValueError("SCANVI cannot be written in scvi-tools' format yet (its classifier and z2 "
-                         "networks have no name mapping); save it in pyro-scvi's format "
-                         "(scvi_tools_format=False).")
 
     def _elbo_terms_per_cell(self, adata, indices, batch_size, dataloader, method: str):
         """scANVI's per-cell terms with the label summed out (every cell treated as unlabelled, no

@@ -12,7 +12,8 @@
 from .legacy import convert_legacy_save
 from .model_dir import load_registry, read_model_dir, view_setup_args
 from .native import FORMAT, FORMAT_VERSION, history_to_safe, to_safe, write_model_dir
-from .scvi_tools import write_scvi_tools_model
+from .scvi_tools import scanvi_classifier_softmax, write_scvi_tools_model
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "history_to_safe", "to_safe", "write_model_dir", "read_model_dir",
-           "write_scvi_tools_model", "load_registry", "view_setup_args", "convert_legacy_save"]
+           "write_scvi_tools_model", "scanvi_classifier_softmax", "load_registry", "view_setup_args",
+           "convert_legacy_save"]

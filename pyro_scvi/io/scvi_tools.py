@@ -22,7 +22,20 @@ names; :func:`to_scvi_tools_state_dict` / :func:`from_scvi_tools_state_dict` tra
     decoder.dispersion_head              <-> decoder.px_r_decoder
     decoder.zero_inflation_head          <-> decoder.px_dropout_decoder
 
+and for scANVI (:class:`pyro_scvi.models.scanvi_module.SCANVIModule`)::
+
+    y_prior                               <-> y_prior
+    classifier.hidden                     <-> classifier.classifier.0
+    classifier.logits                     <-> classifier.classifier.1 (linear classifier: .0)
+    z2_encoder.{hidden,loc_head,var_head} <-> encoder_z2_z1.{encoder,mean_encoder,var_encoder}
+    z1_decoder.{hidden,loc_head,var_head} <-> decoder_z1_z2.{decoder,mean_decoder,var_decoder}
+
 (the ``fc_layers.Layer i.<slot>.<tensor>`` part below them is identical).
+
+scANVI files also hold ``unlabeled_category_``, ``labels_`` and two legacy ``None`` histories in
+``attr_dict``, and put the extra arguments under ``init_params_["kwargs"]["model_kwargs"]``.
+Files from scvi-tools < 1.1 (registry ``scvi_version``) have a classifier whose outputs were
+probabilities: they are read with ``classifier_softmax=True`` (see :func:`scanvi_classifier_softmax`).
 
 ``var_activation`` in ``init_params_``: scvi-tools stores the callable itself. On reading,
 ``torch.nn.functional.softplus`` and ``torch.nn.Softplus()`` are accepted (the latter rebuilt by
@@ -59,6 +72,7 @@ __all__ = [
     "write_scvi_tools_model",
     "init_params_from_scvi_tools",
     "init_params_to_scvi_tools",
+    "scanvi_classifier_softmax",
 ]
 
 #: Version written into registries that have none (scvi-tools reads the registry as its own).
@@ -84,17 +98,30 @@ _DECODER_PARTS = [
     ("dispersion_head", "px_r_decoder", _LINEAR),
     ("zero_inflation_head", "px_dropout_decoder", _LINEAR),
 ]
+_Z1_DECODER_PARTS = [("hidden", "decoder", _FC), ("loc_head", "mean_decoder", _LINEAR),
+                     ("var_head", "var_decoder", _LINEAR)]
+# scANVI's classifier: hidden block then linear layer (``classifier.0``/``.1``), or the linear layer
+# alone (``classifier.0``); both logits names are read, the one written depends on the hidden block
+_CLASSIFIER_PARTS = [("hidden", "classifier.0", _FC), ("logits", "classifier.1", _LINEAR),
+                     ("logits", "classifier.0", _LINEAR)]
 _MODULES = [("z_encoder", "z_encoder", _ENCODER_PARTS), ("library_encoder", "l_encoder", _ENCODER_PARTS),
-            ("decoder", "decoder", _DECODER_PARTS)]
+            ("decoder", "decoder", _DECODER_PARTS), ("classifier", "classifier", _CLASSIFIER_PARTS),
+            ("z2_encoder", "encoder_z2_z1", _ENCODER_PARTS),
+            ("z1_decoder", "decoder_z1_z2", _Z1_DECODER_PARTS)]
 _TOP_LEVEL = [("log_dispersion", "px_r"), ("library_log_means", "library_log_means"),
               ("library_log_vars", "library_log_vars"),
-              ("batch_embedding.weight", "_embeddings_dict.batch.weight")]
+              ("batch_embedding.weight", "_embeddings_dict.batch.weight"), ("y_prior", "y_prior")]
 
 
-def _rename_table(ours_to_theirs: bool) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+def _rename_table(ours_to_theirs: bool, linear_classifier: bool = False
+                  ) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """Top-level names and ``(source prefix, target prefix, remainder pattern)``, first match wins;
+    ``linear_classifier`` picks the scvi-tools name our ``classifier.logits`` is written under."""
     top = {o: t for o, t in _TOP_LEVEL} if ours_to_theirs else {t: o for o, t in _TOP_LEVEL}
     prefixes = []
     for mod_ours, mod_theirs, parts in _MODULES:
+        if mod_ours == "classifier" and ours_to_theirs and linear_classifier:
+            parts = [parts[0], parts[2]]
         for part_ours, part_theirs, pattern in parts:
             ours, theirs = f"{mod_ours}.{part_ours}.", f"{mod_theirs}.{part_theirs}."
             prefixes.append((ours, theirs, pattern) if ours_to_theirs else (theirs, ours, pattern))
@@ -102,7 +129,8 @@ def _rename_table(ours_to_theirs: bool) -> tuple[dict[str, str], list[tuple[str,
 
 
 def _rename(state_dict: Mapping[str, Any], ours_to_theirs: bool, drop: tuple[str, ...] = ()) -> OrderedDict:
-    top, prefixes = _rename_table(ours_to_theirs)
+    linear = not any(str(key).startswith("classifier.hidden.") for key in state_dict)
+    top, prefixes = _rename_table(ours_to_theirs, linear_classifier=linear)
     renamed: OrderedDict = OrderedDict()
     unknown = []
     for key, value in state_dict.items():
@@ -116,6 +144,9 @@ def _rename(state_dict: Mapping[str, Any], ours_to_theirs: bool, drop: tuple[str
                     break
         if new_key is None:
             unknown.append(key)
+        elif new_key in renamed:
+            raise ValueError(f"State-dict key {key!r} renames to {new_key!r}, which an earlier key already "
+                             "gave (e.g. a linear and a non-linear scANVI classifier in one file).")
         else:
             renamed[new_key] = value
     if unknown:
@@ -147,7 +178,11 @@ def from_scvi_tools_state_dict(state_dict: Mapping[str, Any]) -> OrderedDict:
 # init_params_
 # --------------------------------------------------------------------------------------------
 
-_DROPPED_INIT_PARAMS = ("use_cuda", "unlabeled_category", "pretrained_model")
+_DROPPED_INIT_PARAMS = ("use_cuda", "unlabeled_category", "pretrained_model", "datamodule")
+#: the ``**kwargs`` group name scvi-tools' model classes save their extra arguments under
+_KWARGS_GROUP = {"SCANVI": "model_kwargs"}
+#: scvi-tools releases before this (major, minor) saved scANVI classifiers ending in a softmax
+_SCANVI_LOGITS_SINCE = (1, 1)
 
 
 def _activation_name(value):
@@ -182,11 +217,12 @@ def init_params_from_scvi_tools(init_params: Mapping) -> dict:
     return {"non_kwargs": non_kwargs, "kwargs": {"kwargs": kwargs}}
 
 
-def init_params_to_scvi_tools(init_params: Mapping) -> dict:
+def init_params_to_scvi_tools(init_params: Mapping, kwargs_group: str = "kwargs") -> dict:
     """Our ``init_params_`` in the layout scvi-tools 1.x saves (``var_activation`` as a callable).
 
     ``var_activation`` ``None``/``"exp"`` is dropped (scvi-tools then uses its default
-    ``torch.exp``); ``"softplus"`` is written as ``torch.nn.functional.softplus``.
+    ``torch.exp``); ``"softplus"`` is written as ``torch.nn.functional.softplus``. The extra
+    arguments go under ``kwargs_group`` (scvi-tools' SCVI: ``"kwargs"``, SCANVI: ``"model_kwargs"``).
     """
     normalized = init_params_from_scvi_tools(init_params)
     kwargs = dict(normalized["kwargs"]["kwargs"])
@@ -196,7 +232,56 @@ def init_params_to_scvi_tools(init_params: Mapping) -> dict:
             kwargs["var_activation"] = F.softplus
         elif name != "exp":
             raise ValueError(f"cannot export var_activation={name!r} to scvi-tools.")
-    return {"non_kwargs": dict(normalized["non_kwargs"]), "kwargs": {"kwargs": kwargs}}
+    return {"non_kwargs": dict(normalized["non_kwargs"]), "kwargs": {kwargs_group: kwargs}}
+
+
+def _version(registry: Mapping) -> tuple[int, int] | None:
+    match = re.match(r"\s*(\d+)\.(\d+)", str(registry.get("scvi_version") or ""))
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def scanvi_classifier_softmax(registry: Mapping) -> bool:
+    """Whether scvi-tools' SCANVI reads this file's classifier as ending in a softmax: files from
+    scvi-tools < 1.1 (registry ``scvi_version``), whose classifier outputs were probabilities."""
+    version = _version(registry)
+    return version is not None and version < _SCANVI_LOGITS_SINCE
+
+
+def _scanvi_init_params_from_scvi_tools(init_params: dict, registry: Mapping) -> dict:
+    """scANVI's extra arguments in ours: ``y_prior`` dropped (the state dict holds it), the classifier
+    options scvi-tools derives itself checked, ``classifier_softmax=True`` for a < 1.1 file."""
+    non_kwargs, kwargs = init_params["non_kwargs"], dict(init_params["kwargs"]["kwargs"])
+    kwargs.pop("y_prior", None)
+    if kwargs.pop("use_labels_groups", False):
+        raise ValueError("This SCANVI was trained with use_labels_groups=True (a grouped classifier), "
+                         "which pyro-scvi does not have.")
+    kwargs.pop("labels_groups", None)
+    linear = bool(non_kwargs.get("linear_classifier", False))
+    default = {"n_layers": 0 if linear else non_kwargs.get("n_layers", 1),
+               "n_hidden": 0 if linear else non_kwargs.get("n_hidden", 128),
+               "dropout_rate": non_kwargs.get("dropout_rate", 0.1), "logits": True}
+    custom = {k: v for k, v in dict(kwargs.pop("classifier_parameters", None) or {}).items()
+              if default.get(k, object()) != v}
+    if custom:
+        raise ValueError(f"This SCANVI was trained with classifier_parameters {custom}; pyro-scvi's "
+                         "classifier takes n_hidden, n_layers and dropout_rate from the model.")
+    if scanvi_classifier_softmax(registry):
+        kwargs["classifier_softmax"] = True
+    return {"non_kwargs": non_kwargs, "kwargs": {"kwargs": kwargs}}
+
+
+def _scanvi_init_params_to_scvi_tools(init_params: Mapping, registry: Mapping) -> dict:
+    """Our SCANVI's ``init_params_`` for scvi-tools: ``y_prior`` left to the state dict and
+    ``classifier_softmax`` to the registry's version (scvi-tools decides from it)."""
+    normalized = init_params_from_scvi_tools(init_params)
+    kwargs = normalized["kwargs"]["kwargs"]
+    kwargs.pop("y_prior", None)
+    if kwargs.pop("classifier_softmax", False) and not scanvi_classifier_softmax(registry):
+        raise ValueError(
+            "This SCANVI's classifier ends in a softmax (an scvi-tools < 1.1 file), but its registry's "
+            f"scvi_version {registry.get('scvi_version')!r} would make scvi-tools read the outputs as "
+            "logits; save it in pyro-scvi's format instead.")
+    return init_params_to_scvi_tools(normalized, kwargs_group=_KWARGS_GROUP["SCANVI"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,9 +326,12 @@ def attrs_from_scvi_tools(raw: Mapping) -> dict:
     ``init_params_`` in our layout, ``is_trained_``, ``history_`` (float DataFrames or None) and the
     split indices (int arrays or None)."""
     history = raw.get("history_")
+    init_params = init_params_from_scvi_tools(raw["init_params_"])
+    if raw["registry_"].get("model_name") == "SCANVI":
+        init_params = _scanvi_init_params_from_scvi_tools(init_params, raw["registry_"])
     attrs = {
         "registry_": _plain(raw["registry_"]),
-        "init_params_": init_params_from_scvi_tools(raw["init_params_"]),
+        "init_params_": init_params,
         "is_trained_": bool(raw.get("is_trained_", False)),
         "history_": None if history is None else {k: v.astype(float) for k, v in history.items()},
     }
@@ -319,7 +407,17 @@ def write_scvi_tools_model(
     model_state = to_scvi_tools_state_dict({k: v.detach().cpu() for k, v in state_dict.items()})
     model_state[_PYRO_PARAM_STORE] = copy.deepcopy(_EMPTY_PARAM_STORE)
     attrs["registry_"] = _registry_for_scvi_tools(attrs["registry_"])
-    attrs["init_params_"] = init_params_to_scvi_tools(attrs["init_params_"])
+    if attrs["registry_"]["model_name"] == "SCANVI":
+        labels_state = attrs["registry_"]["field_registries"]["labels"]["state_registry"]
+        # scvi-tools reads it there when transferring the setup; the unlabeled category is always last
+        labels_state.setdefault("unlabeled_category", labels_state["categorical_mapping"][-1])
+        attrs["init_params_"] = _scanvi_init_params_to_scvi_tools(attrs["init_params_"], attrs["registry_"])
+        if "unlabeled_category_" not in attrs:
+            attrs["unlabeled_category_"] = labels_state["unlabeled_category"]
+        attrs.setdefault("unsupervised_history_", None)
+        attrs.setdefault("semisupervised_history_", None)
+    else:
+        attrs["init_params_"] = init_params_to_scvi_tools(attrs["init_params_"])
     attrs["is_trained_"] = bool(attrs.get("is_trained_", False))
     attrs["history_"] = _history_for_scvi_tools(attrs.get("history_"))
     for key in _SPLITS:

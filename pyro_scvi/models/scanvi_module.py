@@ -25,12 +25,18 @@ __all__ = ["SCANVIModule", "LabelClassifier"]
 
 
 class LabelClassifier(nn.Module):
-    """Logits of the ``n_labels`` classes from z1 (…, n, d) → (…, n, L)."""
+    """Logits of the ``n_labels`` classes from z1 (…, n, d) → (…, n, L).
+
+    ``softmax=True`` is the classifier of scANVI files from scvi-tools < 1.1, which ended in a
+    softmax: its layers' output is read as probabilities, and the logits returned are their log
+    (``log_softmax`` of the last layer, the same categorical distribution).
+    """
 
     def __init__(self, n_latent: int, n_labels: int, n_hidden: int = 128, n_layers: int = 1,
                  dropout_rate: float = 0.1, use_batch_norm: bool = True, use_layer_norm: bool = False,
-                 linear: bool = False) -> None:
+                 linear: bool = False, softmax: bool = False) -> None:
         super().__init__()
+        self.softmax = softmax
         if linear:
             self.hidden = None
             self.logits = nn.Linear(n_latent, n_labels)
@@ -40,18 +46,20 @@ class LabelClassifier(nn.Module):
             self.logits = nn.Linear(n_hidden, n_labels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.logits(z if self.hidden is None else self.hidden(z))
+        logits = self.logits(z if self.hidden is None else self.hidden(z))
+        return torch.log_softmax(logits, dim=-1) if self.softmax else logits
 
 
 class SCANVIModule(SCVIModule):
     """The networks of scANVI for ``L = n_labels`` modelled cell types (see the module docstring).
 
     ``y_prior``: label proportions ``(L,)`` or ``(1, L)`` (normalised here); ``None`` is uniform.
+    ``classifier_softmax``: the classifier of an scvi-tools < 1.1 file (see :class:`LabelClassifier`).
     The other arguments are :class:`SCVIModule`'s; ``n_labels`` also sizes ``gene-label`` dispersion.
     """
 
     def __init__(self, n_input: int, n_labels: int, *, linear_classifier: bool = False, y_prior=None,
-                 **kwargs) -> None:
+                 classifier_softmax: bool = False, **kwargs) -> None:
         if n_labels < 1:
             raise ValueError("scANVI needs at least one labelled cell type; every cell has the "
                              "unlabeled category. Label some cells in adata.obs[labels_key].")
@@ -66,7 +74,7 @@ class SCANVIModule(SCVIModule):
         ln_enc, ln_dec = ln in ("encoder", "both"), ln in ("decoder", "both")
         self.linear_classifier = linear_classifier
         self.classifier = LabelClassifier(self.n_latent, n_labels, n_hidden, n_layers, dropout, bn_enc,
-                                          ln_enc, linear=linear_classifier)
+                                          ln_enc, linear=linear_classifier, softmax=classifier_softmax)
         d_in = self.n_latent + n_labels
         self.z2_encoder = GaussianEncoder(d_in, self.n_latent, None, n_layers, n_hidden, dropout, bn_enc,
                                           ln_enc)
@@ -112,7 +120,9 @@ class SCANVIModule(SCVIModule):
         loc, _ = self.z_encoder(encoder_input, *covariates)  # (m, d)
         logits = self.classifier(loc)  # (m, L)
         codes = labelled.labels.reshape(-1).long()  # (m,)
-        cross_entropy = F.cross_entropy(logits, codes)
+        # a softmax classifier (scvi-tools < 1.1) was trained with the cross-entropy taken on its
+        # probabilities as if they were logits; further training keeps that objective
+        cross_entropy = F.cross_entropy(logits.exp() if self.classifier.softmax else logits, codes)
         if not with_accuracy:
             return cross_entropy
         return cross_entropy, (logits.argmax(-1) == codes).float().mean().detach()
