@@ -12,7 +12,7 @@ import torch
 
 from ..diagnostics import psis_diagnostics
 from ..infer.elbo import elbo_parts
-from ..infer.importance import log_importance_weights_in_passes, marginal_log_likelihood
+from ..infer.importance import log_importance_weights_in_passes
 from ..infer.proposals import check_proposal
 
 __all__ = ["EvaluationMixin"]
@@ -61,6 +61,16 @@ class EvaluationMixin:
             adata, indices, batch_size, dataloader, "get_reconstruction_error"
         )
         return {"reconstruction_loss": reconstruction.mean() if return_mean else reconstruction}
+
+    def _log_importance_weights(
+        self, batch, n_mc_samples: int, n_mc_samples_per_pass, proposal: str, **proposal_options
+    ) -> torch.Tensor:
+        """The ``(S, n)`` log importance weights behind :meth:`get_marginal_ll` for one minibatch; a
+        model with latents the generic estimator does not suit (scANVI) replaces this."""
+        return log_importance_weights_in_passes(
+            self.module.model, self.module.guide, batch, n_mc_samples, n_mc_samples_per_pass,
+            proposal=proposal, **proposal_options,
+        )
 
     def get_marginal_ll(
         self,
@@ -113,19 +123,12 @@ class EvaluationMixin:
         values, pareto_k, ess = [], [], []
         with self.pyro_scope(), torch.no_grad():
             for batch in self.minibatches(adata, indices, batch_size, dataloader):
-                if not return_diagnostics:
-                    values.append(
-                        marginal_log_likelihood(
-                            self.module.model, self.module.guide, batch, n_mc_samples, n_mc_samples_per_pass,
-                            proposal=proposal, **proposal_options,
-                        ).cpu()
-                    )
-                    continue
-                log_weights = log_importance_weights_in_passes(
-                    self.module.model, self.module.guide, batch, n_mc_samples, n_mc_samples_per_pass,
-                    proposal=proposal, **proposal_options,
-                ).cpu()
+                log_weights = self._log_importance_weights(
+                    batch, n_mc_samples, n_mc_samples_per_pass, proposal, **proposal_options
+                ).cpu()  # (S, n)
                 values.append(torch.logsumexp(log_weights, dim=0) - np.log(n_mc_samples))
+                if not return_diagnostics:
+                    continue
                 psis = psis_diagnostics(log_weights)
                 pareto_k.append(psis.pareto_k)
                 ess.append(psis.ess)

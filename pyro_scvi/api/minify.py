@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from ..data.registry import MINIFY_TYPE_KEY
+from ..data.registry import MINIFY_TYPE_KEY, minified_fields
 
 __all__ = ["MinificationMixin", "MINIFIED_TYPES"]
 
@@ -33,10 +33,11 @@ class MinificationMixin:
         model.get_latent_representation(return_dist=True)``. With ``"latent_posterior_parameters"``
         X and every layer become all-zero sparse matrices; with
         ``"latent_posterior_parameters_with_counts"`` the counts stay. The total counts are kept in
-        ``obs["observed_lib_size"]``. Latent representation, normalized expression, likelihood
-        parameters, posterior predictive samples and differential expression then work from the
-        stored posterior; methods that need the counts raise ``ValueError``. The original AnnData
-        is not modified.
+        ``obs["observed_lib_size"]``, the posterior in ``obsm["scvi_latent_qzm"/"scvi_latent_qzv"]``
+        (``"scanvi_latent_qzm"/"scanvi_latent_qzv"`` for SCANVI, as in scvi-tools). Latent
+        representation, normalized expression, likelihood parameters, posterior predictive samples
+        and differential expression then work from the stored posterior; methods that need the
+        counts raise ``ValueError``. The original AnnData is not modified.
         """
         if minified_data_type not in MINIFIED_TYPES:
             raise ValueError(
@@ -75,7 +76,8 @@ class MinificationMixin:
             minified.raw = None
         minified.uns.pop("_scvi_uuid", None)
         minified.uns[MINIFY_TYPE_KEY] = minified_data_type
-        minified.obsm["scvi_latent_qzm"] = np.asarray(adata.obsm[use_latent_qzm_key], dtype=np.float32)
-        minified.obsm["scvi_latent_qzv"] = np.asarray(adata.obsm[use_latent_qzv_key], dtype=np.float32)
-        minified.obs["observed_lib_size"] = data.log_library.exp().numpy().ravel()
+        keys = {name: key for name, (_, key) in minified_fields(type(self).__name__).items()}
+        minified.obsm[keys["latent_qzm"]] = np.asarray(adata.obsm[use_latent_qzm_key], dtype=np.float32)
+        minified.obsm[keys["latent_qzv"]] = np.asarray(adata.obsm[use_latent_qzv_key], dtype=np.float32)
+        minified.obs[keys["observed_lib_size"]] = data.log_library.exp().numpy().ravel()
         self.adata = minified  # registers it with the model's setup and makes it the model's AnnData

@@ -357,12 +357,10 @@ def transfer_state_dict(
     out = {}
     for name, fresh in fresh_state.items():
         reference = torch.as_tensor(reference_state[name])
-        if name in injected:
+        if name in injected and reference.shape != fresh.shape:  # equal shapes: same categories
             fc, _ = injected[name]
-            new_cats = list(fc.n_cat_list)
-            if new_cats != ref_cats or reference.shape != fresh.shape:
-                out[name] = _surgery_linear(name, reference, fresh, ref_cats, new_cats)
-                continue
+            out[name] = _surgery_linear(name, reference, fresh, ref_cats, list(fc.n_cat_list))
+            continue
         out[name] = _pad_tensor(name, reference, fresh)
     return out
 

@@ -18,16 +18,27 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.loader import check_training_minibatches, split_indices
+from ..data.loader import check_training_minibatches, minibatch_from_dict, split_indices
 from ..data.manager import AnnDataManager
 from ..data.registry import setup_registry
-from ..infer.scanvi import SemiSupervisedBatch, SemiSupervisedELBO, scanvi_cell_terms
+from ..infer.distributed import _count_devices
+from ..infer.scanvi import (
+    SemiSupervisedBatch,
+    SemiSupervisedELBO,
+    labelled_part,
+    scanvi_cell_terms,
+    scanvi_log_importance_weights,
+)
 from ..infer.training import max_epochs_heuristic
+from ..models.scanvi import Z2, Y
 from ..models.scanvi_module import SCANVIModule
+from ..models.sites import Z
 from ..settings import settings
 from .base import BaseModel
+from .criticism import CriticismMixin
 from .differential import DifferentialExpressionMixin
 from .evaluation import EvaluationMixin
+from .minify import MinificationMixin
 from .queries import QueriesMixin
 from .reference_mapping import ReferenceMappingMixin
 from .saving import SavingMixin
@@ -64,8 +75,8 @@ def label_mapping(values: pd.Series, unlabeled_category) -> np.ndarray:
 
 
 class SCANVI(
-    TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, ReferenceMappingMixin,
-    DifferentialExpressionMixin, BaseModel,
+    TrainingMixin, QueriesMixin, EvaluationMixin, SavingMixin, ReferenceMappingMixin, MinificationMixin,
+    DifferentialExpressionMixin, CriticismMixin, BaseModel,
 ):
     """single-cell ANnotation using Variational Inference with scvi-tools' ``SCANVI`` interface.
 
@@ -226,12 +237,26 @@ class SCANVI(
               check_val_every_n_epoch: int | None = None, train_size: float | None = 0.9,
               validation_size: float | None = None, shuffle_set_split: bool = True, batch_size: int = 128,
               accelerator: str = "auto", devices="auto", datasplitter_kwargs: dict | None = None,
-              plan_kwargs: dict | None = None, **trainer_kwargs) -> None:
+              plan_kwargs: dict | None = None, datamodule=None, **trainer_kwargs) -> None:
         """Train on every cell's ELBO with the label summed out plus ``classification_ratio`` (in
         ``plan_kwargs``, default 50) × the classifier's cross-entropy on a labelled minibatch drawn
         beside each minibatch (at most ``n_samples_per_label`` cells per label and epoch). Other
         arguments as :meth:`SCVI.train`; history adds ``train_classification_loss`` and
-        ``train_accuracy`` (``validation_*`` with validation)."""
+        ``train_accuracy`` (``validation_*`` with validation).
+
+        ``datamodule``: its loaders may yield scvi-tools' ``[full, labelled]`` pairs of tensor dicts
+        (the labelled dict feeds the classification term), or single dicts, whose cells with a label
+        (codes below ``L``, at least two) then form the labelled minibatch; dicts need ``"labels"``.
+        No per-label subsampling there (``n_samples_per_label`` is ignored with a warning).
+        Data-parallel training (``strategy="ddp"``, ``devices > 1``) is not available for scANVI."""
+        strategy = trainer_kwargs.get("strategy")
+        if strategy == "ddp" or (_count_devices(devices) or 1) > 1:
+            raise ValueError(f"SCANVI does not train data-parallel (strategy={strategy!r}, "
+                             f"devices={devices!r}): its labelled minibatch stream is not sharded across "
+                             "processes. Train on one device (devices=1, strategy='auto').")
+        if datamodule is not None and n_samples_per_label is not None:
+            warnings.warn("SCANVI sampler is not available with custom dataloader: n_samples_per_label is "
+                          "ignored with a datamodule.", UserWarning, stacklevel=2)
         if n_samples_per_label is not None and (isinstance(n_samples_per_label, bool)
                                                 or not isinstance(n_samples_per_label, (int, np.integer))
                                                 or n_samples_per_label < 1):
@@ -247,7 +272,7 @@ class SCANVI(
         super().train(max_epochs=max_epochs, accelerator=accelerator, devices=devices, train_size=train_size,
                       validation_size=validation_size, shuffle_set_split=shuffle_set_split,
                       batch_size=batch_size, datasplitter_kwargs=datasplitter_kwargs, plan_kwargs=plan_kwargs,
-                      **trainer_kwargs)
+                      datamodule=datamodule, **trainer_kwargs)
 
     def _training_objective(self, plan):
         return SemiSupervisedELBO(self.module, getattr(self, "_classification_ratio", 50.0))
@@ -288,6 +313,29 @@ class SCANVI(
         train = paired(train_idx, True, self._n_samples_per_label)
         validation = paired(val_idx, False, None) if len(val_idx) else None
         return TrainingData(train, validation, tuple(split), data.n_obs)
+
+    def _datamodule_training_data(self, datamodule, device) -> TrainingData:
+        """A datamodule's minibatches with their labelled minibatch (see :meth:`train`)."""
+        n_labels = self.n_labels
+
+        def semi_supervised(item) -> SemiSupervisedBatch:
+            if isinstance(item, (list, tuple)) and len(item) == 2:
+                full, labelled = (minibatch_from_dict(tensors, device) for tensors in item)
+                return SemiSupervisedBatch.of(full, labelled)
+            if not isinstance(item, dict) or "labels" not in item:
+                found = sorted(item) if isinstance(item, dict) else type(item).__name__
+                raise ValueError("SCANVI trains its classifier on labelled cells: a datamodule must yield "
+                                 "[full, labelled] pairs of tensor dicts or dicts with 'labels' (the codes "
+                                 f"of the registered labels field); got {found}.")
+            full = minibatch_from_dict(item, device)
+            return SemiSupervisedBatch.of(full, labelled_part(full, n_labels))
+
+        def stream(loader):
+            return lambda: (semi_supervised(item) for item in loader())
+
+        validation = getattr(datamodule, "val_dataloader", None)
+        return TrainingData(stream(datamodule.train_dataloader),
+                            None if validation is None else stream(validation), (None, None, None), None)
 
     def _labelled_subsample(self, indices: np.ndarray, n_per_label: int | None) -> np.ndarray:
         """At most ``n_per_label`` cells of each label among ``indices`` (all with ``None``)."""
@@ -330,11 +378,81 @@ class SCANVI(
                 kl.append(sum(kls.values()))
         return torch.cat(reconstruction), torch.cat(kl)
 
+    def get_marginal_ll(self, adata=None, indices=None, n_mc_samples: int = 1000, batch_size=None,
+                        return_mean: bool = True, dataloader=None, n_mc_samples_per_pass: int | None = None,
+                        return_diagnostics: bool = False, proposal: str = "guide", **proposal_options):
+        """Importance-sampling estimate of scANVI's marginal log-likelihood ``log p(x_n)`` (negative,
+        higher is better), with the label summed out exactly (unlike scvi-tools, whose estimate
+        treats scANVI as scVI with a N(0, I) prior on z1 and so is not one of scANVI)::
+
+            log p̂(x) = logsumexp_k log w_k − log K,   z1_k ~ q(z1 | x),  z2_ky ~ q(z2 | z1_k, y)
+            log w_k  = log p(x | z1_k, l) − log q(z1_k | x)
+                     + log Σ_y p(y) p(z1_k | z2_ky, y) p(z2_ky) / q(z2_ky | z1_k, y)
+
+        (plus ``log p(l_k) − log q(l_k | x)`` with a latent library). The sum over labels estimates
+        p(z1_k) without bias, so ``E[w_k] = p(x)``; K = ``n_mc_samples``. The estimate is at least the
+        ELBO of :meth:`get_elbo` on average and tightens as K grows (see
+        :func:`pyro_scvi.infer.scanvi.scanvi_log_importance_weights`). Only ``proposal="guide"``.
+        Returns and ``return_diagnostics`` as :meth:`SCVI.get_marginal_ll`; refused on minified
+        data without counts."""
+        return super().get_marginal_ll(adata, indices, n_mc_samples, batch_size, return_mean, dataloader,
+                                       n_mc_samples_per_pass, return_diagnostics, proposal,
+                                       **proposal_options)
+
+    def _log_importance_weights(self, batch, n_mc_samples, n_mc_samples_per_pass, proposal, **options):
+        if proposal != "guide" or options:
+            raise ValueError(f"SCANVI.get_marginal_ll draws from its guide only (proposal='guide', no "
+                             f"proposal options); got proposal={proposal!r}, options {sorted(options)}.")
+        return scanvi_log_importance_weights(self.module.model, self.module.guide, batch, n_mc_samples,
+                                             n_mc_samples_per_pass)
+
+    def to_arviz(self, adata=None, indices=None, n_samples: int = 100, batch_size: int | None = None, *,
+                 posterior_predictive: bool = True):
+        """The variational posterior as an :class:`arviz.InferenceData`, as :meth:`SCVI.to_arviz`, with
+        scANVI's latents in ``posterior`` (``S = n_samples`` joint draws per cell of
+        z1 ~ q(z1 | x), y ~ q(y | z1), z2 ~ q(z2 | z1, y); y is *sampled* here, not enumerated):
+
+        * ``z`` ``(chain, draw, cell, latent_dim)``: z1, the latent of :meth:`get_latent_representation`.
+        * ``y`` ``(chain, draw, cell)`` int64: the drawn label code (``attrs["categories"]`` names
+          them; code k is ``categories[k]``).
+        * ``y_probs`` ``(chain, draw, cell, label)``: q(y | z1) at each draw of z1, the label
+          coordinate holding the label names. This is the Rao–Blackwellised form of ``y``: its mean
+          over draws estimates q(y | x) = E_q(z1|x) q(y | z1) with less noise than the frequencies of
+          ``y``, and it propagates the uncertainty of z1 that :meth:`predict` (classifier at the
+          encoder mean) leaves out.
+        * ``z2`` ``(chain, draw, cell, latent_dim)``: z2 given the drawn label.
+
+        ``log_likelihood`` is log p(x | z1, l) per cell (summed over genes) and ``posterior_predictive``
+        draws x̃ ~ p(x | z1, l): the labels reach the counts only through z1. Needs the counts
+        (refused on minified data without them).
+        """
+        idata = super().to_arviz(adata, indices, n_samples, batch_size,
+                                 posterior_predictive=posterior_predictive)
+        posterior = idata.posterior
+        z2 = posterior[Z2]
+        posterior[Z2] = (("chain", "draw", "cell", "latent_dim"), z2.values)
+        posterior = posterior.drop_dims([d for d in z2.dims if d.startswith(f"{Z2}_dim")], errors="ignore")
+        names = self._label_mapping[: self.n_labels].astype(str)
+        posterior[Y] = (("chain", "draw", "cell"), posterior[Y].values.astype(np.int64),
+                        {"categories": [str(name) for name in names]})
+        self.module.eval()
+        with torch.no_grad():
+            z1 = torch.as_tensor(posterior[Z].values[0], device=self.device)  # (S, n, d)
+            probs = self.module.classify(z1).cpu().numpy()[None]  # (1, S, n, L)
+        posterior = posterior.assign_coords(label=names)
+        posterior["y_probs"] = (("chain", "draw", "cell", "label"), probs)
+        idata.posterior = posterior
+        return idata
+
     @torch.no_grad()
     def predict(self, adata: anndata.AnnData | None = None, indices=None, soft: bool = False,
                 batch_size: int | None = None):
         """The cell types the classifier gives at the encoder mean: label values ``(n,)``, or with
-        ``soft=True`` a DataFrame of probabilities (cells × the ``L`` labels)."""
+        ``soft=True`` a DataFrame of probabilities (cells × the ``L`` labels).
+
+        On minified data without counts (``minify_adata("latent_posterior_parameters")``) the
+        classifier reads the stored posterior mean (``obsm["scanvi_latent_qzm"]``), which is the
+        encoder mean it would compute from the counts; scvi-tools cannot predict there (deviation)."""
         if adata is not None and self.registry_.field("labels").original_key not in adata.obs:
             key = self.registry_.field("labels").original_key
             raise KeyError(f"{key} not found in adata.obs.")
@@ -342,8 +460,11 @@ class SCANVI(
             return []
         probs = []
         for batch in self.minibatches(adata, indices, batch_size):
-            encoder_input, covariates = self.module.encoder_input(batch)
-            loc, _ = self.module.z_encoder(encoder_input, *covariates)  # (n, d)
+            if batch.latent_loc is not None:  # minified: the stored posterior mean
+                loc = batch.latent_loc  # (n, d)
+            else:
+                encoder_input, covariates = self.module.encoder_input(batch)
+                loc, _ = self.module.z_encoder(encoder_input, *covariates)  # (n, d)
             probs.append(self.module.classify(loc).cpu())  # (n, L)
         probs = torch.cat(probs).numpy()
         if not soft:

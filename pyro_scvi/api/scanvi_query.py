@@ -36,6 +36,7 @@ import warnings
 import anndata
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
 from ..data.manager import AnnDataManager
@@ -98,6 +99,9 @@ def scanvi_query_freeze(module: nn.Module, init: dict, freeze_dropout: bool, fre
     module docstring); ``freeze`` holds scVI's flags (``freeze_expression``, ...)."""
     _freeze_query_module(module, init, False, freeze_dropout, **freeze)
     masks = dict(module.frozen_parameters)
+    for name, parameter in module.named_parameters():  # the label columns are no covariate to adapt
+        if name.startswith((_CLASSIFIER, _Z2_ENCODER, _Z1_DECODER)):
+            masks[name] = torch.ones_like(parameter, dtype=torch.bool)
     trainable_bn = {_Z2_ENCODER: not freeze["freeze_batchnorm_encoder"],
                     _Z1_DECODER: not freeze["freeze_batchnorm_decoder"],
                     _CLASSIFIER: True}

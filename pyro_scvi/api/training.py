@@ -165,7 +165,7 @@ class TrainingMixin:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if datamodule is not None:
-            data = datamodule_batches(datamodule, device)
+            data = self._datamodule_training_data(datamodule, device)
         else:
             data = self._registered_training_data(
                 train_size,
@@ -195,6 +195,11 @@ class TrainingMixin:
             progress=progress and (parallel is None or parallel.is_main),
             parallel=parallel,
         )
+
+    def _datamodule_training_data(self, datamodule, device) -> TrainingData:
+        """The minibatches of a user's ``datamodule``; a model whose objective needs more than one
+        stream (scANVI's labelled cells) replaces this."""
+        return datamodule_batches(datamodule, device)
 
     def _registered_training_data(
         self,

@@ -46,6 +46,7 @@ __all__ = [
     "library_size_prior",
     "format_registry",
     "validate_registered",
+    "minified_fields",
 ]
 
 try:
@@ -95,6 +96,37 @@ MINIFIED_FIELDS = {
     "observed_lib_size": ("obs", "observed_lib_size"),
     "minify_type": ("uns", MINIFY_TYPE_KEY),
 }
+#: the keys scANVI writes instead (scvi-tools ≥ 1.2.2)
+_SCANVI_MINIFIED_KEYS = {"latent_qzm": "scanvi_latent_qzm", "latent_qzv": "scanvi_latent_qzv"}
+#: older names read from saved minified AnnData: scvi-tools ≤ 1.2.1 prefixed them with the model
+#: name, and 1.2.1's scANVI wrote the base class's unprefixed names
+_OLDER_MINIFIED_KEYS = {
+    "SCVI": {"latent_qzm": ("_scvi_latent_qzm", "latent_qzm"),
+             "latent_qzv": ("_scvi_latent_qzv", "latent_qzv"),
+             "observed_lib_size": ("_scvi_observed_lib_size",)},
+    "SCANVI": {"latent_qzm": ("_scanvi_latent_qzm", "latent_qzm"),
+               "latent_qzv": ("_scanvi_latent_qzv", "latent_qzv"),
+               "observed_lib_size": ("_scanvi_observed_lib_size",)},
+}
+
+
+def minified_fields(model_name: str | None = "SCVI") -> dict[str, tuple[str, str]]:
+    """``{field: (attr_name, key)}`` where ``minify_adata`` of model ``model_name`` writes the stored
+    posterior, library and type (scvi-tools' names: ``scanvi_latent_qzm`` etc. for SCANVI)."""
+    fields = dict(MINIFIED_FIELDS)
+    if model_name == "SCANVI":
+        fields.update({name: ("obsm", key) for name, key in _SCANVI_MINIFIED_KEYS.items()})
+    return fields
+
+
+def _minified_field(adata, model_name: str | None, name: str) -> Field:
+    """The field ``name`` of a minified AnnData: the current key, else an older release's."""
+    attr_name, key = minified_fields(model_name)[name]
+    older = _OLDER_MINIFIED_KEYS.get(model_name if model_name == "SCANVI" else "SCVI", {})
+    for candidate in (key, *older.get(name, ())):
+        if candidate in getattr(adata, attr_name):
+            return Field(attr_name, candidate)
+    raise ValueError(f"This AnnData is minified but {_location(attr_name, key)} is missing.")
 _MANAGER_UUID_KEY = "_scvi_manager_uuid"
 # Rows of a dense matrix checked at once, so temporaries stay near 2**24 elements.
 _CHUNK_ELEMENTS = 2**24
@@ -508,7 +540,8 @@ def setup_registry(
         setup_args, source_fields = _setup_args_from_source(source, given), source.fields
 
     writes: list[tuple[str, str | None, Any]] = []
-    fields = _register_fields(adata, setup_args, source_fields, extend_categories, check_var_names, writes)
+    fields = _register_fields(adata, setup_args, source_fields, extend_categories, check_var_names, writes,
+                              model_name)
     for attr_name, key, value in writes:
         _write(adata, attr_name, key, value)
     if _UUID_KEY not in adata.uns:
@@ -674,7 +707,8 @@ def _as_key_list(keys) -> list | None:
 
 
 def _register_fields(
-    adata, setup_args: dict, source: dict[str, Field], extend: bool, check_var_names: bool, writes: list
+    adata, setup_args: dict, source: dict[str, Field], extend: bool, check_var_names: bool, writes: list,
+    model_name: str | None = "SCVI",
 ) -> dict[str, Field]:
     """Every field of ``setup_args`` (in scvi-tools' order), plus those of a minified AnnData."""
     fields = {
@@ -694,10 +728,8 @@ def _register_fields(
         adata, _as_key_list(setup_args["continuous_covariate_keys"]), writes
     )
     if MINIFY_TYPE_KEY in adata.uns:
-        for name, (attr_name, key) in MINIFIED_FIELDS.items():
-            if key not in getattr(adata, attr_name):
-                raise ValueError(f"This AnnData is minified but {_location(attr_name, key)} is missing.")
-            fields[name] = Field(attr_name, key)
+        for name in MINIFIED_FIELDS:
+            fields[name] = _minified_field(adata, model_name, name)
     return fields
 
 

@@ -32,5 +32,5 @@ def scanvi_guide(module, batch, transform_batch: int | None = None):
         z1 = sample_z_and_library(module, batch)  # (n, d)
         probs = module.classify(z1)  # (n, L)
         y = pyro.sample(Y, dist.Categorical(probs), infer={"enumerate": "parallel"})  # (n,) or (L, 1)
-        loc, scale = module.z2_encoder(module.label_input(z1, y))  # (…, n, d) each
+        loc, scale = module.z2_posterior(z1, y)  # (…, n, d) each
         pyro.sample(Z2, dist.Normal(loc, scale).to_event(1))  # (n, d) or (L, n, d)

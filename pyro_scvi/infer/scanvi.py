@@ -27,16 +27,18 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
-from pyro import poutine
+from pyro import plate, poutine
 from pyro.infer import ELBO
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import kl_divergence
 
 from ..data.minibatch import Minibatch
 from ..models.scanvi import Z2, Y
-from ..models.sites import LIBRARY, X, Z
+from ..models.sites import LIBRARY, PARTICLES, X, Z
+from .importance import MAX_PASS_ELEMENTS
 
-__all__ = ["SemiSupervisedBatch", "SemiSupervisedELBO", "scanvi_cell_terms"]
+__all__ = ["SemiSupervisedBatch", "SemiSupervisedELBO", "labelled_part", "scanvi_cell_terms",
+           "scanvi_log_importance_weights"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,16 @@ class SemiSupervisedBatch(Minibatch):
     @classmethod
     def of(cls, batch: Minibatch, labelled: Minibatch | None) -> "SemiSupervisedBatch":
         return cls(**{f.name: getattr(batch, f.name) for f in fields(Minibatch)}, labelled=labelled)
+
+
+def labelled_part(batch: Minibatch, n_labels: int, min_cells: int = 2) -> Minibatch | None:
+    """The cells of ``batch`` with a label (codes below ``n_labels``), or ``None`` when fewer than
+    ``min_cells`` (the classifier's BatchNorm needs two cells in training mode)."""
+    keep = batch.labels.reshape(-1) < n_labels  # (n,)
+    if int(keep.sum()) < min_cells:
+        return None
+    values = {f.name: getattr(batch, f.name) for f in fields(Minibatch)}
+    return Minibatch(**{name: None if value is None else value[keep] for name, value in values.items()})
 
 
 def enumerated_traces(model, guide, batch):
@@ -122,3 +134,45 @@ class SemiSupervisedELBO(ELBO):
         if value.requires_grad:
             value.backward()
         return value.detach()
+
+
+def _label_summed_log_weights(model, guide, batch: Minibatch, n_samples: int) -> torch.Tensor:
+    """``(K, n)`` log weights of :func:`scanvi_log_importance_weights` for ``K = n_samples`` draws of z1
+    (a ``"particles"`` plate at dim −2; ``y`` enumerated at dim −3, one z2 draw per (label, z1))."""
+    with plate(PARTICLES, n_samples, dim=-2):
+        guide_trace = poutine.trace(poutine.enum(guide, first_available_dim=-3)).get_trace(batch)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
+    p, q = prune_subsample_sites(model_trace).nodes, prune_subsample_sites(guide_trace).nodes
+    log_weight = p[X]["fn"].log_prob(p[X]["value"]) - q[Z]["fn"].log_prob(q[Z]["value"])  # (K, n)
+    if LIBRARY in q:
+        log_weight = log_weight + p[LIBRARY]["fn"].log_prob(q[LIBRARY]["value"]) - q[LIBRARY]["fn"].log_prob(
+            q[LIBRARY]["value"])
+    z2 = q[Z2]["value"]  # (L, K, n, d)
+    per_label = (p[Y]["fn"].log_prob(q[Y]["value"]) + p[Z2]["fn"].log_prob(z2)
+                 + p[Z]["fn"].log_prob(q[Z]["value"]) - q[Z2]["fn"].log_prob(z2))  # (L, K, n)
+    return (log_weight + torch.logsumexp(per_label, dim=0)).expand(n_samples, batch.n_cells)
+
+
+def scanvi_log_importance_weights(model, guide, batch: Minibatch, n_samples: int = 1000,
+                                  samples_per_pass: int | None = None) -> torch.Tensor:
+    """Log importance weights ``(K, n)`` of scANVI's marginal likelihood, the label summed out exactly::
+
+        log w_k = log p(x | z1_k, l) − log q(z1_k | x) [+ log p(l_k) − log q(l_k | x)]
+                + log Σ_y p(y) p(z1_k | z2_ky, y) p(z2_ky) / q(z2_ky | z1_k, y)
+
+    with z1_k ~ q(z1 | x) and, for every label y, one z2_ky ~ q(z2 | z1_k, y). The inner sum is an
+    unbiased estimate of p(z1_k) = Σ_y p(y) ∫ p(z1_k | z2, y) p(z2) dz2, so ``E[w_k] = p(x)`` and
+    ``logsumexp_k log w_k − log K`` is the usual consistent (and, as K grows, tightening) lower
+    estimate of log p(x). q(y | z1) is not needed: y is integrated by the sum, not sampled.
+    Drawn in passes of ``samples_per_pass`` (default: as many as keep one count tensor
+    ``K × n × G`` under 2²¹ elements).
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_mc_samples must be ≥ 1, got {n_samples}.")
+    if samples_per_pass is None:
+        width = batch.x.shape[-1] if batch.x is not None else 1
+        samples_per_pass = max(1, MAX_PASS_ELEMENTS // max(1, batch.n_cells * width))
+    samples_per_pass = min(samples_per_pass, n_samples)
+    chunks = [_label_summed_log_weights(model, guide, batch, min(samples_per_pass, n_samples - start))
+              for start in range(0, n_samples, samples_per_pass)]
+    return torch.cat(chunks, dim=0)

@@ -98,9 +98,16 @@ class FCLayers(nn.Module):
     def _injects(self, layer: int) -> bool:
         return layer == 0 or self.inject_covariates
 
-    def forward(self, x: torch.Tensor, *categorical: torch.Tensor) -> torch.Tensor:
-        """``x``: (…, n, n_in); ``categorical``: codes (n, 1) each. Returns (…, n, n_out)."""
-        covariates = one_hot_covariates(categorical, self.n_cat_list)
+    def forward(self, x: torch.Tensor, *categorical: torch.Tensor, one_hot: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``x``: (…, n, n_in); ``categorical``: codes (n, 1) each. Returns (…, n, n_out).
+
+        ``one_hot``: the covariates already one-hot encoded, (…, n, Σ K) with the leading shape of
+        ``x``, in place of ``categorical`` (e.g. scANVI's labels, enumerated along a leading axis)."""
+        covariates = one_hot_covariates(categorical, self.n_cat_list) if one_hot is None else one_hot
+        if covariates is not None and covariates.shape[-1] != sum(self.n_cat_list):
+            raise ValueError(f"FCLayers expects {sum(self.n_cat_list)} one-hot covariate columns, "
+                             f"got {covariates.shape[-1]}.")
         for i, block in enumerate(self.fc_layers):
             for layer in block:
                 if layer is None:
@@ -144,14 +151,16 @@ class GaussianEncoder(nn.Module):
         self.var_activation_name, self.var_activation = resolve_activation(var_activation)
         self.var_eps = var_eps
 
-    def forward(self, x: torch.Tensor, *categorical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encode(x, *categorical)[1:]
+    def forward(self, x: torch.Tensor, *categorical: torch.Tensor, one_hot: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode(x, *categorical, one_hot=one_hot)[1:]
 
-    def encode(self, x: torch.Tensor, *categorical: torch.Tensor
+    def encode(self, x: torch.Tensor, *categorical: torch.Tensor, one_hot: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Hidden representation h (…, n, n_hidden), loc and scale (…, n, n_out): what the richer
-        guides condition on (:class:`CholeskyHead`, :class:`~.flows.ConditionalLatentFlow`)."""
-        h = self.hidden(x, *categorical)
+        guides condition on (:class:`CholeskyHead`, :class:`~.flows.ConditionalLatentFlow`).
+        ``one_hot``: see :meth:`FCLayers.forward`."""
+        h = self.hidden(x, *categorical, one_hot=one_hot)
         loc = self.loc_head(h)
         scale = (self.var_activation(self.var_head(h)) + self.var_eps).sqrt()
         return h, loc, scale

@@ -42,6 +42,6 @@ def scanvi_model(module, batch, transform_batch: int | None = None):
         y = pyro.sample(Y, dist.Categorical(module.y_prior.expand(n, -1)))  # (n,) or (L, 1) enumerated
         zeros = torch.zeros(n, d, device=batch.batch_index.device)
         z2 = pyro.sample(Z2, dist.Normal(zeros, 1.0).to_event(1))  # (n, d) or (L, n, d)
-        loc, scale = module.z1_decoder(module.label_input(z2, y))  # (…, n, d) each
+        loc, scale = module.z1_prior(z2, y)  # (…, n, d) each
         z1 = pyro.sample(sites.Z, dist.Normal(loc, scale).to_event(1))  # (n, d): sampled once by the guide
         return observe_counts(module, batch, z1, transform_batch)  # (n, G)

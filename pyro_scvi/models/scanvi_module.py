@@ -5,8 +5,12 @@ weight keeps its name and a trained scVI state dict loads with ``strict=False``)
 
 * ``classifier``: q(y | z1), z1 (…, n, d) → logits (…, n, L); one hidden block or, with
   ``linear_classifier=True``, a single ``Linear(d, L)``
-* ``z2_encoder``: q(z2 | z1, y), [z1, one-hot y] (…, n, d + L) → loc, scale (…, n, d)
-* ``z1_decoder``: p(z1 | z2, y), [z2, one-hot y] (…, n, d + L) → loc, scale (…, n, d)
+* ``z2_encoder``: q(z2 | z1, y), z1 (…, n, d) and y → loc, scale (…, n, d)
+* ``z1_decoder``: p(z1 | z2, y), z2 (…, n, d) and y → loc, scale (…, n, d)
+
+In both z2 networks one-hot y is appended to the input of *every* hidden layer (scvi-tools injects
+its ``n_cat_list=[L]`` covariate deeply), so the first layer is ``(H, d + L)`` and deeper ones
+``(H, H + L)``; with ``L = 1`` no label column is added (``(H, d)``, ``(H, H)``), as in scvi-tools.
 * buffer ``y_prior`` (1, L): the fixed label proportions of p(y) (saved, never trained)
 """
 
@@ -75,11 +79,11 @@ class SCANVIModule(SCVIModule):
         self.linear_classifier = linear_classifier
         self.classifier = LabelClassifier(self.n_latent, n_labels, n_hidden, n_layers, dropout, bn_enc,
                                           ln_enc, linear=linear_classifier, softmax=classifier_softmax)
-        d_in = self.n_latent + n_labels
-        self.z2_encoder = GaussianEncoder(d_in, self.n_latent, None, n_layers, n_hidden, dropout, bn_enc,
-                                          ln_enc)
-        self.z1_decoder = GaussianEncoder(d_in, self.n_latent, None, n_layers, n_hidden, 0.0, bn_dec, ln_dec,
-                                          var_eps=0.0)
+        d, labels = self.n_latent, [n_labels]  # a one-category covariate adds no column
+        self.z2_encoder = GaussianEncoder(d, d, labels, n_layers, n_hidden, dropout, bn_enc, ln_enc,
+                                          inject_covariates=True)
+        self.z1_decoder = GaussianEncoder(d, d, labels, n_layers, n_hidden, 0.0, bn_dec, ln_dec,
+                                          inject_covariates=True, var_eps=0.0)
         probs = torch.ones(n_labels) if y_prior is None else torch.as_tensor(y_prior, dtype=torch.float32)
         if probs.numel() != n_labels or bool((probs < 0).any()) or not bool(probs.sum() > 0):
             raise ValueError(f"y_prior must hold {n_labels} non-negative proportions, got shape "
@@ -106,11 +110,21 @@ class SCANVIModule(SCVIModule):
         """q(y | z1): class probabilities (…, n, L)."""
         return torch.softmax(self.classifier(z1), dim=-1)
 
-    def label_input(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """[z, one-hot y]: z (…, n, d), y (n,) sampled or (L, 1) enumerated → (…, n, d + L)."""
-        one_hot = F.one_hot(y.long(), self.n_labels).to(z.dtype)  # (n, L) or (L, 1, L)
+    def _with_label(self, network: GaussianEncoder, z: torch.Tensor, y: torch.Tensor):
+        """``network`` at z (…, n, d) with one-hot y injected in every layer; y (n,) or (S, n)
+        sampled, or (L, 1[, 1]) enumerated. Returns loc, scale (…, n, d) broadcast over both."""
+        one_hot = F.one_hot(y.long(), self.n_labels).to(z.dtype)  # (…, L)
         shape = torch.broadcast_shapes(z.shape[:-1], one_hot.shape[:-1])
-        return torch.cat([z.expand(*shape, -1), one_hot.expand(*shape, -1)], dim=-1)
+        labels = one_hot.expand(*shape, -1) if self.n_labels > 1 else None
+        return network(z.expand(*shape, -1), one_hot=labels)
+
+    def z2_posterior(self, z1: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """loc, scale of q(z2 | z1, y) (see :meth:`_with_label` for the shapes)."""
+        return self._with_label(self.z2_encoder, z1, y)
+
+    def z1_prior(self, z2: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """loc, scale of p(z1 | z2, y) (see :meth:`_with_label` for the shapes)."""
+        return self._with_label(self.z1_decoder, z2, y)
 
     def classification_loss(self, labelled, with_accuracy: bool = False):
         """Mean cross-entropy of the classifier at the encoder mean on a minibatch of labelled cells
