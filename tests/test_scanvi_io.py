@@ -186,9 +186,28 @@ def test_scvi_tools_classifier_options(tmp_path):
     ok = _rewrite_init_params(tmp_path, classifier_parameters={"n_hidden": 32, "logits": True},
                               use_labels_groups=False, labels_groups=None)
     assert SCANVI.load(ok, fixture_adata()).n_labels == 3
-    bad = _rewrite_init_params(tmp_path, classifier_parameters={"n_hidden": 64})
+    bad = _rewrite_init_params(tmp_path, classifier_parameters={"inject_covariates": False})
     with pytest.raises(ValueError, match="classifier_parameters"):
         SCANVI.load(bad, fixture_adata())
     grouped = _rewrite_init_params(tmp_path, use_labels_groups=True)
     with pytest.raises(ValueError, match="use_labels_groups"):
         SCANVI.load(grouped, fixture_adata())
+
+
+def test_classifier_parameters_shape_the_classifier_and_survive_export(tmp_path):
+    adata = fixture_adata()
+    SCANVI.setup_anndata(adata, labels_key="cell_type", unlabeled_category="Unknown", batch_key="batch")
+    model = SCANVI(adata, n_hidden=16, n_latent=4,
+                   classifier_parameters={"n_hidden": 8, "n_layers": 2, "use_batch_norm": False})
+    hidden = model.module.classifier.hidden.fc_layers
+    assert len(hidden) == 2 and hidden[0][0].out_features == 8 and hidden[0][1] is None
+    model.train(max_epochs=1, batch_size=64)
+    model.save(tmp_path / "export", scvi_tools_format=True)
+    loaded = SCANVI.load(tmp_path / "export", adata)
+    pd.testing.assert_frame_equal(model.predict(soft=True), loaded.predict(soft=True))
+    with pytest.raises(ValueError, match="not supported"):
+        SCANVI(adata, classifier_parameters={"activation_fn": "relu"})
+    with pytest.raises(ValueError, match="linear_classifier=True has no hidden layer"):
+        SCANVI(adata, linear_classifier=True, classifier_parameters={"n_hidden": 8})
+    with pytest.raises(ValueError, match="issue 3804"):
+        SCANVI(adata, use_labels_groups=True)

@@ -51,7 +51,8 @@ __all__ = ["SCANVI"]
 
 _LABELS_COLUMN = "_scvi_labels"
 #: extra constructor arguments: scANVI's label prior and scVI's module options (one z1 guide family)
-_MODULE_KWARGS = ("y_prior", "latent_distribution", "classifier_softmax") + tuple(
+_MODULE_KWARGS = ("y_prior", "latent_distribution", "classifier_softmax", "classifier_parameters",
+                  "labels_groups", "use_labels_groups") + tuple(
     name for name in _SCVI_MODULE_KWARGS
     if name not in ("z_prior", "n_prior_components", "dispersion_prior", "guide", "n_flows"))
 #: scVI options scANVI replaces, with the scVI values from_scvi_model can start from

@@ -249,7 +249,7 @@ def scanvi_classifier_softmax(registry: Mapping) -> bool:
 
 def _scanvi_init_params_from_scvi_tools(init_params: dict, registry: Mapping) -> dict:
     """scANVI's extra arguments in ours: ``y_prior`` dropped (the state dict holds it), the classifier
-    options scvi-tools derives itself checked, ``classifier_softmax=True`` for a < 1.1 file."""
+    options that differ from what scvi-tools derives kept, ``classifier_softmax=True`` for a < 1.1 file."""
     non_kwargs, kwargs = init_params["non_kwargs"], dict(init_params["kwargs"]["kwargs"])
     kwargs.pop("y_prior", None)
     if kwargs.pop("use_labels_groups", False):
@@ -263,8 +263,7 @@ def _scanvi_init_params_from_scvi_tools(init_params: dict, registry: Mapping) ->
     custom = {k: v for k, v in dict(kwargs.pop("classifier_parameters", None) or {}).items()
               if default.get(k, object()) != v}
     if custom:
-        raise ValueError(f"This SCANVI was trained with classifier_parameters {custom}; pyro-scvi's "
-                         "classifier takes n_hidden, n_layers and dropout_rate from the model.")
+        kwargs["classifier_parameters"] = custom  # the module refuses options it lacks, by name
     if scanvi_classifier_softmax(registry):
         kwargs["classifier_softmax"] = True
     return {"non_kwargs": non_kwargs, "kwargs": {"kwargs": kwargs}}

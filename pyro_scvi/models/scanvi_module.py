@@ -54,16 +54,44 @@ class LabelClassifier(nn.Module):
         return torch.log_softmax(logits, dim=-1) if self.softmax else logits
 
 
+_CLASSIFIER_OPTIONS = ("n_hidden", "n_layers", "dropout_rate", "use_batch_norm", "use_layer_norm", "logits")
+
+
+def _classifier_options(given: dict | None, linear: bool, defaults: dict) -> dict:
+    """The classifier's widths and norms: the model's (encoder side), overridden by
+    ``classifier_parameters`` (scvi-tools' argument; ``logits=False`` means the last layer's output is
+    read as probabilities)."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(_CLASSIFIER_OPTIONS))
+    if unknown:
+        raise ValueError(f"classifier_parameters {unknown} are not supported; accepted: "
+                         f"{list(_CLASSIFIER_OPTIONS)}.")
+    if linear and any(k in given for k in ("n_hidden", "n_layers", "dropout_rate")):
+        raise ValueError("linear_classifier=True has no hidden layer: drop n_hidden, n_layers and "
+                         "dropout_rate from classifier_parameters, or set linear_classifier=False.")
+    if int(given.get("n_layers", 1)) < 1 and not linear:
+        raise ValueError("classifier_parameters n_layers must be at least 1 (or use linear_classifier=True).")
+    return {**defaults, "logits": True, **given}
+
+
 class SCANVIModule(SCVIModule):
     """The networks of scANVI for ``L = n_labels`` modelled cell types (see the module docstring).
 
     ``y_prior``: label proportions ``(L,)`` or ``(1, L)`` (normalised here); ``None`` is uniform.
     ``classifier_softmax``: the classifier of an scvi-tools < 1.1 file (see :class:`LabelClassifier`).
+    ``classifier_parameters``: overrides of the classifier's ``n_hidden``, ``n_layers``,
+    ``dropout_rate``, ``use_batch_norm``, ``use_layer_norm`` and ``logits`` (scvi-tools' argument).
+    ``labels_groups`` is accepted and unused, as in scvi-tools 1.5; ``use_labels_groups=True`` is refused.
     The other arguments are :class:`SCVIModule`'s; ``n_labels`` also sizes ``gene-label`` dispersion.
     """
 
     def __init__(self, n_input: int, n_labels: int, *, linear_classifier: bool = False, y_prior=None,
-                 classifier_softmax: bool = False, **kwargs) -> None:
+                 classifier_softmax: bool = False, classifier_parameters: dict | None = None,
+                 labels_groups=None, use_labels_groups: bool = False, **kwargs) -> None:
+        if use_labels_groups:
+            raise ValueError("use_labels_groups=True (scvi-tools' grouped classifier) is not supported: "
+                             "scvi-tools 1.5 removed it, its group probabilities were wrongly normalised "
+                             "(scvi-tools issue 3804). Use the default use_labels_groups=False.")
         if n_labels < 1:
             raise ValueError("scANVI needs at least one labelled cell type; every cell has the "
                              "unlabeled category. Label some cells in adata.obs[labels_key].")
@@ -77,8 +105,12 @@ class SCANVIModule(SCVIModule):
         bn_enc, bn_dec = bn in ("encoder", "both"), bn in ("decoder", "both")
         ln_enc, ln_dec = ln in ("encoder", "both"), ln in ("decoder", "both")
         self.linear_classifier = linear_classifier
-        self.classifier = LabelClassifier(self.n_latent, n_labels, n_hidden, n_layers, dropout, bn_enc,
-                                          ln_enc, linear=linear_classifier, softmax=classifier_softmax)
+        options = _classifier_options(classifier_parameters, linear_classifier,
+                                      dict(n_hidden=n_hidden, n_layers=n_layers, dropout_rate=dropout,
+                                           use_batch_norm=bn_enc, use_layer_norm=ln_enc))
+        softmax = not options.pop("logits") or classifier_softmax
+        self.classifier = LabelClassifier(self.n_latent, n_labels, **options, linear=linear_classifier,
+                                          softmax=softmax)
         d, labels = self.n_latent, [n_labels]  # a one-category covariate adds no column
         self.z2_encoder = GaussianEncoder(d, d, labels, n_layers, n_hidden, dropout, bn_enc, ln_enc,
                                           inject_covariates=True)
