@@ -65,7 +65,12 @@ def test_query_training_freezes_exactly_what_scvi_tools_freezes(reference_model)
     settings.seed = 1
     model, _ = _query_model(reference_model)
     reference = {k: v.clone() for k, v in reference_model.module.state_dict().items()}
+    seen = []
+    first = model.module.z1_decoder.loc_head.weight  # wholly frozen: no gradient is even computed
+    hook = model.module.decoder.hidden.register_forward_hook(lambda *_: seen.append(first.requires_grad))
     model.train(max_epochs=3, batch_size=64, enable_progress_bar=False)  # default weight decay
+    hook.remove()
+    assert seen and not any(seen) and first.requires_grad  # off while training, restored after
     trained = model.module.state_dict()
     covariate_inputs = {"z_encoder.hidden.fc_layers.Layer 0.0.weight",
                         "decoder.hidden.fc_layers.Layer 0.0.weight"}

@@ -9,6 +9,8 @@ are *negative* ELBOs (positive numbers, lower is better).
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -213,16 +215,36 @@ class FrozenEntries:
         if unknown:
             raise ValueError(f"frozen_parameters names unknown parameters: {unknown}.")
         self._entries = []
+        #: wholly frozen parameters: no gradient is computed for them while training (see ``hold``)
+        self._whole = []
         for name, mask in masks.items():
             parameter = parameters[name]
             mask = torch.as_tensor(mask, dtype=torch.bool, device=parameter.device).expand_as(parameter)
-            self._entries.append((parameter, mask, parameter.detach().clone()))
+            if bool(mask.all()):
+                self._whole.append(parameter)
+            else:
+                self._entries.append((parameter, mask, parameter.detach().clone()))
 
     def __bool__(self) -> bool:
         return bool(self._entries)
 
+    @contextlib.contextmanager
+    def hold(self):
+        """Within the block, wholly frozen parameters have ``requires_grad=False``: backward skips
+        their weight gradients and Adam (which skips parameters without a gradient) leaves them
+        bitwise unchanged, weight decay included."""
+        previous = [parameter.requires_grad for parameter in self._whole]
+        for parameter in self._whole:
+            parameter.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for parameter, flag in zip(self._whole, previous):
+                parameter.requires_grad_(flag)
+
     @torch.no_grad()
     def restore(self) -> None:
+        """Write the frozen entries of partly frozen parameters back (after an optimiser step)."""
         for parameter, mask, value in self._entries:
             parameter.copy_(torch.where(mask, value, parameter))
 
@@ -297,7 +319,7 @@ def run_training(
     epochs = tqdm(range(max_epochs), desc="Training", unit="epoch", disable=not progress_bar, leave=True)
     # Argument checks of distributions are a pass over each tensor plus a host sync (on CUDA) per
     # site and step; training runs without them and checks finiteness once per epoch instead.
-    with pyro.validation_enabled(False):
+    with pyro.validation_enabled(False), run.frozen.hold():
         try:
             for epoch in epochs:
                 # weights (and BatchNorm statistics) at the start of the epoch: restored if it goes non-finite
