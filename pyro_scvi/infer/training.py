@@ -10,7 +10,6 @@ are *negative* ELBOs (positive numbers, lower is better).
 from __future__ import annotations
 
 import contextlib
-
 import math
 import warnings
 from dataclasses import dataclass, field
