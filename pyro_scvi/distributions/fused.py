@@ -3,23 +3,30 @@
 The plain torch formula in :mod:`pyro_scvi.distributions` runs about twenty elementwise kernels
 forward and as many backward over the ``(n, G)`` count matrix, plus lgamma and digamma per
 entry; on a CPU that is most of a training step. ``csrc/nb_log_prob.c`` computes the
-log-density *and* its partial derivatives in μ, θ and the zero-inflation logits in one
-vectorised pass (glibc's libmvec for log/exp, a branch-free Stirling series for lgamma and
-digamma). Backward is then one multiplication per parameter.
+log-density *and* its partial derivatives in μ, θ and the zero-inflation logits in one dense
+vectorised pass plus a pass over the non-zero counts only (see the C file for why it vectorises
+with any gcc or clang on any SIMD width). Backward is then one multiplication per parameter.
 
-The C file is compiled on first use with the system C compiler (``$CC`` or ``cc``; ``-O3
--march=native -ffast-math``) into a cache folder (``$PYRO_SCVI_CACHE``, else
-``$XDG_CACHE_HOME/pyro_scvi`` or ``~/.cache/pyro_scvi``), keyed by the source, the flags and the
-CPU, and loaded with :mod:`ctypes`; nothing is compiled at install time. Without a compiler, on
-other platforms or on CUDA the torch formula is used (:func:`available` says which and
-:func:`unavailable_reason` why). Values and gradients agree with the torch formula to float32
-precision (``tests/test_fused.py``); :func:`pyro_scvi.distributions.dense_log_prob` turns this
-path off along with the other fast paths.
+The C file is compiled on first use with the system C compiler (``$CC`` or ``cc``) for this CPU
+(``-march=native``, ``-mcpu=native`` on ARM64) with OpenMP when the compiler has it, into a
+cache folder (``$PYRO_SCVI_CACHE``, else ``$XDG_CACHE_HOME/pyro_scvi`` or ``~/.cache/pyro_scvi``)
+keyed by the source, the compiler and the CPU, and loaded with :mod:`ctypes`; nothing is compiled
+at install time. Without a compiler, on other platforms or on CUDA the torch formula is used
+(:func:`available` says which and :func:`unavailable_reason` why). Values and gradients agree with
+the torch formula to float32 precision (``tests/test_fused.py``);
+:func:`pyro_scvi.distributions.dense_log_prob` turns this path off along with the other fast paths.
+
+Whether ``log_prob`` uses the kernel is decided by measurement, once per process
+(:mod:`pyro_scvi.distributions.kernel_choice`). ``$PYRO_SCVI_CFLAGS`` adds compiler flags (for
+example ``-march=haswell`` to build for a family of machines rather than this one). :func:`build_info`
+and :func:`vectorisation_report` (``pyro-scvi info --kernel``) say how the kernel was built and
+whether the compiler vectorised its loops.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -33,15 +40,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "expected", "unavailable_reason", "nb_log_prob", "supports", "library_path"]
+__all__ = [
+    "available", "expected", "unavailable_reason", "nb_log_prob", "supports", "library_path",
+    "build_info", "vectorisation_report", "cpu_description",
+]
 
 _SOURCE = Path(__file__).with_name("csrc") / "nb_log_prob.c"
-#: compile flags; -ffast-math lets the compiler call libmvec's vector log/exp
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-fopenmp"]
-#: link flags, deliberately without -ffast-math: linked with it, GCC adds crtfastmath.o, which sets
-#: flush-to-zero for the whole process when the library loads
-_LINK = ["-shared", "-fopenmp", "-lmvec", "-lm"]
-
+#: optimisation flags. No -ffast-math: the kernel's own log/exp vectorise without it, and it would
+#: let the compiler drop the NaN checks that make a NaN parameter give a NaN result
+_OPTIMISE = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC"]
+#: the supported platforms: (sys.platform prefix, machine names)
+_PLATFORMS = {"linux": ("x86_64", "AMD64", "aarch64", "arm64"), "darwin": ("x86_64", "arm64")}
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _reason: str | None = None
@@ -55,13 +64,30 @@ def _cache_dir() -> Path:
     return Path(base) / "pyro_scvi"
 
 
+def cpu_description() -> dict[str, str]:
+    """The CPU's model name and the SIMD feature flags that matter here (Linux; else ``platform``)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {"model": platform.processor() or platform.machine(), "flags": ""}
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "asimd", "sve")
+            if f in flags]
+    model = fields.get("model name") or fields.get("CPU part") or platform.machine()
+    return {"model": model, "flags": " ".join(simd)}
+
+
 def _cpu_signature() -> str:
-    """The CPU's model and feature flags (``-march=native`` code is only valid on the same ones)."""
+    """The CPU's model and all its feature flags (``-march=native`` code is only valid on the same ones)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return platform.processor()
-    keep = [line for line in lines if line.startswith(("model name", "flags"))][:2]
+    keep = [line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part"))][:3]
     return "\n".join(keep)
 
 
@@ -69,33 +95,68 @@ def _compiler() -> str:
     return os.environ.get("CC", "cc")
 
 
+def _arch_flag() -> str:
+    return "-mcpu=native" if platform.machine() in ("aarch64", "arm64") else "-march=native"
+
+
+def _variants() -> list[list[str]]:
+    """Compile flags to try in order: for this CPU with OpenMP, without OpenMP (clang without
+    libomp), and without the CPU flag (a compiler that does not know it)."""
+    extra = os.environ.get("PYRO_SCVI_CFLAGS", "").split()
+    tuned = [*_OPTIMISE, _arch_flag(), *extra]
+    return [[*tuned, "-fopenmp"], tuned, [*_OPTIMISE, *extra]]
+
+
 def library_path() -> Path:
-    """Where the compiled kernel for this source, compiler flags and CPU lives (or will live)."""
+    """Where the compiled kernel for this source, compiler and CPU lives (or will live)."""
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(_FLAGS + _LINK).encode(), _compiler().encode(),
+    for part in (_SOURCE.read_bytes(), repr(_variants()).encode(), _compiler().encode(),
                  _cpu_signature().encode(), platform.machine().encode()):
         key.update(part)
         key.update(b"\0")
     return _cache_dir() / f"nb_log_prob-{key.hexdigest()[:16]}.so"
 
 
+def _compile(flags: list[str], target: str, obj: str) -> None:
+    """Compile and link the kernel with ``flags`` into ``target``; the flags are built into the
+    library (``nb_log_prob_build_flags``)."""
+    openmp = ["-fopenmp"] if "-fopenmp" in flags else []
+    described = " ".join(flags).replace('"', "")
+    for command in ([_compiler(), *flags, f'-DPYRO_SCVI_BUILD_FLAGS="{described}"', "-c", "-o", obj,
+                     str(_SOURCE)],
+                    [_compiler(), "-shared", *openmp, "-o", target, obj, "-lm"]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
+
+
 def _build(target: Path) -> None:
-    """Compile the kernel into ``target`` (written to a temporary file first, then renamed)."""
+    """Compile the kernel into ``target`` (written to a temporary file first, then renamed) with the
+    first flag variant that builds."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
     obj = temporary[:-3] + ".o"
+    errors = []
     try:
-        for command in ([_compiler(), *_FLAGS, "-c", "-o", obj, str(_SOURCE)],
-                        [_compiler(), "-o", temporary, obj, *_LINK]):
-            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-            if result.returncode != 0:
-                raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
-        os.replace(temporary, target)
+        for flags in _variants():
+            try:
+                _compile(flags, temporary, obj)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+                errors.append(str(error))
+                continue
+            os.replace(temporary, target)
+            return
+        raise RuntimeError(errors[0])
     finally:
         for path in (temporary, obj):
             if os.path.exists(path):
                 os.remove(path)
+
+
+def _platform_supported() -> bool:
+    machines = next((m for prefix, m in _PLATFORMS.items() if sys.platform.startswith(prefix)), ())
+    return platform.machine() in machines
 
 
 def _load() -> ctypes.CDLL | None:
@@ -104,9 +165,9 @@ def _load() -> ctypes.CDLL | None:
         if _loaded:
             return _library
         _loaded = True
-        if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        if not _platform_supported():
             _reason = (
-                "the fused kernel is built for Linux on x86-64 only "
+                "the fused kernel is built for Linux (x86-64, ARM64) and macOS only "
                 f"(this is {sys.platform}/{platform.machine()})"
             )
             return None
@@ -127,15 +188,16 @@ def _load() -> ctypes.CDLL | None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         library.nb_log_prob.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
         library.nb_log_prob.restype = ctypes.c_int
+        library.nb_log_prob_openmp.restype = ctypes.c_int
+        library.nb_log_prob_build_flags.restype = ctypes.c_char_p
         _library = library
         return library
 
 
 def expected() -> bool:
-    """Whether this machine should be able to build the kernel: Linux on x86-64 with the C
-    compiler (``$CC`` or ``cc``) on the PATH."""
-    supported = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
-    return supported and shutil.which(_compiler()) is not None
+    """Whether this machine should be able to build the kernel: a supported platform (Linux on
+    x86-64 or ARM64, macOS) with the C compiler (``$CC`` or ``cc``) on the PATH."""
+    return _platform_supported() and shutil.which(_compiler()) is not None
 
 
 def available() -> bool:
@@ -147,6 +209,70 @@ def unavailable_reason() -> str | None:
     """Why :func:`available` is False (``None`` when it is True)."""
     _load()
     return _reason
+
+
+def _compiler_version() -> str:
+    try:
+        result = subprocess.run([_compiler(), "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"unknown ({error})"
+    return (result.stdout.splitlines() or ["unknown"])[0]
+
+
+def build_info() -> dict:
+    """How the kernel is built here: ``available`` (and ``reason`` if not), the ``compiler`` and its
+    ``compiler_version``, the ``flags`` the loaded library was built with, whether it uses
+    ``openmp``, the ``library`` path and the ``cpu`` (model and SIMD flags)."""
+    info = {
+        "available": available(),
+        "reason": unavailable_reason(),
+        "compiler": _compiler(),
+        "compiler_version": _compiler_version(),
+        "library": str(library_path()),
+        "cpu": cpu_description(),
+    }
+    if _library is not None:
+        info["flags"] = _library.nb_log_prob_build_flags().decode()
+        info["openmp"] = bool(_library.nb_log_prob_openmp())
+    return info
+
+
+def vector_loops() -> dict[str, int]:
+    """The loops the source marks ``/* vector loop: NAME */``, by name: their line numbers."""
+    loops = {}
+    for number, line in enumerate(_SOURCE.read_text().splitlines(), start=1):
+        if "/* vector loop: " in line:
+            loops[line.split("/* vector loop: ", 1)[1].split("*/", 1)[0].strip()] = number
+    return loops
+
+
+@functools.cache
+def vectorisation_report() -> dict[str, bool]:
+    """Compile the kernel once more (once per process), with the flags of the loaded library and the
+    compiler's vectorisation remarks (gcc's ``-fopt-info-vec-optimized``, clang's
+    ``-Rpass=loop-vectorize``), and say for each marked loop (:func:`vector_loops`) whether it was
+    vectorised. Raises
+    RuntimeError where the kernel is not built or the compiler gives no remarks."""
+    if not available():
+        raise RuntimeError(f"The fused kernel is not available: {unavailable_reason()}.")
+    flags = _library.nb_log_prob_build_flags().decode().split()
+    is_clang = "clang" in _compiler_version().lower()
+    remark = "-Rpass=loop-vectorize" if is_clang else "-fopt-info-vec-optimized"
+    with tempfile.TemporaryDirectory() as folder:
+        command = [_compiler(), *flags, remark, "-c", "-o", os.path.join(folder, "k.o"), str(_SOURCE)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
+    vectorised_lines = set()
+    for line in result.stderr.splitlines():
+        if ("loop vectorized" in line or "vectorized loop" in line) and _SOURCE.name in line:
+            try:
+                vectorised_lines.add(int(line.split(_SOURCE.name + ":", 1)[1].split(":", 1)[0]))
+            except (IndexError, ValueError):
+                continue
+    if not vectorised_lines and "vectoriz" not in result.stderr:
+        raise RuntimeError(f"{_compiler()} gave no vectorisation remarks with {remark}.")
+    return {name: line in vectorised_lines for name, line in vector_loops().items()}
 
 
 def _per_gene_theta(theta: torch.Tensor, n_genes: int) -> bool:

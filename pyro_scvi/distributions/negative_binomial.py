@@ -44,10 +44,13 @@ import torch.nn.functional as F
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
-from . import fused
+from . import fused, kernel_choice
 from .pochhammer import is_integer_valued, log_factorial, log_pochhammer
 
-__all__ = ["NegativeBinomial", "ZeroInflatedNegativeBinomial", "dense_log_prob"]
+__all__ = [
+    "NegativeBinomial", "ZeroInflatedNegativeBinomial", "dense_log_prob", "fused_kernel_off",
+    "torch_formula_log_prob",
+]
 
 _EPS = 1e-8
 #: upper clamp of the gamma draw before the Poisson draw (avoids overflow of torch.poisson)
@@ -98,6 +101,7 @@ def _count_terms(value, theta):
 
 
 _FAST_PATHS = True
+_FUSED_KERNEL = True
 
 
 @contextlib.contextmanager
@@ -112,6 +116,27 @@ def dense_log_prob():
         _FAST_PATHS = previous
 
 
+@contextlib.contextmanager
+def fused_kernel_off():
+    """Within this block ``log_prob`` uses the torch formula (with its sparse-aware path and tables)
+    instead of the fused kernel, to compare the two (:mod:`.kernel_choice`)."""
+    global _FUSED_KERNEL
+    previous, _FUSED_KERNEL = _FUSED_KERNEL, False
+    try:
+        yield
+    finally:
+        _FUSED_KERNEL = previous
+
+
+def torch_formula_log_prob(value, mu, theta, logits=None):
+    """log NB / log ZINB (``logits`` given) by the torch formula with its sparse-aware path and
+    tables, never the fused kernel: what :mod:`.kernel_choice` measures the kernel against."""
+    with fused_kernel_off():
+        if logits is None:
+            return NegativeBinomial(mu, theta, validate_args=False).log_prob(value)
+        return ZeroInflatedNegativeBinomial(mu, theta, logits, validate_args=False).log_prob(value)
+
+
 #: the sparse-aware path pays off below this fraction of non-zero counts (measured on CellBench:
 #: 8% faster per epoch at 42% non-zero, 12% slower at 79%; see benchmarks/README.md)
 SPARSE_DENSITY_THRESHOLD = 0.5
@@ -120,14 +145,19 @@ SPARSE_DENSITY_THRESHOLD = 0.5
 def _fused_log_prob(value, batch_shape, mu, theta, logits=None):
     """log NB / log ZINB from the fused CPU kernel (:mod:`pyro_scvi.distributions.fused`), or ``None``
     where it does not apply (fast paths off, CUDA, float64, broadcast μ or logits, no compiler, or counts
-    that require a gradient: the kernel differentiates in the parameters only)."""
-    if not _FAST_PATHS or mu.shape != batch_shape or not value.dim() or value.requires_grad:
+    that require a gradient: the kernel differentiates in the parameters only) or where the torch formula
+    measured faster on this machine (:mod:`.kernel_choice`)."""
+    if not (_FAST_PATHS and _FUSED_KERNEL) or mu.shape != batch_shape:
+        return None
+    if not value.dim() or value.requires_grad:
         return None
     if value.shape != batch_shape:
         if torch.broadcast_shapes(value.shape, batch_shape) != batch_shape:
             return None
         value = value.expand(batch_shape)
-    if not fused.supports(value, mu, theta, logits) or not fused.available():
+    if not fused.supports(value, mu, theta, logits):
+        return None
+    if not kernel_choice.choice(torch_formula_log_prob)["use_fused"]:  # measured once per process
         return None
     return fused.nb_log_prob(value, mu, theta, logits)
 
