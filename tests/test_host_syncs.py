@@ -29,9 +29,10 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from pyro_scvi import SCVI
+from pyro_scvi import SCANVI, SCVI
 from pyro_scvi.distributions import dense_log_prob
 from pyro_scvi.infer import training
+from pyro_scvi.infer.scanvi import categorical_kl
 
 REPO = Path(__file__).resolve().parents[1]
 Tensor = torch.Tensor
@@ -159,16 +160,16 @@ class StepWatch:
         return epoch
 
 
-def watch_training(monkeypatch, guard, loading: bool) -> StepWatch:
-    """A :class:`StepWatch` over the training minibatches of every ``SCVI.train`` in the test."""
+def watch_training(monkeypatch, guard, loading: bool, model_class=SCVI) -> StepWatch:
+    """A :class:`StepWatch` over the training minibatches of every ``model_class.train`` in the test."""
     watch = StepWatch(guard, loading)
-    registered = SCVI._registered_training_data
+    registered = model_class._registered_training_data
 
     def training_data(self, *args, **kwargs):
         data = registered(self, *args, **kwargs)
         return data._replace(train=watch.wrap(data.train))
 
-    monkeypatch.setattr(SCVI, "_registered_training_data", training_data)
+    monkeypatch.setattr(model_class, "_registered_training_data", training_data)
     return watch
 
 
@@ -182,10 +183,13 @@ CASES = [
 EPOCHS, BATCH_SIZE = 2, 64
 
 
-def _train(adata, model_kwargs, plan_kwargs, accelerator):
+def _train(adata, model_kwargs, plan_kwargs, accelerator, model_class=SCVI):
     """A model trained for a few epochs; on the CPU with the dense log-density, as on CUDA."""
-    SCVI.setup_anndata(adata, batch_key="batch")
-    model = SCVI(adata, **model_kwargs)
+    if model_class is SCANVI:  # label_0 stands for the unlabelled cells
+        SCANVI.setup_anndata(adata, batch_key="batch", labels_key="labels", unlabeled_category="label_0")
+    else:
+        SCVI.setup_anndata(adata, batch_key="batch")
+    model = model_class(adata, **model_kwargs)
     with dense_log_prob() if accelerator == "cpu" else contextlib.nullcontext():
         model.train(max_epochs=EPOCHS, accelerator=accelerator, batch_size=BATCH_SIZE,
                     check_val_every_n_epoch=1, plan_kwargs=plan_kwargs, enable_progress_bar=False)
@@ -204,6 +208,25 @@ def test_training_steps_read_nothing_back(adata, monkeypatch, model_kwargs, plan
     assert watch.watched == _steps(model) - 1 > 0
     assert not reads.found, "host reads in the training step:\n" + "\n".join(sorted(set(reads.found)))
     assert np.isfinite(model.history["elbo_validation"].to_numpy()).all()
+
+
+def test_scanvi_training_steps_read_nothing_back(adata, monkeypatch):
+    reads = HostReads()
+    watch = watch_training(monkeypatch, reads.watch, loading=False, model_class=SCANVI)
+    model = _train(adata, {}, {}, "cpu", SCANVI)
+    assert watch.watched == _steps(model) - 1 > 0
+    assert not reads.found, "host reads in the training step:\n" + "\n".join(sorted(set(reads.found)))
+
+
+def test_categorical_kl_is_torchs():
+    logits = torch.randn(4, 3)
+    p = dist.Categorical(logits=logits)
+    zero = torch.tensor([[0.5, 0.5, 0.0]]).expand(4, 3)
+    for first, second in [(p, dist.Categorical(logits=logits.flip(0))), (dist.Categorical(zero), p),
+                          (p, dist.Categorical(zero)), (dist.Categorical(zero), dist.Categorical(zero))]:
+        expected = torch.distributions.kl_divergence(first, second)
+        torch.testing.assert_close(categorical_kl(first, second), expected)
+    assert categorical_kl(p, dist.Categorical(zero)).isinf().all()
 
 
 def test_the_watch_sees_a_read_in_the_step(adata, monkeypatch):
@@ -248,6 +271,17 @@ def test_cuda_sync_watch_sees_a_sync():
         torch.tensor(1.0, device="cuda")
         x * 2
     assert len(syncs.found) == 2
+
+
+@pytest.mark.cuda
+def test_cuda_scanvi_training_steps_do_not_sync(adata, monkeypatch):
+    syncs = CudaSyncs()
+    watch = watch_training(monkeypatch, syncs.watch, loading=True, model_class=SCANVI)
+    model = _train(adata, {}, {}, "gpu", SCANVI)
+    assert model.device.type == "cuda"
+    assert watch.watched == _steps(model) - 1 > 0
+    assert not syncs.found, (
+        "synchronising calls in the training step:\n" + "\n".join(sorted(set(syncs.found))))
 
 
 @pytest.mark.cuda
