@@ -6,11 +6,13 @@ copy, e.g. ``torch.tensor(1.0, device=...)``, which ``torch.distributions`` does
 parameter) stalls the host until the GPU has caught up. Done at every step, it idles the GPU
 between steps. The training loop reads its metrics once per epoch instead.
 
-Both tests watch the training steps after the first (the first creates the optimiser's state) of a
-real ``SCVI.train``; the per-epoch work (metrics, the finiteness check, validation) is not watched.
+The tests watch the training steps after the first (the first creates the optimiser's state) of a
+real ``SCVI.train`` / ``SCANVI.train``; the per-epoch work (metrics, the finiteness check,
+validation) is not watched.
 
-* On CUDA, ``torch.cuda.set_sync_debug_mode`` reports every synchronising call, including the
-  minibatch's copy to the GPU (watched too).
+* On CUDA, ``torch.cuda.set_sync_debug_mode("warn")`` reports every synchronising call, including
+  the minibatch's copy to the GPU (watched too); the test records them all with where they were
+  made, so that one run on a GPU lists every offender (``"error"`` would stop at the first).
 * CI has no GPU: on the CPU, a ``TorchFunctionMode`` records the same calls at the Python level,
   with the dense log-density (the code path CUDA takes: the fast paths are CPU-only).
 """
@@ -266,11 +268,16 @@ def test_host_reads_are_told_apart_from_device_work():
 def test_cuda_sync_watch_sees_a_sync():
     syncs = CudaSyncs()
     x = torch.ones(3, device="cuda")
+    for synchronising in (lambda: x.sum().item(), lambda: torch.tensor(1.0, device="cuda")):
+        before = len(syncs.found)
+        with syncs.watch():
+            synchronising()
+        assert len(syncs.found) > before
+        assert "tests/test_host_syncs.py" in syncs.found[-1]
+    before = len(syncs.found)
     with syncs.watch():
-        x.sum().item()
-        torch.tensor(1.0, device="cuda")
-        x * 2
-    assert len(syncs.found) == 2
+        (x * 2).sum(), torch.full((), 1.0, device="cuda")
+    assert len(syncs.found) == before
 
 
 @pytest.mark.cuda
