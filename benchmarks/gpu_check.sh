@@ -37,12 +37,17 @@ section() { printf '\n===== %s (%s s left)\n' "$1" "$(left)"; }
 
 section "Python"
 python=""
-for candidate in "${PYTHON:-}" .venv/bin/python python3 python; do
-    [ -n "$candidate" ] || continue
-    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "import torch" >/dev/null 2>&1; then
-        python=$candidate
-        break
-    fi
+# for the GPU, the first Python whose torch sees CUDA; else (and for the dry run) the first with torch
+checks=("import torch")
+[ "$device" = cuda ] && checks=("import sys, torch; sys.exit(not torch.cuda.is_available())" "${checks[@]}")
+for check in "${checks[@]}"; do
+    for candidate in "${PYTHON:-}" .venv/bin/python python3 python; do
+        [ -n "$candidate" ] && command -v "$candidate" >/dev/null 2>&1 || continue
+        if "$candidate" -c "$check" >/dev/null 2>&1; then
+            python=$candidate
+            break 2
+        fi
+    done
 done
 if [ -z "$python" ]; then
     echo "no Python with torch found (tried \$PYTHON, .venv/bin/python, python3, python)"
