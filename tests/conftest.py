@@ -27,6 +27,11 @@ def top_variable_genes(adata, n_genes: int):
     return adata[:, keep].copy()
 
 
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (CI machines have none)")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     settings.seed = 0

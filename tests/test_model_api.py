@@ -248,7 +248,7 @@ def test_device_repr_and_flags(trained, capsys):
     assert trained.is_trained is True
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI machines have none)")
+@pytest.mark.cuda
 def test_cuda_training_and_queries(adata):
     SCVI.setup_anndata(adata, batch_key="batch")
     model = SCVI(adata)

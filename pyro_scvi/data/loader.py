@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Iterator
 
 import numpy as np
@@ -97,11 +98,8 @@ class RegisteredData:
             return None if t is None else t[index]
 
         counts = self.counts_of(indices, sparse=sparse) if rows is None else _rows_as_tensor(rows, sparse)
-        x = counts.to(device)
-        if sparse:
-            x = x.to_dense()
         batch = Minibatch(
-            x=x,
+            x=counts,
             batch_index=pick(self.batch_index),
             labels=pick(self.labels),
             log_library=pick(self.log_library),
@@ -111,7 +109,8 @@ class RegisteredData:
             latent_loc=pick(self.latent_loc),
             latent_scale=pick(self.latent_scale),
         )
-        return batch.to(device)
+        batch = _host_to_device(batch, device)
+        return replace(batch, x=batch.x.to_dense()) if sparse else batch
 
     def iterate(
         self,
@@ -140,6 +139,18 @@ class RegisteredData:
         for start in range(0, stop, batch_size):
             chunk = indices[start : start + batch_size]
             yield chunk, self.minibatch(chunk, device=device, sparse=sparse)
+
+
+def _host_to_device(batch: Minibatch, device: torch.device | str) -> Minibatch:
+    """A minibatch built in host memory, copied to ``device``.
+
+    To CUDA the tensors go through page-locked memory and are copied with ``non_blocking=True``: the
+    copies are queued on the current stream and the host goes on to the next step at once. A copy
+    from ordinary (pageable) memory would make the host wait for the device at every minibatch.
+    """
+    if torch.device(device).type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
 
 
 def _rows_as_tensor(rows, sparse: bool = False) -> torch.Tensor:
@@ -173,14 +184,17 @@ def minibatch_from_dict(tensors: dict, device: torch.device | str = "cpu") -> Mi
     x = torch.as_tensor(x)
     if x.layout != torch.strided:
         x = x.to_dense()
-    x = x.to(device=device, dtype=torch.float32)
+    # host-to-GPU copies are queued without waiting (asynchronous from page-locked memory, e.g. a
+    # DataLoader's pin_memory=True)
+    non_blocking = torch.device(device).type == "cuda"
+    x = x.to(device=device, dtype=torch.float32, non_blocking=non_blocking)
     n = x.shape[0]
 
     def column(key, dtype):
         value = tensors.get(key)
         if value is None:
             return None
-        value = torch.as_tensor(value).to(device=device, dtype=dtype)
+        value = torch.as_tensor(value).to(device=device, dtype=dtype, non_blocking=non_blocking)
         return value.reshape(n, -1)
 
     zeros = torch.zeros((n, 1), dtype=torch.int64, device=device)

@@ -60,6 +60,14 @@ class Minibatch:
         return Minibatch(**{name: None if value is None else value.to(device, non_blocking=non_blocking)
                             for name, value in values.items()})
 
+    def pin_memory(self) -> "Minibatch":
+        """The same tensors in page-locked host memory (needs CUDA), for asynchronous copies to the GPU
+        (``to(device, non_blocking=True)``); sparse tensors are left as they are."""
+        def pinned(value):
+            return value if value is None or value.layout != torch.strided else value.pin_memory()
+
+        return Minibatch(**{f.name: pinned(getattr(self, f.name)) for f in fields(self)})
+
     def with_batch(self, code: int) -> "Minibatch":
         """The same cells, every one assigned to batch ``code``."""
         return replace(self, batch_index=torch.full_like(self.batch_index, int(code)))

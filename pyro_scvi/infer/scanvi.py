@@ -37,8 +37,8 @@ from ..models.scanvi import Z2, Y
 from ..models.sites import LIBRARY, PARTICLES, X, Z
 from .importance import MAX_PASS_ELEMENTS
 
-__all__ = ["SemiSupervisedBatch", "SemiSupervisedELBO", "labelled_part", "scanvi_cell_terms",
-           "scanvi_log_importance_weights"]
+__all__ = ["SemiSupervisedBatch", "SemiSupervisedELBO", "categorical_kl", "labelled_part",
+           "scanvi_cell_terms", "scanvi_log_importance_weights"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,15 @@ def labelled_part(batch: Minibatch, n_labels: int, min_cells: int = 2) -> Miniba
     return Minibatch(**{name: None if value is None else value[keep] for name, value in values.items()})
 
 
+def categorical_kl(p, q) -> torch.Tensor:
+    """KL(p ‖ q) of two categorical distributions, as ``torch.distributions.kl_divergence`` (0 where p
+    is 0, inf where q is 0 and p is not), with ``torch.where`` in place of torch's boolean-mask
+    assignments, which make the host wait for the device on CUDA."""
+    terms = p.probs * (p.logits - q.logits)
+    terms = torch.where(q.probs == 0, torch.inf, terms)
+    return torch.where(p.probs == 0, 0.0, terms).sum(-1)
+
+
 def enumerated_traces(model, guide, batch):
     """The guide traced with ``y`` enumerated at dim −2, and the model replayed on it."""
     guide_trace = poutine.trace(poutine.enum(guide, first_available_dim=-2)).get_trace(batch)
@@ -82,7 +91,7 @@ def scanvi_cell_terms(model, guide, batch) -> tuple[dict, dict]:
     reconstruction = -log_likelihood + log_q_z1 - (weights * log_p_z1).sum(0)
     kl = {
         Z2: (weights * kl_divergence(q[Z2]["fn"], p[Z2]["fn"])).sum(0),  # (L, n) → (n,)
-        Y: kl_divergence(q[Y]["fn"], p[Y]["fn"]),  # (n,)
+        Y: categorical_kl(q[Y]["fn"], p[Y]["fn"]),  # (n,)
     }
     if LIBRARY in q:
         kl[LIBRARY] = kl_divergence(q[LIBRARY]["fn"], p[LIBRARY]["fn"])  # (n,)

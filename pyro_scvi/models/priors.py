@@ -86,7 +86,9 @@ class NormalPrior(nn.Module):
     def forward(self, batch) -> dist.Distribution:
         """Batch shape ``(n,)``, event shape ``(d,)``."""
         zeros = batch.log_library.new_zeros((batch.n_cells, self.n_latent))  # (n, d)
-        return dist.Normal(zeros, 1.0).to_event(1)
+        # a tensor scale: a number would become torch.tensor(1.0, device=...), a blocking host-to-device
+        # copy at every step on CUDA
+        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
 
 
 class MixtureOfGaussiansPrior(nn.Module):
@@ -255,7 +257,8 @@ def dispersion_prior_distribution(name: str, shape: tuple[int, ...], device=None
     if name not in DISPERSION_PRIORS:
         names = ", ".join(map(repr, DISPERSION_PRIORS))
         raise ValueError(f"dispersion_prior={name!r} is not one of None, {names}.")
-    p = {k: torch.tensor(v, device=device) for k, v in DISPERSION_PRIORS[name].items()}
+    # torch.full fills on the device; torch.tensor(v, device=...) would copy from the host and wait
+    p = {k: torch.full((), v, device=device) for k, v in DISPERSION_PRIORS[name].items()}
     if name == "gamma":
         prior = dist.Gamma(p["concentration"], p["rate"])
     else:

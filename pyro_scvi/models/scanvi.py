@@ -41,7 +41,8 @@ def scanvi_model(module, batch, transform_batch: int | None = None):
     with module.cells_plate(batch):  # n cells
         y = pyro.sample(Y, dist.Categorical(module.y_prior.expand(n, -1)))  # (n,) or (L, 1) enumerated
         zeros = torch.zeros(n, d, device=batch.batch_index.device)
-        z2 = pyro.sample(Z2, dist.Normal(zeros, 1.0).to_event(1))  # (n, d) or (L, n, d)
+        # a tensor scale (a number would be copied to the device from the host at every step)
+        z2 = pyro.sample(Z2, dist.Normal(zeros, torch.ones_like(zeros)).to_event(1))  # (n, d) or (L, n, d)
         loc, scale = module.z1_prior(z2, y)  # (…, n, d) each
         z1 = pyro.sample(sites.Z, dist.Normal(loc, scale).to_event(1))  # (n, d): sampled once by the guide
         return observe_counts(module, batch, z1, transform_batch)  # (n, G)
