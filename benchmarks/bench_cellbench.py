@@ -16,6 +16,14 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/bench_cellbench.py --n-genes 0 --epochs 20   # all 12,653 genes
     .venv/bin/python benchmarks/bench_cellbench.py --generate 100000 --epochs 2 --mc-cells 2000
         # a generated 100,000-cell x 2,000-gene set (4 batches, 5 cell types, ~38% non-zero)
+    .venv/bin/python benchmarks/bench_cellbench.py --n-genes 0 --epochs 15 --check-val-every 1 \
+        --timing-only --kernel-cflags=-march=haswell
+        # training time only, validation every epoch (scvi-tools' default), the fused kernel built
+        # for AVX2 (as on an AVX2 machine) even on an AVX-512 CPU
+
+Validation runs every ``--check-val-every`` epochs (default: every tenth of the run; scvi-tools'
+own default is every epoch). The output records the CPU model and SIMD flags, the C compiler, and
+how pyro-scvi's kernel was built (flags, vectorised loops) and chosen.
 
 The same file is the child-process runner (``--worker pyro|scvi``); it only uses the public
 ``SCVI`` API of each package.
@@ -148,9 +156,20 @@ def worker(a: argparse.Namespace) -> None:
     res["rss_before_train_mb"] = _rss_mb("VmRSS")
     t0 = time.perf_counter()
     m.train(max_epochs=a.epochs, train_size=0.9, batch_size=128, enable_progress_bar=False,
-            check_val_every_n_epoch=max(1, a.epochs // 10))
+            check_val_every_n_epoch=a.check_val_every or max(1, a.epochs // 10))
     res["train_s"] = time.perf_counter() - t0
     res["s_per_epoch"] = res["train_s"] / a.epochs
+    res["check_val_every_n_epoch"] = a.check_val_every or max(1, a.epochs // 10)
+    if a.worker == "pyro":
+        from pyro_scvi.distributions import fused, kernel_choice
+
+        loops = fused.vectorisation_report() if fused.available() else {}
+        res["kernel"] = {"build": fused.build_info(), "vectorised_loops": loops,
+                         "choice": kernel_choice._choice}
+    if a.timing_only:
+        with open(a.worker_out, "w") as f:
+            json.dump(res, f, indent=1)
+        return
     res["rss_after_train_mb"] = _rss_mb("VmRSS")
     res["peak_rss_after_train_mb"] = _rss_mb("VmHWM")  # high-water mark of the process up to here
     val, tr = np.asarray(m.validation_indices), np.asarray(m.train_indices)
@@ -204,9 +223,12 @@ def run_side(side: str, python: str, a: argparse.Namespace, tmp: Path, rep: int)
     out = tmp / f"{side}_{rep}.json"
     cmd = [python, str(Path(__file__).resolve()), "--worker", side, "--worker-out", str(out),
            "--h5ad", a.h5ad, "--n-genes", str(a.n_genes), "--epochs", str(a.epochs), "--mc", str(a.mc),
-           "--seed", str(a.seed), "--threads", str(a.threads), "--mc-cells", str(a.mc_cells)]
+           "--seed", str(a.seed), "--threads", str(a.threads), "--mc-cells", str(a.mc_cells),
+           "--check-val-every", str(a.check_val_every)] + (["--timing-only"] if a.timing_only else [])
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(a.threads),
                MKL_NUM_THREADS=str(a.threads))
+    if side == "pyro" and a.kernel_cflags:
+        env["PYRO_SCVI_CFLAGS"] = a.kernel_cflags
     log = tmp / f"{side}_{rep}.log"
     if a.wait_idle:
         wait_idle(a.wait_idle)
@@ -231,7 +253,8 @@ def run_side(side: str, python: str, a: argparse.Namespace, tmp: Path, rep: int)
     # CPU time other processes took while the child ran: > 0 means the timing competed for cores
     res["other_procs_cpu_s"] = (None if busy_before is None
                                 else max(0.0, busy_after - busy_before - res["child_cpu_s"]))
-    print(f"    {res['s_per_epoch']:.3f} s/epoch, held-out ELBO {res['elbo_validation']:.2f}, "
+    elbo = res.get("elbo_validation", float("nan"))
+    print(f"    {res['s_per_epoch']:.3f} s/epoch, held-out ELBO {elbo:.2f}, "
           f"peak RSS {res['peak_rss_mb']:.0f} MB, child wall {wall:.1f} s, "
           f"CPU taken by other processes meanwhile {res['other_procs_cpu_s'] or 0:.1f} s", flush=True)
     if (res["other_procs_cpu_s"] or 0) > 0.1 * wall:
@@ -267,13 +290,25 @@ def wait_idle(max_wait_s: float, window_s: float = 5.0, threshold: float = 0.1) 
 
 
 def machine_info() -> dict:
-    cpu = platform.processor()
+    """CPU model and SIMD flags, C compiler, platform and date."""
+    cpu, flags = platform.processor(), set()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+            lines = f.read().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
+        flag_line = next((ln for ln in lines if ln.startswith(("flags", "Features"))), ":")
+        flags = set(flag_line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+    simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "asimd", "sve") if f in flags]
+    compiler = os.environ.get("CC", "cc")
+    try:
+        result = subprocess.run([compiler, "--version"], capture_output=True, text=True)
+        version = result.stdout.splitlines()[0]
+    except (OSError, IndexError):
+        version = "not found"
+    return {"cpu": cpu, "simd_flags": " ".join(simd), "logical_cpus": os.cpu_count(),
+            "c_compiler": f"{compiler}: {version}", "platform": platform.platform(),
             "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -378,8 +413,17 @@ def parent(a: argparse.Namespace) -> None:
         result["same_genes"] = p["genes_sha1"] == s["genes_sha1"]
         result["same_validation_cells"] = p["validation_sha1"] == s["validation_sha1"]
     shape = summary["pyro"]["shape"]
-    print(f"\n{name}: {shape[0]} cells x {shape[1]} genes, {a.epochs} epochs, "
-          f"{a.threads} threads, marginal LL with {a.mc} samples, order: {', '.join(order_log)}")
+    machine = result["machine"]
+    print(f"\n{name}: {shape[0]} cells x {shape[1]} genes, {a.epochs} epochs, validation every "
+          f"{summary['pyro']['check_val_every_n_epoch']} epoch(s), {a.threads} threads, "
+          f"marginal LL with {a.mc} samples, order: {', '.join(order_log)}")
+    print(f"CPU: {machine['cpu']} ({machine['simd_flags']}), {machine['logical_cpus']} logical; "
+          f"compiler {machine['c_compiler']}")
+    kernel = summary["pyro"].get("kernel")
+    if kernel:
+        build = kernel["build"]
+        print(f"pyro-scvi kernel: {build.get('flags', build.get('reason'))}; vectorised loops "
+              f"{kernel['vectorised_loops']}; choice {kernel['choice']}")
     print(table(summary))
     for side, r in summary.items():
         runs_txt = ", ".join(f"{v:.3f}{'' if c else '*'}"
@@ -416,6 +460,11 @@ def main(argv=None) -> None:
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="before each child, wait up to SECONDS until other processes use < 10%% of a core")
     p.add_argument("--skip-peer", action="store_true", help="run pyro-scvi only")
+    p.add_argument("--check-val-every", type=int, default=0, metavar="N",
+                   help="validation every N epochs (0: a tenth of the epochs; scvi-tools' default is 1)")
+    p.add_argument("--timing-only", action="store_true", help="stop after training (no quality metrics)")
+    p.add_argument("--kernel-cflags", default="",
+                   help="extra C flags for pyro-scvi's fused kernel ($PYRO_SCVI_CFLAGS), e.g. -march=haswell")
     p.add_argument("--worker", choices=sorted(SIDES), help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)

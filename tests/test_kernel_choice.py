@@ -219,3 +219,25 @@ def test_info_kernel_prints_the_self_check(fresh_choice, kernel, capsys):
 def test_info_without_a_model_or_kernel_is_an_error(capsys):
     assert main(["info"]) == 1
     assert "needs a model directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("leading", [(13,), (3, 5)])
+def test_theta_gradient_with_one_weight_per_row(kernel, leading):
+    """The ELBO weights each cell's summed log-density, so the kernel's upstream gradient is one
+    value per row expanded over genes: the per-gene θ gradient (a matrix-vector product then) equals
+    the one from the same weights given in full."""
+    g = torch.Generator().manual_seed(4)
+    shape = (*leading, 21)
+    x = torch.poisson(torch.full(shape, 2.0), generator=g)
+    mu, logits = torch.rand(shape, generator=g) + 0.1, torch.randn(shape, generator=g)
+    weights = torch.rand(leading, generator=g) - 0.5
+    grads = []
+    for expanded in (True, False):
+        theta = (torch.rand(21, generator=torch.Generator().manual_seed(5)) + 0.5).requires_grad_()
+        log_prob = fused.nb_log_prob(x, mu, theta, logits)
+        if expanded:  # d/d log_prob = weights[..., None] expanded: strides (..., 0)
+            (log_prob.sum(-1) * weights).sum().backward()
+        else:
+            (log_prob * weights[..., None].expand(shape).contiguous()).sum().backward()
+        grads.append(theta.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)

@@ -344,9 +344,16 @@ class _NBLogProb(torch.autograd.Function):
         grad_mu = grad * d_mu if ctx.needs_input_grad[1] else None
         grad_theta = None
         if ctx.needs_input_grad[2]:
-            grad_theta = grad * d_theta
-            if ctx.per_gene:
-                grad_theta = grad_theta.reshape(-1, grad_theta.shape[-1]).sum(0).reshape(ctx.theta_shape)
+            n_genes = grad.shape[-1]
+            if ctx.per_gene and grad.stride(-1) == 0:
+                # one weight per row (the ELBO's per-cell scale, expanded over genes): the sum over
+                # rows of weight · ∂θ is a matrix-vector product, without an (n, G) temporary
+                row_weights = grad[..., :1].reshape(1, -1)
+                grad_theta = (row_weights @ d_theta.reshape(-1, n_genes)).reshape(ctx.theta_shape)
+            else:
+                grad_theta = grad * d_theta
+                if ctx.per_gene:
+                    grad_theta = grad_theta.reshape(-1, n_genes).sum(0).reshape(ctx.theta_shape)
         grad_logits = grad * d_logits if ctx.needs_input_grad[3] else None
         return None, grad_mu, grad_theta, grad_logits
 
