@@ -204,7 +204,8 @@ typedef struct {
 /* Per-thread buffers of the count pass over the non-zero entries of one row. */
 typedef struct {
     int32_t *index;                 /* (G,) column of each non-zero entry */
-    double *counts;                 /* (G,) lgamma(x + theta) - lgamma(theta) - log x! */
+    float *x, *mu, *theta;          /* (G,) their counts and parameters, gathered */
+    double *counts;                 /* (G,) lgamma(x + theta) [- lgamma(theta) for theta per entry] */
     float *x_term, *d_mu, *d_theta; /* (G,) x log(mu / (theta + mu)) and the derivatives' x terms */
 } Workspace;
 
@@ -248,49 +249,36 @@ INLINE void dense_pass(int64_t G, const float *restrict x, const float *restrict
     }
 }
 
-/* Pass 2 over the n non-zero entries of a row, read through their column indices: the terms in x,
- * as two loops of one precision each (the count terms in double, the rest in float32). log x! is
- * read from the table; entries outside it (fractional or large counts, rare) are redone after. */
-INLINE void count_pass(int64_t n, const int32_t *restrict index, const float *restrict x,
-                       const float *restrict mu, const float *restrict theta,
-                       const double *restrict gene_lgamma, const float *restrict gene_digamma,
+/* Pass 2 over the n gathered non-zero entries of a row: the terms in x, as two loops of one precision
+ * each (lgamma in double, the rest in float32) over contiguous arrays only, which every compiler
+ * vectorises (gathers through indices it may not: gcc 12 refuses them for AMD Zen). Terms per gene
+ * (lgamma, digamma of a per-gene theta) and log x! are subtracted when the results are put back. */
+INLINE void count_pass(int64_t n, const float *restrict x, const float *restrict mu, const float *restrict theta,
                        double *restrict counts, float *restrict x_term, float *restrict d_mu,
                        float *restrict d_theta, const int per_gene, const int with_grad)
 {
-    int outside_table = 0;
-    for (int64_t c = 0; c < n; ++c) { /* vector loop: lgamma */
-        const int32_t g = index[c];
-        const float xv = x[g], th = theta[g];
-        const int whole = (int)xv; /* clamped as an integer: NaN or huge x must not index outside */
-        const int k = whole < 0 ? 0 : (whole > LOG_FACTORIAL_SIZE - 1 ? LOG_FACTORIAL_SIZE - 1 : whole);
-        outside_table |= (float)k != xv;
-        const double lgamma_theta = per_gene ? gene_lgamma[g] : log_gamma_d(th);
-        counts[c] = log_gamma_d((double)xv + (double)th) - lgamma_theta - log_factorial[k];
-    }
+    for (int64_t c = 0; c < n; ++c) /* vector loop: lgamma */
+        counts[c] = log_gamma_d((double)x[c] + (double)theta[c]) - (per_gene ? 0.0 : log_gamma_d(theta[c]));
     for (int64_t c = 0; c < n; ++c) { /* vector loop: x terms */
-        const int32_t g = index[c];
-        const float xv = x[g], m = mu[g], th = theta[g];
-        const float inv_thm = 1.0f / (th + m + EPS);
-        x_term[c] = xv * log_f((m + EPS) * inv_thm);
+        const float inv_thm = 1.0f / (theta[c] + mu[c] + EPS);
+        x_term[c] = x[c] * log_f((mu[c] + EPS) * inv_thm);
         if (with_grad) {
-            const float digamma_theta = per_gene ? gene_digamma[g] : digamma_f(th);
-            d_mu[c] = xv * (1.0f / (m + EPS) - inv_thm);
-            d_theta[c] = digamma_f(xv + th) - digamma_theta - xv * inv_thm;
+            d_mu[c] = x[c] * (1.0f / (mu[c] + EPS) - inv_thm);
+            d_theta[c] = digamma_f(x[c] + theta[c]) - (per_gene ? 0.0f : digamma_f(theta[c])) - x[c] * inv_thm;
         }
-    }
-    if (!outside_table)
-        return;
-    for (int64_t c = 0; c < n; ++c) {
-        const float xv = x[index[c]];
-        const int whole = (int)xv;
-        const int k = whole < 0 ? 0 : (whole > LOG_FACTORIAL_SIZE - 1 ? LOG_FACTORIAL_SIZE - 1 : whole);
-        if ((float)k != xv)
-            counts[c] += log_factorial[k] - log_gamma_d((double)xv + 1.0);
     }
 }
 
+/* lgamma(x + 1) = log x!: from the table for whole counts below its size, else by the series. */
+static inline double log_factorial_of(float x)
+{
+    const int whole = (int)x; /* clamped as an integer: NaN or huge x must not index outside */
+    const int k = whole < 0 ? 0 : (whole > LOG_FACTORIAL_SIZE - 1 ? LOG_FACTORIAL_SIZE - 1 : whole);
+    return (float)k == x ? log_factorial[k] : log_gamma_d((double)x + 1.0);
+}
+
 /* Find the entries of a row whose x terms do not vanish (x != 0; for ZINB x >= eps, where the NB
- * branch is taken), run the count pass on them and add its results into place. */
+ * branch is taken), gather them, run the count pass and add its results into place. */
 INLINE void count_terms(const Job *job, int64_t G, const float *restrict x, const float *restrict mu,
                         const float *restrict theta, float *restrict lp, float *restrict d_mu,
                         float *restrict d_theta, const Workspace *ws, const int per_gene,
@@ -302,14 +290,20 @@ INLINE void count_terms(const Job *job, int64_t G, const float *restrict x, cons
         index[n] = (int32_t)g;
         n += zero_inflated ? !(x[g] < EPS) : (x[g] != 0.0f);
     }
-    count_pass(n, index, x, mu, theta, job->gene_lgamma, job->gene_digamma, ws->counts, ws->x_term, ws->d_mu,
-               ws->d_theta, per_gene, with_grad);
     for (int64_t c = 0; c < n; ++c) {
         const int32_t g = index[c];
-        lp[g] += ws->x_term[c] + (float)ws->counts[c];
+        ws->x[c] = x[g];
+        ws->mu[c] = mu[g];
+        ws->theta[c] = theta[g];
+    }
+    count_pass(n, ws->x, ws->mu, ws->theta, ws->counts, ws->x_term, ws->d_mu, ws->d_theta, per_gene, with_grad);
+    for (int64_t c = 0; c < n; ++c) {
+        const int32_t g = index[c];
+        const double per_gene_lgamma = per_gene ? job->gene_lgamma[g] : 0.0;
+        lp[g] += ws->x_term[c] + (float)(ws->counts[c] - per_gene_lgamma - log_factorial_of(ws->x[c]));
         if (with_grad) {
             d_mu[g] += ws->d_mu[c];
-            d_theta[g] += ws->d_theta[c];
+            d_theta[g] += ws->d_theta[c] - (per_gene ? job->gene_digamma[g] : 0.0f);
         }
     }
 }
@@ -353,12 +347,15 @@ static void run_rows(const Job *job, int64_t begin, int64_t end, const Workspace
 static int run_block(const Job *job, int64_t begin, int64_t end)
 {
     const size_t G = (size_t)(job->n_cols > 0 ? job->n_cols : 1);
-    char *memory = malloc(G * (sizeof(double) + 3 * sizeof(float) + sizeof(int32_t)));
+    char *memory = malloc(G * (sizeof(double) + 6 * sizeof(float) + sizeof(int32_t)));
     if (memory == NULL)
         return -1;
     Workspace ws;
     ws.counts = (double *)memory;
-    ws.x_term = (float *)(ws.counts + G);
+    ws.x = (float *)(ws.counts + G);
+    ws.mu = ws.x + G;
+    ws.theta = ws.mu + G;
+    ws.x_term = ws.theta + G;
     ws.d_mu = ws.x_term + G;
     ws.d_theta = ws.d_mu + G;
     ws.index = (int32_t *)(ws.d_theta + G);
