@@ -167,15 +167,15 @@ def worker(a: argparse.Namespace) -> None:
         loops = fused.vectorisation_report() if fused.available() else {}
         res["kernel"] = {"build": fused.build_info(), "vectorised_loops": loops,
                          "choice": kernel_choice._choice}
-    if a.timing_only:
-        with open(a.worker_out, "w") as f:
-            json.dump(res, f, indent=1)
-        return
     res["rss_after_train_mb"] = _rss_mb("VmRSS")
     res["peak_rss_after_train_mb"] = _rss_mb("VmHWM")  # high-water mark of the process up to here
     val, tr = np.asarray(m.validation_indices), np.asarray(m.train_indices)
     res["n_train"], res["n_validation"] = len(tr), len(val)
     res["validation_sha1"] = hashlib.sha1(np.sort(val).astype(np.int64).tobytes()).hexdigest()
+    if a.timing_only:
+        with open(a.worker_out, "w") as f:
+            json.dump(res, f, indent=1)
+        return
 
     t0 = time.perf_counter()
     res["elbo_validation"] = float(m.get_elbo(indices=val))
