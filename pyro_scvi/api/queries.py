@@ -14,7 +14,7 @@ library), ``normalized_expression``, ``mean`` and ``x``.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import anndata
 import numpy as np
@@ -63,6 +63,29 @@ def _mean_of_softmax(qz, mc_samples: int) -> torch.Tensor:
     if isinstance(qz, MultivariateNormal) or (hasattr(qz, "loc") and hasattr(qz, "scale")):
         return torch.softmax(qz.sample((mc_samples,)), dim=-1).mean(0)
     return monte_carlo_moments(qz, mc_samples, lambda z: torch.softmax(z, dim=-1))[0]
+
+
+def _gather_rows(values: Iterable[torch.Tensor], rows: np.ndarray, n_cells: int) -> np.ndarray:
+    """Rows ``rows`` ``(K,)`` of the ``(S·n, G')`` draws flattened sample-major (row ``s·n + c``),
+    gathered from their minibatch blocks ``(S, n_b, G')`` in cell order without stacking them:
+    ``(K, G')``."""
+    samples, cells = np.divmod(np.asarray(rows, dtype=np.int64), n_cells)
+    order = np.argsort(cells, kind="stable")
+    sorted_cells = cells[order]
+    out, buffer, start = None, None, 0
+    for value in values:
+        n_block, n_genes = value.shape[1], value.shape[-1]
+        low, high = np.searchsorted(sorted_cells, [start, start + n_block])
+        chosen = torch.as_tensor(order[low:high])
+        if out is None:
+            out = torch.empty((len(rows), n_genes), dtype=value.dtype)
+        if buffer is None or buffer.shape[0] < len(chosen):  # reused: one allocation, not one per block
+            buffer = torch.empty((len(chosen), n_genes), dtype=value.dtype)
+        flat = torch.as_tensor(samples)[chosen] * n_block + torch.as_tensor(cells)[chosen] - start
+        picked = torch.index_select(value.reshape(-1, n_genes), 0, flat, out=buffer[: len(chosen)])
+        out.index_copy_(0, chosen, picked)
+        start += n_block
+    return out.numpy()
 
 
 class QueriesMixin:
@@ -201,19 +224,20 @@ class QueriesMixin:
         n_samples = self._expression_draws_per_cell(adata, indices, transform_batch, library_size, n_samples,
                                                     n_samples_overall, weights, dataloader)
         mask = self._gene_mask(gene_list)
-        # (S, n, G') expression draws, the (S, n, d) latent draws they were decoded from, and with
-        # proposal="refined" each minibatch's refined proposals the latents were drawn from
-        samples, latents, proposals = self._expression_samples(
-            adata, indices, transform_batch, mask, library_size, n_samples, batch_size, dataloader, refine)
+        proposals: list = []  # with proposal="refined": each minibatch's refined proposals
+        blocks = self._expression_blocks(adata, indices, transform_batch, mask, library_size, n_samples,
+                                         batch_size, dataloader, refine, proposals)
         if n_samples_overall is not None:
-            flat = samples.reshape(-1, samples.shape[-1])
-            probabilities = None
-            if weights == "importance":
-                z = latents.reshape(-1, self.module.n_latent)  # same (S, n) order as flat
-                probabilities = self._aggregate_importance_weights(adata, indices, z, proposals,
-                                                                   **importance_weighting_kwargs)
-            rows = np.random.choice(flat.shape[0], n_samples_overall, replace=True, p=probabilities)
-            return flat[rows]
+            n_cells = count_cells(indices) if indices is not None else self.registered_data(adata)[1].n_obs
+            if weights != "importance":  # rows first: each minibatch's chosen draws are kept, not all
+                rows = np.random.choice(n_samples * n_cells, n_samples_overall, replace=True)
+                return _gather_rows((value for value, _ in blocks), rows, n_cells)
+            values, latents = zip(*blocks)
+            z = torch.cat(latents, dim=1).reshape(-1, self.module.n_latent)  # (S·n, d), rows s·n + c
+            probabilities = self._aggregate_importance_weights(adata, indices, z, proposals,
+                                                               **importance_weighting_kwargs)
+            rows = np.random.choice(z.shape[0], n_samples_overall, replace=True, p=probabilities)
+            return _gather_rows(values, rows, n_cells)
         if n_samples > 1 and not return_mean:
             if return_numpy is False:
                 warnings.warn(
@@ -222,8 +246,10 @@ class QueriesMixin:
                     UserWarning,
                     stacklevel=2,
                 )
-            return samples
-        result = samples.mean(0)
+            return torch.cat([value for value, _ in blocks], dim=1).numpy()
+        # streamed: each minibatch's (S, n_b, G') draws are averaged as they come
+        result = np.concatenate([value.numpy().mean(0) if n_samples > 1 else value[0].numpy()
+                                 for value, _ in blocks])
         if return_numpy or dataloader is not None:
             return result
         return pd.DataFrame(result, index=self.cell_names(adata, indices), columns=self.var_names[mask])
@@ -266,7 +292,7 @@ class QueriesMixin:
             raise ValueError("n_samples_overall needs adata/indices, not a dataloader.")
         return n_samples_overall // n_cells + 1
 
-    def _expression_samples(
+    def _expression_blocks(
         self,
         adata,
         indices,
@@ -277,17 +303,17 @@ class QueriesMixin:
         batch_size,
         dataloader,
         refine: dict | None = None,
-    ) -> tuple[np.ndarray, torch.Tensor, list]:
-        """Draws of the expression ``(S, n, G')`` (averaged over transform batches) and of z ``(S, n, d)``,
-        and the proposals they came from: z is drawn from the guide (``[]``), or with ``refine`` (options
-        of :func:`~pyro_scvi.infer.proposals.refined_proposal`) from each cell's refined proposal
-        (one ``{site: distribution}`` per minibatch)."""
+        proposals: list | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per minibatch, in order: draws of the expression ``(S, n_b, G')`` (averaged over transform
+        batches; on the CPU) and of z ``(S, n_b, d)``. z is drawn from the guide, or with ``refine``
+        (options of :func:`~pyro_scvi.infer.proposals.refined_proposal`) from each cell's refined
+        proposal, appended to ``proposals`` (one ``{site: distribution}`` per minibatch)."""
         site = sites.MEAN if library_size == "latent" else sites.NORMALIZED_EXPRESSION
         factor = 1.0 if library_size == "latent" else float(library_size)
         codes = self.batch_codes(transform_batch)
         genes = torch.as_tensor(mask)
         self.module.eval()
-        chunks, latents, proposals = [], [], []
         with self.pyro_scope():
             for batch in self.minibatches(adata, indices, batch_size, dataloader):
                 guide = self.module.guide
@@ -298,9 +324,7 @@ class QueriesMixin:
                 value = draws[0][site] if len(draws) == 1 else torch.stack([d[site] for d in draws]).mean(0)
                 if not genes.all():
                     value = value[..., genes.to(value.device)]
-                chunks.append((value * factor if factor != 1.0 else value).cpu())
-                latents.append(draws[0][sites.Z].cpu())
-        return torch.cat(chunks, dim=1).numpy(), torch.cat(latents, dim=1), proposals
+                yield (value * factor if factor != 1.0 else value).cpu(), draws[0][sites.Z].cpu()
 
     @torch.no_grad()
     def get_importance_weights(
