@@ -18,13 +18,7 @@ from pyro.poutine.messenger import Messenger
 from pyro_scvi import SCVI, settings
 from pyro_scvi.api.queries import _distinct_draw_plan, _gather_rows
 from pyro_scvi.data import synthetic_iid
-from pyro_scvi.differential import (
-    PreparedCounts,
-    _std_over_draws,
-    change_statistics,
-    log_fold_change,
-    raw_count_statistics,
-)
+from pyro_scvi.differential import PreparedCounts, _std_over_draws, raw_count_statistics
 from pyro_scvi.infer.posterior import posterior_sites, posterior_traces
 from pyro_scvi.models import sites
 
@@ -177,17 +171,3 @@ def test_de_columns_are_unchanged(model, mode, columns):
     extra = ["is_de_fdr_0.05"] if mode == "change" else []
     assert list(table.columns) == columns + raw + extra + ["comparison", "group1", "group2"]
     assert len(table) == 2 * model.adata.n_vars
-
-
-def test_change_statistics_partitioning_their_own_lfc_equal_a_copy():
-    """The default change_fn's lfc is partitioned in place for the median: every summary (and the
-    credible intervals after it) equals the one of a user change_fn, whose lfc is left alone."""
-    rng = np.random.default_rng(3)
-    s1, s2 = (rng.random((400, 900), dtype=np.float32) for _ in range(2))
-    default = change_statistics(s1, s2, pseudocounts=1e-4, cred_interval_lvls=[0.5, 0.9])
-    kept = change_statistics(s1, s2, pseudocounts=1e-4, cred_interval_lvls=[0.5, 0.9],
-                             change_fn=lambda x, y, psi: log_fold_change(x, y, psi))
-    assert list(default) == list(kept)
-    for key in default:
-        np.testing.assert_array_equal(default[key], kept[key], err_msg=key)
-    np.testing.assert_array_equal(default["lfc_median"], np.median(log_fold_change(s1, s2, 1e-7), axis=0))
