@@ -1,10 +1,17 @@
-"""Differential-expression benchmark: pyro-scvi vs scvi-tools, one-vs-rest over ``cell_line``.
+"""Differential-expression and expression benchmark: pyro-scvi vs scvi-tools on CellBench 5cl.
 
-Both sides time the same call, ``differential_expression(groupby="cell_line", mode=...)`` for
-``mode`` in ``vanilla`` and ``change`` (defaults otherwise: 5000 posterior draws per group, no
-batch correction), each in its own child process with the same number of torch threads:
-pyro-scvi with this project's Python (``pyro_scvi.differential.differential_expression``),
-scvi-tools with the Python of a separate venv (``scvi.model.SCVI.differential_expression``).
+Both sides time the same calls, each side in its own child process with the same number of torch
+threads (pyro-scvi with this project's Python, scvi-tools with the Python of a separate venv):
+
+* ``de_vanilla``, ``de_change``: ``differential_expression(groupby="cell_line", mode=...)``,
+  one-vs-rest (defaults otherwise: 5000 posterior draws per group, no batch correction);
+* ``expr_s1``: ``get_normalized_expression()`` over all cells (one draw per cell);
+* ``expr_s25_mean``: ``get_normalized_expression(n_samples=25, return_mean=True)`` over all cells.
+
+Beside each median time the child reports its peak resident memory during that task (``VmHWM``
+from ``/proc/self/status``, reset before each task through ``/proc/self/clear_refs``) and its
+resident memory before the task; the difference is what the task itself added at its peak.
+The report also records the CPU model and flags, the C compiler and each side's torch version.
 
 Models:
 
@@ -14,7 +21,8 @@ Models:
   on each side (marked trained without training: the timing of DE does not depend on the weight
   values), to compare with the reference's time at full size.
 
-Each mode is timed ``--repeats`` times in the same process (the first call includes any lazy
+Each task is timed ``--repeats`` times in the same process, in ``--rounds`` child processes per
+side that alternate between the sides (the first call includes any lazy
 initialisation); the summary is the median. Before starting, the parent waits up to
 ``--wait-idle`` seconds for the 1-minute load average to drop below 1.0, and records it.
 
@@ -22,6 +30,7 @@ Usage (from the repository root)::
 
     .venv/bin/python benchmarks/bench_de.py                 # fixture model, 2000 genes
     .venv/bin/python benchmarks/bench_de.py --full-genes    # all 12,653 genes, untrained weights
+    .venv/bin/python benchmarks/bench_de.py --full-genes --tasks expr_s1 expr_s25_mean
 """
 
 from __future__ import annotations
@@ -44,18 +53,63 @@ DEFAULT_FIXTURE = REPO.parent / "shared" / "fixtures" / "scvi_tools_cellbench5" 
 DEFAULT_H5AD = REPO.parent / "shared" / "data" / "cellbench_5cl.h5ad"
 DEFAULT_SCVI_PYTHON = "/work/scvi-venv/bin/python"
 SIDES = {"pyro": "pyro-scvi", "scvi": "scvi-tools"}
-MODES = ("vanilla", "change")
+TASKS = ("de_vanilla", "de_change", "expr_s1", "expr_s25_mean")
 
 
-def _peak_rss_mb() -> float | None:
+def _status_mb(key: str) -> float | None:
+    """``VmHWM`` (peak resident) or ``VmRSS`` (resident) of this process in MiB, from /proc."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def _reset_peak() -> bool:
+    """Reset this process's ``VmHWM`` to its current RSS (Linux ≥ 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _task_calls(model, de) -> dict:
+    """The timed calls, ``task → callable()``, through the side's ``model`` and its DE function."""
+    return {
+        "de_vanilla": lambda: de(model, "vanilla"),
+        "de_change": lambda: de(model, "change"),
+        "expr_s1": lambda: model.get_normalized_expression(return_numpy=True),
+        "expr_s25_mean": lambda: model.get_normalized_expression(n_samples=25, return_mean=True,
+                                                                 return_numpy=True),
+    }
+
+
+def machine_info() -> dict:
+    """CPU model, SIMD flags (avx2, avx512f, fma), the C compiler's first line and the core count."""
+    info = {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_model": platform.processor()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        for line in text.splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+        lines = text.splitlines()
+        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        info["flags"] = {flag: flag in flags for flag in ("avx2", "avx512f", "fma")}
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=True).stdout
+        info["compiler"] = out.splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        info["compiler"] = None
+    return info
 
 
 # ---------------------------------------------------------------------------------------- worker
@@ -68,18 +122,16 @@ def worker(a: argparse.Namespace) -> None:
         sys.path.insert(0, str(REPO))
         import pyro_scvi
         from pyro_scvi import SCVI, settings
-        from pyro_scvi.differential import differential_expression
 
         settings.seed = a.seed
         versions = {"pyro_scvi": pyro_scvi.__version__}
-        run = lambda model, mode: differential_expression(model, groupby="cell_line", mode=mode, silent=True)  # noqa: E731
     else:
         import scvi
         from scvi.model import SCVI
 
         scvi.settings.seed = a.seed
         versions = {"scvi_tools": scvi.__version__}
-        run = lambda model, mode: model.differential_expression(groupby="cell_line", mode=mode, silent=True)  # noqa: E731
+    de = lambda model, mode: model.differential_expression(groupby="cell_line", mode=mode, silent=True)  # noqa: E731
     versions.update(torch=torch.__version__, numpy=np.__version__, python=platform.python_version())
 
     t0 = time.perf_counter()
@@ -94,16 +146,22 @@ def worker(a: argparse.Namespace) -> None:
     else:
         model = SCVI.load(str(a.fixture))
     result = {"side": SIDES[a.worker], "versions": versions, "threads": torch.get_num_threads(),
-              "shape": list(model.adata.shape), "load_s": time.perf_counter() - t0, "seconds": {}}
-    for mode in MODES:
+              "shape": list(model.adata.shape), "load_s": time.perf_counter() - t0, "seconds": {},
+              "rss_before_mb": {}, "peak_rss_mb": {}, "rows": {}}
+    calls = _task_calls(model, de)
+    for task in a.tasks:
         times = []
+        result["rss_before_mb"][task] = _status_mb("VmRSS")
+        reset = _reset_peak()
         for _ in range(a.repeats):
+            out = None  # the previous repeat's result is freed before the next call
             t0 = time.perf_counter()
-            table = run(model, mode)
+            out = calls[task]()
             times.append(time.perf_counter() - t0)
-        result["seconds"][mode] = times
-        result[f"rows_{mode}"] = len(table)
-    result["peak_rss_mb"] = _peak_rss_mb()
+        result["seconds"][task] = times
+        result["peak_rss_mb"][task] = _status_mb("VmHWM") if reset else None
+        result["rows"][task] = len(out)
+        del out
     Path(a.worker_out).write_text(json.dumps(result))
 
 
@@ -121,7 +179,7 @@ def run_side(side: str, a: argparse.Namespace, python: str) -> dict:
         out = Path(tmp) / f"{side}.json"
         command = [python, str(Path(__file__).resolve()), "--worker", side, "--worker-out", str(out),
                    "--threads", str(a.threads), "--repeats", str(a.repeats), "--seed", str(a.seed),
-                   "--fixture", str(a.fixture), "--h5ad", str(a.h5ad)] + (
+                   "--fixture", str(a.fixture), "--h5ad", str(a.h5ad), "--tasks", *a.tasks] + (
                       ["--full-genes"] if a.full_genes else [])
         t0 = time.perf_counter()
         subprocess.run(command, check=True, cwd=REPO)
@@ -130,12 +188,53 @@ def run_side(side: str, a: argparse.Namespace, python: str) -> dict:
         return result
 
 
+def merge_round(sides: dict, side: str, result: dict) -> None:
+    """Add one child's ``result`` to ``sides[side]``: times appended, the peak memory the largest."""
+    if side not in sides:
+        sides[side] = result
+        return
+    merged = sides[side]
+    for task, times in result["seconds"].items():
+        merged["seconds"][task] += times
+        for key in ("peak_rss_mb", "rss_before_mb"):
+            values = [v for v in (merged[key][task], result[key][task]) if v is not None]
+            merged[key][task] = max(values) if values else None
+
+
+def summarise(report: dict, tasks) -> dict:
+    """Print one table (median time, peak and before-task RSS per side; time ratio) and return it."""
+    m = report["machine"]
+    flags = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in m.get("flags", {}).items())
+    torch_versions = ", ".join(f"{SIDES[side]} torch {result['versions']['torch']}"
+                               for side, result in report["sides"].items())
+    print(f"CPU {m.get('cpu_model')} ({m['cpus']} cpus; {flags}); {m.get('compiler')}; {torch_versions}")
+    print(f"load average (1 min) {m['load_avg_1min_at_start']:.2f} at start, "
+          f"{report['load_avg_1min_at_end']:.2f} at end; {report['threads']} threads")
+    print(f"\n{'task':<14} {'side':<11} {'median s':>9} {'peak MiB':>9} {'before':>7}   all runs (s)")
+    summary = {}
+    for task in tasks:
+        row = {}
+        for side, result in report["sides"].items():
+            times = result["seconds"][task]
+            peak, before = result["peak_rss_mb"][task], result["rss_before_mb"][task]
+            row[side] = {"median_s": statistics.median(times), "peak_rss_mb": peak, "rss_before_mb": before}
+            print(f"{task:<14} {SIDES[side]:<11} {row[side]['median_s']:9.2f} {peak or float('nan'):9.0f} "
+                  f"{before or float('nan'):7.0f}   {', '.join(f'{t:.2f}' for t in times)}")
+        if "scvi" in row:
+            row["ratio_pyro_over_scvi"] = row["pyro"]["median_s"] / row["scvi"]["median_s"]
+            print(f"{task:<14} time ratio pyro-scvi / scvi-tools = {row['ratio_pyro_over_scvi']:.2f}")
+        summary[task] = row
+    return summary
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fixture", type=Path, default=DEFAULT_FIXTURE)
     p.add_argument("--h5ad", type=Path, default=DEFAULT_H5AD)
     p.add_argument("--full-genes", action="store_true", help="all 12,653 genes, untrained weights")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p.add_argument("--repeats", type=int, default=3, help="timed calls of each task per child process")
+    p.add_argument("--rounds", type=int, default=1, help="child processes per side, alternating sides")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scvi-python", default=DEFAULT_SCVI_PYTHON)
@@ -151,37 +250,22 @@ def main() -> None:
 
     load, waited = wait_for_idle(a.wait_idle)
     print(f"load average {load:.2f} after waiting {waited:.0f} s")
+    machine = {**machine_info(), "load_avg_1min_at_start": load}
     report = {
-        "benchmark": "differential_expression one-vs-rest, groupby='cell_line'",
+        "benchmark": "one-vs-rest differential_expression over 'cell_line' and get_normalized_expression",
         "model": "CellBench 5cl, 12,653 genes, untrained default SCVI" if a.full_genes
         else f"scvi-tools fixture model {a.fixture}",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_1min_at_start": load},
-        "repeats": a.repeats, "threads": a.threads,
+        "machine": machine, "repeats": a.repeats, "rounds": a.rounds, "threads": a.threads,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "sides": {},
     }
-    report["sides"]["pyro"] = run_side("pyro", a, sys.executable)
-    if not a.skip_scvi:
-        report["sides"]["scvi"] = run_side("scvi", a, a.scvi_python)
+    sides = {"pyro": sys.executable, **({} if a.skip_scvi else {"scvi": a.scvi_python})}
+    for _ in range(a.rounds):  # the sides alternate, so that a change of load hits both
+        for side, python in sides.items():
+            merge_round(report["sides"], side, run_side(side, a, python))
     report["load_avg_1min_at_end"] = os.getloadavg()[0]
-
-    print(f"\n{'mode':<8} {'side':<11} {'median s':>9}   all runs (s)")
-    summary = {}
-    for mode in MODES:
-        medians = {}
-        for side, result in report["sides"].items():
-            times = result["seconds"][mode]
-            medians[side] = statistics.median(times)
-            print(f"{mode:<8} {SIDES[side]:<11} {medians[side]:9.2f}   "
-                  f"{', '.join(f'{t:.2f}' for t in times)}")
-        if "scvi" in medians:
-            ratio = medians["scvi"] / medians["pyro"]
-            medians["speedup_scvi_over_pyro"] = ratio
-            print(f"{mode:<8} ratio scvi-tools / pyro-scvi = {ratio:.2f}x")
-        summary[mode] = medians
-    report["median_seconds"] = summary
-
+    report["summary"] = summarise(report, a.tasks)
     out = a.out or HERE / "results" / f"de_cellbench_{'all_genes' if a.full_genes else '2000'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

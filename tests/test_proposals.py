@@ -299,9 +299,10 @@ def _draws_and_weights(model, cells, refine):
     """Expression draws of ``cells`` from the guide (``refine=None``) or refined proposals, their raw
     aggregate importance weights' k̂, and the proposals."""
     mask = np.ones(model.adata.n_vars, dtype=bool)
+    proposals = []
     with torch.no_grad():
-        _, latents, proposals = model._expression_samples(None, cells, None, mask, 1, 10, 16, None, refine)
-    z = latents.reshape(-1, model.module.n_latent)
+        blocks = list(model._expression_blocks(None, cells, None, mask, 1, 10, 16, None, refine, proposals))
+    z = torch.cat([latents for _, latents in blocks], dim=1).reshape(-1, model.module.n_latent)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         _, pareto_k = model._aggregate_importance_weights(None, cells, z, proposals, n_mc_samples=100,

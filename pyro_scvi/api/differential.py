@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..data import backed
 from ..differential import (
     DE_KWARGS,
     DE_MODES,
+    PreparedCounts,
     comparison_masks,
     comparison_table,
     pair_samples,
@@ -228,9 +230,12 @@ class DifferentialExpressionMixin:
             from tqdm.auto import tqdm
 
             comparisons = tqdm(comparisons, desc="DE", unit="comparison")
+        counts = data.counts
+        if plan.needs_counts and not backed.is_backed(counts):  # the cells' scalings etc. once per call
+            counts = PreparedCounts.of(counts)
         tables = []
         for mask1, mask2, name1, name2 in comparisons:
-            table = _compare(self, adata, data.counts, mask1, mask2, batches, plan)
+            table = _compare(self, adata, counts, mask1, mask2, batches, plan)
             if name1 is not None:
                 table["comparison"] = f"{name1} vs {name2}"
                 table["group1"] = name1

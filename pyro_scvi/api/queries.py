@@ -13,8 +13,9 @@ library), ``normalized_expression``, ``mean`` and ``x``.
 
 from __future__ import annotations
 
+import itertools
 import warnings
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import anndata
 import numpy as np
@@ -35,6 +36,7 @@ from ..infer.posterior import (
 from ..infer.proposals import concatenate_cells, proposal_guide, refined_proposal
 from ..models import sites
 from ..models.likelihoods import likelihood_parameters
+from ..settings import settings
 from .training import count_cells
 
 __all__ = ["QueriesMixin"]
@@ -63,6 +65,52 @@ def _mean_of_softmax(qz, mc_samples: int) -> torch.Tensor:
     if isinstance(qz, MultivariateNormal) or (hasattr(qz, "loc") and hasattr(qz, "scale")):
         return torch.softmax(qz.sample((mc_samples,)), dim=-1).mean(0)
     return monte_carlo_moments(qz, mc_samples, lambda z: torch.softmax(z, dim=-1))[0]
+
+
+def _gather_rows(values: Iterable[torch.Tensor], samples: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """Output row ``k`` is draw ``samples[k]`` of cell ``cells[k]`` (its position in the order of the
+    blocks), gathered from the minibatch blocks ``(S_b, n_b, G')`` without stacking them: ``(K, G')``."""
+    samples, cells = np.asarray(samples, dtype=np.int64), np.asarray(cells, dtype=np.int64)
+    order = np.argsort(cells, kind="stable")
+    sorted_cells = cells[order]
+    out, buffer, start = None, None, 0
+    for value in values:
+        n_block, n_genes = value.shape[1], value.shape[-1]
+        low, high = np.searchsorted(sorted_cells, [start, start + n_block])
+        chosen = torch.as_tensor(order[low:high])
+        if out is None:
+            out = torch.empty((len(cells), n_genes), dtype=value.dtype)
+        if buffer is None or buffer.shape[0] < len(chosen):  # reused: one allocation, not one per block
+            buffer = torch.empty((len(chosen), n_genes), dtype=value.dtype)
+        flat = torch.as_tensor(samples)[chosen] * n_block + torch.as_tensor(cells)[chosen] - start
+        picked = torch.index_select(value.reshape(-1, n_genes), 0, flat, out=buffer[: len(chosen)])
+        out.index_copy_(0, chosen, picked)
+        start += n_block
+    return out.numpy()
+
+
+def _distinct_draw_plan(rows: np.ndarray, n_samples: int, n_cells: int, batch_size: int):
+    """Which draws to decode for rows ``rows`` ``(K,)`` of the ``(S·n, G')`` draws (row ``s·n + c``).
+
+    Only the distinct (cell, draw) pairs are needed. Draws of a cell are exchangeable, so the
+    pairs of cell ``c`` are renumbered ``0 … m_c − 1``; cells with ``m_c > 0`` are visited by
+    increasing ``m_c`` and a minibatch of them is decoded with the largest ``m_c`` it holds.
+
+    Returns ``(visit (cells in visiting order), draws per minibatch, draw (K,), position (K,))``:
+    output row ``k`` is draw ``draw[k]`` of the cell at ``position[k]`` in ``visit``.
+    """
+    samples, cells = np.divmod(np.asarray(rows, dtype=np.int64), n_cells)
+    pairs, inverse = np.unique(cells * n_samples + samples, return_inverse=True)  # cell-major
+    pair_cell = pairs // n_samples
+    needed = np.bincount(pair_cell, minlength=n_cells)  # m_c
+    rank = np.arange(len(pairs)) - (np.cumsum(needed) - needed)[pair_cell]  # 0 … m_c − 1 within a cell
+    visit = np.argsort(needed, kind="stable")
+    visit = visit[needed[visit] > 0]
+    position = np.empty(n_cells, dtype=np.int64)
+    position[visit] = np.arange(len(visit))
+    last = np.minimum(np.arange(batch_size, len(visit) + batch_size, batch_size), len(visit)) - 1
+    draws = [int(m) for m in needed[visit[last]]]  # the largest m_c of each minibatch: its last cell
+    return visit, draws, rank[inverse.ravel()], position[pair_cell[inverse.ravel()]]
 
 
 class QueriesMixin:
@@ -201,19 +249,19 @@ class QueriesMixin:
         n_samples = self._expression_draws_per_cell(adata, indices, transform_batch, library_size, n_samples,
                                                     n_samples_overall, weights, dataloader)
         mask = self._gene_mask(gene_list)
-        # (S, n, G') expression draws, the (S, n, d) latent draws they were decoded from, and with
-        # proposal="refined" each minibatch's refined proposals the latents were drawn from
-        samples, latents, proposals = self._expression_samples(
-            adata, indices, transform_batch, mask, library_size, n_samples, batch_size, dataloader, refine)
-        if n_samples_overall is not None:
-            flat = samples.reshape(-1, samples.shape[-1])
-            probabilities = None
-            if weights == "importance":
-                z = latents.reshape(-1, self.module.n_latent)  # same (S, n) order as flat
-                probabilities = self._aggregate_importance_weights(adata, indices, z, proposals,
-                                                                   **importance_weighting_kwargs)
-            rows = np.random.choice(flat.shape[0], n_samples_overall, replace=True, p=probabilities)
-            return flat[rows]
+        if n_samples_overall is not None and weights != "importance":
+            return self._resampled_draws(adata, indices, transform_batch, mask, library_size, n_samples,
+                                         n_samples_overall, batch_size)
+        proposals: list = []  # with proposal="refined": each minibatch's refined proposals
+        blocks = self._expression_blocks(adata, indices, transform_batch, mask, library_size, n_samples,
+                                         batch_size, dataloader, refine, proposals)
+        if n_samples_overall is not None:  # importance weights: every draw's z is weighted, then resampled
+            values, latents = zip(*blocks)
+            z = torch.cat(latents, dim=1).reshape(-1, self.module.n_latent)  # (S·n, d), rows s·n + c
+            probabilities = self._aggregate_importance_weights(adata, indices, z, proposals,
+                                                               **importance_weighting_kwargs)
+            rows = np.random.choice(z.shape[0], n_samples_overall, replace=True, p=probabilities)
+            return _gather_rows(values, *np.divmod(rows, z.shape[0] // n_samples))
         if n_samples > 1 and not return_mean:
             if return_numpy is False:
                 warnings.warn(
@@ -222,8 +270,10 @@ class QueriesMixin:
                     UserWarning,
                     stacklevel=2,
                 )
-            return samples
-        result = samples.mean(0)
+            return torch.cat([value for value, _ in blocks], dim=1).numpy()
+        # streamed: each minibatch's (S, n_b, G') draws are averaged as they come
+        result = np.concatenate([value.numpy().mean(0) if n_samples > 1 else value[0].numpy()
+                                 for value, _ in blocks])
         if return_numpy or dataloader is not None:
             return result
         return pd.DataFrame(result, index=self.cell_names(adata, indices), columns=self.var_names[mask])
@@ -266,41 +316,57 @@ class QueriesMixin:
             raise ValueError("n_samples_overall needs adata/indices, not a dataloader.")
         return n_samples_overall // n_cells + 1
 
-    def _expression_samples(
+    def _resampled_draws(self, adata, indices, transform_batch, mask: np.ndarray, library_size,
+                         n_samples: int, n_samples_overall: int, batch_size) -> np.ndarray:
+        """``n_samples_overall`` rows drawn uniformly with replacement from ``n_samples`` draws per
+        selected cell, ``(K, G')``; the rows are chosen first and only the distinct draws they use
+        are decoded (see :func:`_distinct_draw_plan`)."""
+        n_obs = self.registered_data(adata)[1].n_obs
+        selection = np.arange(n_obs) if indices is None else np.asarray(indices)
+        if selection.dtype == bool:
+            selection = np.flatnonzero(selection)
+        rows = np.random.choice(n_samples * len(selection), n_samples_overall, replace=True)
+        batch_size = batch_size or settings.batch_size
+        visit, draws, draw, position = _distinct_draw_plan(rows, n_samples, len(selection), batch_size)
+        blocks = self._expression_blocks(adata, selection[visit], transform_batch, mask, library_size, draws,
+                                         batch_size, None)
+        return _gather_rows((value for value, _ in blocks), draw, position)
+
+    def _expression_blocks(
         self,
         adata,
         indices,
         transform_batch,
         mask: np.ndarray,
         library_size,
-        n_samples: int,
+        n_samples: int | list[int],
         batch_size,
         dataloader,
         refine: dict | None = None,
-    ) -> tuple[np.ndarray, torch.Tensor, list]:
-        """Draws of the expression ``(S, n, G')`` (averaged over transform batches) and of z ``(S, n, d)``,
-        and the proposals they came from: z is drawn from the guide (``[]``), or with ``refine`` (options
-        of :func:`~pyro_scvi.infer.proposals.refined_proposal`) from each cell's refined proposal
-        (one ``{site: distribution}`` per minibatch)."""
+        proposals: list | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per minibatch, in order: draws of the expression ``(S, n_b, G')`` (averaged over transform
+        batches; on the CPU) and of z ``(S, n_b, d)``, ``S = n_samples`` (or its entry for that
+        minibatch). z is drawn from the guide, or with ``refine``
+        (options of :func:`~pyro_scvi.infer.proposals.refined_proposal`) from each cell's refined
+        proposal, appended to ``proposals`` (one ``{site: distribution}`` per minibatch)."""
         site = sites.MEAN if library_size == "latent" else sites.NORMALIZED_EXPRESSION
         factor = 1.0 if library_size == "latent" else float(library_size)
         codes = self.batch_codes(transform_batch)
         genes = torch.as_tensor(mask)
+        per_batch = iter(n_samples) if isinstance(n_samples, list) else itertools.repeat(n_samples)
         self.module.eval()
-        chunks, latents, proposals = [], [], []
         with self.pyro_scope():
-            for batch in self.minibatches(adata, indices, batch_size, dataloader):
+            for batch, n_draws in zip(self.minibatches(adata, indices, batch_size, dataloader), per_batch):
                 guide = self.module.guide
                 if refine is not None:
                     proposals.append(refined_proposal(self.module.model, guide, batch, **refine))
                     guide = proposal_guide(proposals[-1])
-                draws = posterior_sites(self.module.model, guide, batch, n_samples, [site, sites.Z], codes)
+                draws = posterior_sites(self.module.model, guide, batch, n_draws, [site, sites.Z], codes)
                 value = draws[0][site] if len(draws) == 1 else torch.stack([d[site] for d in draws]).mean(0)
                 if not genes.all():
                     value = value[..., genes.to(value.device)]
-                chunks.append((value * factor if factor != 1.0 else value).cpu())
-                latents.append(draws[0][sites.Z].cpu())
-        return torch.cat(chunks, dim=1).numpy(), torch.cat(latents, dim=1), proposals
+                yield (value * factor if factor != 1.0 else value).cpu(), draws[0][sites.Z].cpu()
 
     @torch.no_grad()
     def get_importance_weights(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from pyro import plate, poutine
 from pyro.distributions import Independent, MultivariateNormal
+from pyro.poutine.messenger import Messenger
 
 from ..data.minibatch import Minibatch
 from ..models import sites
@@ -81,15 +82,48 @@ def latent_mean_variance(distribution, n_samples: int = 5000) -> tuple[torch.Ten
     return monte_carlo_moments(distribution, n_samples)
 
 
+class _SitesRecorded(Exception):
+    """Raised by :class:`_StopAfterSites` once the sites asked for are in the trace."""
+
+
+class _StopAfterSites(Messenger):
+    """Ends a model's execution as soon as every site of ``names`` has been recorded by an enclosing
+    trace, so that work after them (a likelihood's extra heads, the observation) is skipped."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.remaining = set(names)
+
+    def _pyro_post_sample(self, msg) -> None:
+        # post-processing runs outermost first: the enclosing trace has recorded this site already
+        self.remaining.discard(msg["name"])
+        if not self.remaining:
+            raise _SitesRecorded
+
+
+def _model_trace(model, guide_trace, batch: Minibatch, code, stop_after):
+    """The model replayed on ``guide_trace``; with ``stop_after`` (site names) only until they are all
+    recorded (the partial trace)."""
+    replayed = poutine.replay(model, trace=guide_trace)
+    if stop_after is None:
+        return poutine.trace(replayed).get_trace(batch, transform_batch=code)
+    tracer = poutine.trace(_StopAfterSites(stop_after)(replayed))
+    try:
+        return tracer.get_trace(batch, transform_batch=code)
+    except _SitesRecorded:
+        return tracer.msngr.trace
+
+
 def posterior_traces(model, guide, batch: Minibatch, n_samples: int, transform_batches=(None,), *,
-                     sample_observed: bool = False, global_trace=None):
+                     sample_observed: bool = False, global_trace=None, stop_after=None):
     """Draw ``n_samples`` from the guide once (a ``"particles"`` plate, dim −2) and replay the model
     on them for each entry of ``transform_batches`` (``None``: the cells' own batches).
 
     ``sample_observed=True`` replays the model with its observed sites unconditioned, so that the
     trace holds posterior-predictive draws instead of the data. ``global_trace``: a guide trace whose
     sites are reused instead of drawn (e.g. the global latents of a first minibatch, so that draw
-    ``s`` is one value for every cell).
+    ``s`` is one value for every cell). ``stop_after``: model site names; the replay ends once they
+    are all recorded and the model traces hold the sites up to there.
 
     Returns ``(guide_trace, model_traces)``, one model trace per transform batch; every site
     inside the ``"cells"`` plate carries a leading sample axis ``(S, n, ·)``.
@@ -100,24 +134,24 @@ def posterior_traces(model, guide, batch: Minibatch, n_samples: int, transform_b
         model = poutine.uncondition(model)
     with plate(sites.PARTICLES, n_samples, dim=-2):
         guide_trace = poutine.trace(guide).get_trace(batch)
-        model_traces = [
-            poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch, transform_batch=code)
-            for code in transform_batches
-        ]
+        model_traces = [_model_trace(model, guide_trace, batch, code, stop_after)
+                        for code in transform_batches]
     return guide_trace, model_traces
 
 
-def posterior_model_traces(model, guide, batch: Minibatch, n_samples: int, transform_batches=(None,)) -> list:
+def posterior_model_traces(model, guide, batch: Minibatch, n_samples: int, transform_batches=(None,),
+                           stop_after=None) -> list:
     """The model traces of :func:`posterior_traces` (one per transform batch, the same draws)."""
-    return posterior_traces(model, guide, batch, n_samples, transform_batches)[1]
+    return posterior_traces(model, guide, batch, n_samples, transform_batches, stop_after=stop_after)[1]
 
 
 def posterior_sites(model, guide, batch: Minibatch, n_samples: int, sites: list[str],
                     transform_batches=(None,)) -> list[dict[str, torch.Tensor]]:
     """Values ``(S, n, ·)`` of model ``sites`` under posterior draws, one dict per transform batch
-    (the same draws for each; see :func:`posterior_model_traces`)."""
+    (the same draws for each; see :func:`posterior_model_traces`). The model is replayed only until
+    the last of ``sites``."""
     results = []
-    for model_trace in posterior_model_traces(model, guide, batch, n_samples, transform_batches):
+    for model_trace in posterior_model_traces(model, guide, batch, n_samples, transform_batches, sites):
         out = {}
         for name in sites:
             if name not in model_trace.nodes:

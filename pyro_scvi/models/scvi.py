@@ -64,8 +64,9 @@ def observe_counts(module, batch, z, transform_batch: int | None = None, theta=N
     decoder_input, covariates = module.decoder_input(z, batch, batch_index)
     hidden = module.decoder(decoder_input, *covariates)  # (n, H)
     rho = module.decoder.scale_head(hidden)  # (n, G), sums to 1 over genes
-    mean = log_library.exp() * rho  # (n, G), expected counts before zero-inflation
+    # recorded before the mean is computed: queries of ρ alone end the replay here
     pyro.deterministic(sites.NORMALIZED_EXPRESSION, rho, event_dim=1)
+    mean = log_library.exp() * rho  # (n, G), expected counts before zero-inflation
     pyro.deterministic(sites.MEAN, mean, event_dim=1)
 
     likelihood = module.likelihood(mean, hidden, batch_index, batch.labels, theta)  # batch shape (n, G)
