@@ -241,3 +241,18 @@ def test_theta_gradient_with_one_weight_per_row(kernel, leading):
             (log_prob * weights[..., None].expand(shape).contiguous()).sum().backward()
         grads.append(theta.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_kernel_made_unavailable_after_the_choice_is_not_called(fresh_choice, monkeypatch, kernel):
+    """The choice is kept per process, but availability is asked at every call: with the kernel
+    switched off after the kernel was chosen, log_prob takes the torch formula."""
+    monkeypatch.setenv(kernel_choice.KERNEL_VARIABLE, "fused")
+    g = torch.Generator().manual_seed(6)
+    x, mu = torch.poisson(torch.ones(3, 8), generator=g), torch.rand(3, 8, generator=g) + 0.1
+    ZeroInflatedNegativeBinomial(mu, torch.ones(8), torch.zeros(3, 8)).log_prob(x)
+    assert kernel_choice.choice(TORCH_FORMULA)["use_fused"]
+    monkeypatch.setattr(fused, "available", lambda: False)
+    monkeypatch.setattr(fused, "nb_log_prob", lambda *a, **k: pytest.fail("the kernel must not run"))
+    got = ZeroInflatedNegativeBinomial(mu, torch.ones(8), torch.zeros(3, 8)).log_prob(x)
+    torch.testing.assert_close(got, TORCH_FORMULA(x, mu, torch.ones(8), torch.zeros(3, 8)))
+    assert not kernel_choice.choice(TORCH_FORMULA)["use_fused"]

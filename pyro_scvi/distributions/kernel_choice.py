@@ -126,14 +126,14 @@ def choice(torch_formula) -> dict:
     as :func:`measure` does): ``use_fused``, the ``mode`` and ``reason``, and for ``auto`` the
     measured ``ns_per_entry`` of both paths."""
     global _choice
+    if not fused.available():  # nothing to choose, and nothing kept: the next call looks again
+        return {"mode": _mode(), "use_fused": False, "reason": fused.unavailable_reason()}
     with _lock:
         if _choice is not None:
             return _choice
         mode = _mode()
         if mode == "torch":
             decided = {"use_fused": False, "reason": f"${KERNEL_VARIABLE}=torch"}
-        elif not fused.available():
-            decided = {"use_fused": False, "reason": fused.unavailable_reason()}
         elif mode == "fused":
             decided = {"use_fused": True, "reason": f"${KERNEL_VARIABLE}=fused"}
         else:

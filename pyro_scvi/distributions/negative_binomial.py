@@ -155,7 +155,7 @@ def _fused_log_prob(value, batch_shape, mu, theta, logits=None):
         if torch.broadcast_shapes(value.shape, batch_shape) != batch_shape:
             return None
         value = value.expand(batch_shape)
-    if not fused.supports(value, mu, theta, logits):
+    if not fused.supports(value, mu, theta, logits) or not fused.available():
         return None
     if not kernel_choice.choice(torch_formula_log_prob)["use_fused"]:  # measured once per process
         return None
