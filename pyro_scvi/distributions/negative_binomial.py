@@ -155,9 +155,10 @@ def _fused_log_prob(value, batch_shape, mu, theta, logits=None):
         if torch.broadcast_shapes(value.shape, batch_shape) != batch_shape:
             return None
         value = value.expand(batch_shape)
-    if not fused.supports(value, mu, theta, logits) or not fused.available():
+    if not fused.supports(value, mu, theta, logits):
         return None
-    if not kernel_choice.choice(torch_formula_log_prob)["use_fused"]:  # measured once per process
+    # False where the kernel is unavailable (asked at every call) or measured slower (once per process)
+    if not kernel_choice.choice(torch_formula_log_prob)["use_fused"]:
         return None
     return fused.nb_log_prob(value, mu, theta, logits)
 
