@@ -209,6 +209,8 @@ def _train_model(args, adata):
         early_stopping=args.early_stopping, accelerator=args.accelerator, plan_kwargs=plan_kwargs,
         check_val_every_n_epoch=args.check_val_every if args.train_size < 1 else None,
         enable_progress_bar=not args.quiet, devices=args.devices or "auto", strategy=args.strategy,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every_n_epochs=args.checkpoint_every,
+        resume=args.resume,
     )
     return model, time.perf_counter() - start
 
@@ -242,6 +244,9 @@ def cmd_train(args) -> int:
     _check_output(out_h5ad, args.overwrite)
     if args.max_epochs is not None and args.max_epochs < 1:
         raise ValueError(f"--max-epochs must be at least 1, got {args.max_epochs}.")
+    if args.resume and args.checkpoint_dir is None:
+        raise ValueError("--resume needs --checkpoint-dir DIR, the directory the interrupted run wrote its "
+                         "checkpoints to.")
     if args.threads:
         torch.set_num_threads(args.threads)
     settings.seed = args.seed
@@ -641,6 +646,14 @@ def _train_fit_options(parser) -> None:
     fit.add_argument("--strategy", choices=STRATEGIES, default="auto",
                      help="'ddp': data-parallel training across the processes started by torchrun "
                           "(gloo on CPU, nccl on GPU)")
+    fit.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                     help="write a checkpoint of the whole training state to DIR (every "
+                          "--checkpoint-every epochs and after the last); with --resume, continue from it")
+    fit.add_argument("--checkpoint-every", type=_positive_int, default=1, metavar="N",
+                     help="epochs between checkpoints")
+    fit.add_argument("--resume", action="store_true",
+                     help="continue the run whose checkpoints are in --checkpoint-dir (same data and "
+                          "options): it ends where the uninterrupted run would have ended")
 
 
 def _train_output_options(parser) -> None:

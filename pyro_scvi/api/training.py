@@ -8,7 +8,10 @@ and an optional :class:`~pyro_scvi.infer.training.EarlyStopping`, and runs
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import warnings
+from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -16,9 +19,12 @@ import torch
 
 from ..data.loader import RegisteredData, check_training_minibatches, minibatch_from_dict, split_indices
 from ..data.minibatch import Minibatch
+from ..infer.checkpoint import Checkpointer, check_same_run
 from ..infer.device import resolve_device
 from ..infer.distributed import data_parallel_for
+from ..infer.progress import logger
 from ..infer.training import EarlyStopping, TrainingPlan, append_history, max_epochs_heuristic, run_training
+from ..io.checkpoint_file import read_checkpoint
 from ..models.contract import check_model_guide
 from ..settings import settings
 
@@ -37,6 +43,33 @@ class TrainingData(NamedTuple):
     validation: Callable[[], Iterator[Minibatch]] | None  #: the validation minibatches, if any
     indices: tuple  #: (train, validation, test) cell indices; ``None`` each with a datamodule
     n_cells: int | None  #: cells registered (for the default number of epochs)
+
+
+class CheckpointRequest(NamedTuple):
+    """Where a ``train()`` call writes checkpoints, and the state it resumes from."""
+
+    directory: Path | None  #: ``checkpoint_dir`` (``None``: no checkpoints)
+    every_n_epochs: int  #: ``checkpoint_every_n_epochs``
+    resumed: dict | None  #: the newest checkpoint's payload when ``resume=True``
+    run: dict  #: the settings that must match between a run and its resumption
+
+
+def _as_json(value) -> str:
+    """A stable text form of settings (functions by their qualified name), for comparing runs."""
+    return json.dumps(value, sort_keys=True, default=lambda o: getattr(o, "__qualname__", type(o).__name__))
+
+
+def read_resume_state(checkpoint_dir, resume: bool) -> dict | None:
+    """The newest checkpoint in ``checkpoint_dir`` when ``resume`` (verified; see
+    :func:`pyro_scvi.io.checkpoint_file.read_checkpoint`), else ``None``."""
+    if not resume:
+        return None
+    if checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir=..., the directory the interrupted run wrote its "
+                         "checkpoints to.")
+    epoch, state = read_checkpoint(checkpoint_dir)
+    logger.info("resuming from the checkpoint of epoch %d in %s", epoch, checkpoint_dir)
+    return state
 
 
 def count_cells(indices) -> int:
@@ -120,9 +153,21 @@ class TrainingMixin:
         datasplitter_kwargs: dict | None = None,
         plan_kwargs: dict | None = None,
         datamodule=None,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every_n_epochs: int = 1,
+        resume: bool = False,
         **trainer_kwargs,
     ) -> None:
         """Fit the model by stochastic variational inference (Adam, per-cell-mean ELBO, KL warm-up).
+
+        Checkpoints: with ``checkpoint_dir``, the run's whole state (weights, optimiser, counters, random
+        states, early stopping, history, split) is written there every ``checkpoint_every_n_epochs``
+        epochs and after the last one (the two newest are kept; files are written atomically and in the
+        background). ``resume=True`` continues the run whose checkpoints are in ``checkpoint_dir`` from
+        the newest one: a new model built with the same arguments and data, trained with the same
+        arguments, ends where the uninterrupted run ends (bitwise on the CPU). A run resumes at an
+        epoch boundary: an epoch that was cut short is run again from its start. See
+        :mod:`pyro_scvi.infer.checkpoint`.
 
         ``plan_kwargs``: ``lr`` (1e-3), ``weight_decay`` (1e-6), ``eps`` (0.01), ``optimizer``
         (``"Adam"``/``"AdamW"``), ``n_epochs_kl_warmup`` (400), ``n_steps_kl_warmup``,
@@ -154,6 +199,7 @@ class TrainingMixin:
                 "train on the registered AnnData."
             )
         plan = TrainingPlan(**(plan_kwargs or {}))
+        resumed = read_resume_state(checkpoint_dir, resume)
         if plan.objective == "iwae" and getattr(self.module, "guide_family", "normal") == "full_rank":
             warnings.warn("guide='full_rank' with objective='iwae' was unstable on CellBench "
                           "(benchmarks/bench_posteriors.py: 38-56 nats below the default, or a nan loss); "
@@ -162,21 +208,17 @@ class TrainingMixin:
         device = resolve_device(accelerator, devices) if parallel is None else parallel.device
         self.module.to(device)
         drop_last, external = _datasplitter_options(datasplitter_kwargs)
+        if resumed is not None and resumed.get("split") is not None and datamodule is None:
+            # the split of the run being resumed
+            external = tuple(i.numpy() for i in resumed["split"])
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if datamodule is not None:
             data = self._datamodule_training_data(datamodule, device)
         else:
             data = self._registered_training_data(
-                train_size,
-                validation_size,
-                batch_size,
-                shuffle_set_split,
-                drop_last,
-                external,
-                load_sparse_tensor,
-                device,
-                parallel,
+                train_size, validation_size, batch_size, shuffle_set_split, drop_last, external,
+                load_sparse_tensor, device, parallel,
             )
         if early_stopping and data.validation is None:
             raise ValueError("Can't run Early Stopping with validation monitor with no validation set")
@@ -184,16 +226,26 @@ class TrainingMixin:
         if check_val is None and (early_stopping or plan.reduce_lr_on_plateau):
             check_val = 1
         progress = trainer_kwargs.get("enable_progress_bar", settings.progress_bar)
+        stopper = _early_stopping(trainer_kwargs) if early_stopping else None
+        run = {"model": type(self).__name__, "init_params": _as_json(self.init_params_),
+               "n_obs": self.registry_.n_cells, "n_vars": self.registry_.n_vars,
+               "batch_size": int(batch_size), "plan": _as_json(dataclasses.asdict(plan)),
+               "check_val_every_n_epoch": check_val,
+               "early_stopping": _as_json(None if stopper is None else dataclasses.asdict(stopper)),
+               "world_size": 1 if parallel is None else parallel.world_size,
+               "datamodule": datamodule is not None}
         self._run_training(
             data,
             plan,
             max_epochs
             if max_epochs is not None
             else max_epochs_heuristic(data.n_cells or self.registry_.n_cells),
-            stopper=_early_stopping(trainer_kwargs) if early_stopping else None,
+            stopper=stopper,
             check_val=check_val,
             progress=progress and (parallel is None or parallel.is_main),
             parallel=parallel,
+            checkpoint=CheckpointRequest(None if checkpoint_dir is None else Path(checkpoint_dir),
+                                         checkpoint_every_n_epochs, resumed, run),
         )
 
     def _datamodule_training_data(self, datamodule, device) -> TrainingData:
@@ -251,6 +303,7 @@ class TrainingMixin:
         check_val,
         progress: bool,
         parallel,
+        checkpoint: CheckpointRequest | None = None,
     ) -> None:
         """Run SVI in the model's parameter store and record the history, also when interrupted."""
         if self.module.has_custom_model or self.module.has_custom_guide:
@@ -265,10 +318,12 @@ class TrainingMixin:
                 gradient_hook=parallel.average_gradients,
                 reduce_sums=parallel.sum_across_ranks,
                 epoch_end_hook=parallel.sync_buffers,
+                gather=parallel.gather_objects,
             )
+        hooks.update(self._checkpoint_hooks(checkpoint, data, parallel))
         try:
             with self.pyro_scope():
-                records, stop_reason = run_training(
+                records, _ = run_training(
                     self.module,
                     data.train,
                     data.validation,
@@ -290,8 +345,28 @@ class TrainingMixin:
             raise
         self.history_ = append_history(self.history_, records)
         self.is_trained_ = True
-        if stop_reason and (parallel is None or parallel.is_main):
-            print(stop_reason)
+
+    def _checkpoint_hooks(self, request: CheckpointRequest | None, data: TrainingData, parallel) -> dict:
+        """``run_training``'s ``checkpoints`` (a writer when ``checkpoint_dir`` is set) and ``resume``
+        (the state to continue from, with this process's random state)."""
+        if request is None or (request.directory is None and request.resumed is None):
+            return {}
+        hooks = {}
+        resumed = request.resumed
+        if resumed is not None:
+            check_same_run(resumed["run"], request.run, request.directory)
+            rank = 0 if parallel is None else parallel.rank
+            resumed = dict(resumed, rng=resumed["rng_by_rank"][rank])
+            if parallel is not None:  # the run's permutation seed, and its epochs from where it stopped
+                parallel.resume_at(int(resumed["parallel_seed"]), int(resumed["epoch"]) + 1)
+            hooks["resume"] = resumed
+        if request.directory is not None:
+            split = tuple(None if i is None else torch.as_tensor(np.asarray(i)) for i in data.indices)
+            static = {"run": request.run, "split": split if data.indices[0] is not None else None,
+                      "parallel_seed": 0 if parallel is None else parallel.seed}
+            hooks["checkpoints"] = Checkpointer(request.directory, request.every_n_epochs, static,
+                                                writes=parallel is None or parallel.is_main)
+        return hooks
 
     def _training_objective(self, plan: TrainingPlan):
         """The loss ``run_training`` optimises: ``None`` for the default per-cell ELBO of ``plan``; a

@@ -184,6 +184,8 @@ class DataParallel:
         self.rank, self.world_size, self.device = int(rank), int(world_size), torch.device(device)
         #: seed of the per-epoch permutations, agreed by :meth:`prepare`
         self.seed = 0
+        #: epoch number of the first epoch the training loop asks for (> 0 when resuming a run)
+        self.start_epoch = 0
         self._parameters: list[torch.nn.Parameter] = []
         self._module: torch.nn.Module | None = None
 
@@ -279,6 +281,14 @@ class DataParallel:
                     grad.copy_(flat[offset : offset + parameter.numel()].view_as(grad))
                 offset += parameter.numel()
 
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """Elementwise sum of ``values`` over the ranks (a new tensor on ``values``' device)."""
         if self.world_size == 1:
@@ -303,6 +313,10 @@ class DataParallel:
         if self.rank > 0:
             torch.manual_seed((self.seed + 104_729 * self.rank) % 2**63)
 
+    def resume_at(self, seed: int, epoch: int) -> None:
+        """Continue a checkpointed run (after :meth:`prepare`): its permutation seed, from ``epoch`` on."""
+        self.seed, self.start_epoch = int(seed), int(epoch)
+
     def finish(self) -> None:
         """After training: rank 0's buffers everywhere. The weights need no sync: averaged
         gradients keep them identical (the tests check this bitwise)."""
@@ -318,7 +332,8 @@ class DataParallel:
         epochs = count()
 
         def batches():
-            order = shard_order(indices, self.seed, next(epochs), self.rank, self.world_size)
+            epoch = self.start_epoch + next(epochs)
+            order = shard_order(indices, self.seed, epoch, self.rank, self.world_size)
             return iter(make_batches(order))
 
         return batches

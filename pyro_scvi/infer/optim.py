@@ -56,7 +56,7 @@ class JointOptimizer(pyro.optim.PyroOptim):
                 plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
                 self.scheduler = plateau(self.optimizer, **self.plateau_args)
             if self._pending_state is not None:
-                self.optimizer.load_state_dict(self._pending_state["optimizer"])
+                self._load(self._pending_state)
                 self._pending_state = None
         else:
             self.optimizer.add_param_group({"params": params})
@@ -81,7 +81,13 @@ class JointOptimizer(pyro.optim.PyroOptim):
         return None if self.optimizer is None else float(self.optimizer.param_groups[0]["lr"])
 
     def get_state(self) -> dict:
-        return {} if self.optimizer is None else {"optimizer": self.optimizer.state_dict()}
+        """The optimiser's state (and the scheduler's, when there is one); ``{}`` before the first step."""
+        if self.optimizer is None:
+            return {}
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
 
     def set_state(self, state: dict) -> None:
         """Load a state from :meth:`get_state` (applied at the first step if none was taken yet)."""
@@ -90,4 +96,9 @@ class JointOptimizer(pyro.optim.PyroOptim):
         if self.optimizer is None:
             self._pending_state = state
         else:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load(state)
+
+    def _load(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])

@@ -20,12 +20,14 @@ import pandas as pd
 import pyro
 import torch
 from pyro.infer import SVI
-from tqdm.auto import tqdm
 
 from ..data.minibatch import Minibatch
+from ..models.contract import param_store_from_safe, param_store_to_safe
 from ..models.sites import Z
+from .checkpoint import Checkpointer, set_rng_state
 from .elbo import OBJECTIVES, CellMeanELBO, elbo_parts, iwae_parts
 from .optim import JointOptimizer
+from .progress import TrainingProgress
 
 __all__ = ["TrainingPlan", "EarlyStopping", "FrozenEntries", "kl_weight_at", "max_epochs_heuristic",
            "run_training", "append_history"]
@@ -288,6 +290,9 @@ def run_training(
     reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None,
     epoch_end_hook: Callable[[], None] | None = None,
     elbo=None,
+    checkpoints: Checkpointer | None = None,
+    resume: dict | None = None,
+    gather: Callable[[dict], list] | None = None,
 ) -> tuple[dict[str, list], str | None]:
     """Train ``module`` (its ``model``/``guide``) with SVI inside the caller's param-store scope.
 
@@ -303,24 +308,34 @@ def run_training(
     Data-parallel hooks (see :mod:`pyro_scvi.infer.distributed`): ``gradient_hook()`` runs after
     each backward pass, before the optimiser step (gradient averaging); ``reduce_sums(t)`` maps the
     float64 vector of per-epoch sums (loss, ELBO terms, IWAE bound, n_cells) to its sum over the
-    processes; ``epoch_end_hook()`` runs after each training epoch, before validation.
+    processes; ``epoch_end_hook()`` runs after each training epoch, before validation;
+    ``gather(obj)`` returns every process's ``obj`` (for the random states in checkpoints).
 
     ``elbo``: the model's own objective instead of :class:`CellMeanELBO` (e.g. scANVI's
     :class:`~pyro_scvi.infer.scanvi.SemiSupervisedELBO`), with its interface (``kl_weights``,
     ``last_reconstruction``, ``last_kl``, ``last_kl_global``, ``last_bound``) and optionally
     ``last_metrics`` (``{name: scalar}``, logged as ``train_<name>``/``validation_<name>``).
+
+    ``checkpoints``: writes the run's state at the end of its epochs (see
+    :mod:`pyro_scvi.infer.checkpoint`); ``resume``: such a state (with this process's random
+    state under ``"rng"``), from which the run continues at the epoch after it.
     """
-    run = _SVIRun(module, plan, gradient_hook, elbo)
     records: dict[str, list] = {}
-    stop_reason = None
+    stop_reason, start_epoch = None, 0
+    if resume is not None:  # weights first: frozen entries keep the values they are restored to
+        _restore_parameters(module, resume)
+    run = _SVIRun(module, plan, gradient_hook, elbo)
+    if resume is not None:
+        records, start_epoch, stop_reason = _restore_run(run, early_stopping, resume)
     snapshot = None
     module.train()
-    epochs = tqdm(range(max_epochs), desc="Training", unit="epoch", disable=not progress_bar, leave=True)
+    progress = TrainingProgress(start_epoch, max_epochs, enabled=progress_bar)
+    end_epoch = max_epochs if stop_reason is None else start_epoch  # a finished run has nothing left
     # Argument checks of distributions are a pass over each tensor plus a host sync (on CUDA) per
     # site and step; training runs without them and checks finiteness once per epoch instead.
     with pyro.validation_enabled(False), run.frozen.hold():
         try:
-            for epoch in epochs:
+            for epoch in range(start_epoch, end_epoch):
                 # weights (and BatchNorm statistics) at the start of the epoch: restored if it goes non-finite
                 snapshot = _snapshot(module, snapshot)
                 metrics = run.train_epoch(epoch, train_batches(), snapshot)
@@ -335,17 +350,61 @@ def run_training(
                     values["lr-" + plan.optimizer] = _current_lr(run.optim, plan.lr)
                 for key, value in values.items():
                     records.setdefault(key, []).append((epoch, value))
-                epochs.set_postfix(loss=f"{values['train_loss']:.4g}", refresh=False)
+                progress.update(epoch, values)
                 if early_stopping is not None and early_stopping.should_stop(epoch, values):
                     stop_reason = early_stopping.reason
+                last = stop_reason is not None or epoch == max_epochs - 1
+                if checkpoints is not None and checkpoints.due(epoch, last):
+                    checkpoints.save(epoch, _run_state(run, records, early_stopping, stop_reason), gather)
+                if stop_reason is not None:
                     break
+            if checkpoints is not None:
+                checkpoints.wait()
         except BaseException as error:
             error.partial_history = records
+            if checkpoints is not None:
+                with contextlib.suppress(Exception):
+                    checkpoints.wait()
             raise
         finally:
-            epochs.close()
+            progress.close(records, stop_reason)
             module.eval()
     return records, stop_reason
+
+
+def _run_state(run: _SVIRun, records: dict, early_stopping: EarlyStopping | None, stop_reason) -> dict:
+    """What a checkpoint holds of the training loop (the caller adds the random states)."""
+    stopper = None if early_stopping is None else {"best": early_stopping.best, "wait": early_stopping.wait}
+    return {
+        "module": run.module.state_dict(),
+        "pyro_params": param_store_to_safe(pyro.get_param_store().get_state()),
+        "optimizer": run.optim.get_state(),
+        "step": run.step,
+        "kl_weight": run.kl_weight,
+        "early_stopping": stopper,
+        "stop_reason": stop_reason,
+        "records": records,
+    }
+
+
+def _restore_parameters(module, state: dict) -> None:
+    """The weights and plain Pyro parameters of a checkpoint, into ``module`` and the current store."""
+    module.load_state_dict(state["module"])
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    pyro.get_param_store().set_state(param_store_from_safe(state["pyro_params"], device))
+
+
+def _restore_run(run: _SVIRun, early_stopping: EarlyStopping | None, state: dict):
+    """Optimiser, counters, early stopping, history and random state of a checkpoint; returns
+    ``(records, first epoch to run, stop reason)``."""
+    run.optim.set_state(state["optimizer"])
+    run.step, run.kl_weight = int(state["step"]), float(state["kl_weight"])
+    if early_stopping is not None and state["early_stopping"] is not None:
+        early_stopping.best = state["early_stopping"]["best"]
+        early_stopping.wait = int(state["early_stopping"]["wait"])
+    records = {key: [tuple(row) for row in rows] for key, rows in state["records"].items()}
+    set_rng_state(state["rng"])
+    return records, int(state["epoch"]) + 1, state["stop_reason"] or None
 
 
 class _SVIRun:
@@ -459,7 +518,10 @@ class _StepParameters:
     Training runs inside a param-store scope private to one model, so its store holds exactly the
     parameters its model and guide register (``pyro.module``/``pyro.param``); those a step does not
     use have no gradient and the optimiser leaves them alone. The list is rebuilt only when the
-    store grows, which spares a parameter-recording trace around every step.
+    store grows, which spares a parameter-recording trace around every step. It is ordered by
+    name, not by registration, so that a run resumed from a checkpoint (whose plain ``pyro.param``
+    values are restored before the first step) hands the optimiser its parameters in the same
+    order as the run that wrote it.
     """
 
     def __init__(self) -> None:
@@ -469,7 +531,8 @@ class _StepParameters:
     def __call__(self) -> list[torch.Tensor]:
         store = pyro.get_param_store()
         if len(store) != self._size:
-            self._params = list(dict.fromkeys(value for _, value in store.named_parameters()))
+            named = sorted(store.named_parameters(), key=lambda item: item[0])
+            self._params = list(dict.fromkeys(value for _, value in named))
             self._size = len(store)
         return self._params
 
