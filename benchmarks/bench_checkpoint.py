@@ -1,0 +1,115 @@
+"""What a checkpoint every epoch costs: CellBench 5cl, all genes, default SCVI.
+
+Trains the same seeded model twice per repeat, alternating: without checkpoints and with
+``checkpoint_dir=...`` at the default ``checkpoint_every_n_epochs=1``, and reports
+
+* seconds per epoch of each, and the overhead of checkpointing as a fraction of the epoch;
+* the time the training thread spends in the checkpoint call (copying the state into the
+  writer's buffers, plus waiting for the previous write), per checkpoint and per epoch;
+* the time the background writer takes per checkpoint (serialise, hash, write, fsync, rename);
+* the size of one checkpoint file.
+
+The goal (issue 18) is an overhead of at most 5 % of the epoch. The figures come with the CPU
+model, SIMD flags and C compiler. Usage (repository root)::
+
+    .venv/bin/python benchmarks/bench_checkpoint.py                  # all genes, 12 epochs, 2 repeats
+    .venv/bin/python benchmarks/bench_checkpoint.py --n-genes 2000 --epochs 30
+
+Without /work/shared/data the data are generated (printed). Validation is off (the default of
+``train``), which makes the epoch short and the relative cost of a checkpoint largest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cellbench import DEFAULT_H5AD, load_data, machine_info, wait_idle, write_generated  # noqa: E402
+
+
+def _instrument():
+    """Wrap the checkpoint writer to time its foreground call and its background write."""
+    import pyro_scvi.infer.checkpoint as checkpoint
+
+    times = {"save": [], "write": []}
+    save, write = checkpoint.Checkpointer.save, checkpoint.write_checkpoint
+
+    def timed_save(self, *args, **kwargs):
+        start = time.perf_counter()
+        save(self, *args, **kwargs)
+        times["save"].append(time.perf_counter() - start)
+
+    def timed_write(*args, **kwargs):
+        start = time.perf_counter()
+        path = write(*args, **kwargs)
+        times["write"].append(time.perf_counter() - start)
+        return path
+
+    checkpoint.Checkpointer.save = timed_save
+    checkpoint.write_checkpoint = timed_write
+    return times
+
+
+def train_once(adata, epochs: int, directory: str | None) -> float:
+    from pyro_scvi import SCVI, settings
+
+    settings.seed = 0
+    model = SCVI(adata)
+    start = time.perf_counter()
+    model.train(max_epochs=epochs, enable_progress_bar=False, checkpoint_dir=directory)
+    return (time.perf_counter() - start) / epochs
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--h5ad", default=DEFAULT_H5AD)
+    parser.add_argument("--n-genes", type=int, default=0, help="top genes by variance (0: all)")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--wait-idle", type=float, default=30.0,
+                        help="seconds to wait for other processes to go quiet before each run")
+    a = parser.parse_args(argv)
+
+    import torch
+
+    from pyro_scvi import SCVI
+
+    if not os.path.exists(a.h5ad):
+        a.h5ad = str(Path(tempfile.mkdtemp()) / "generated.h5ad")
+        write_generated(Path(a.h5ad), 4000, 2000)
+        print(f"data: generated ({a.h5ad}); {DEFAULT_H5AD} not found")
+    adata = load_data(a.h5ad, a.n_genes)
+    SCVI.setup_anndata(adata, batch_key="batch" if "batch" in adata.obs else None)
+    print(f"data: {a.h5ad}: {adata.n_obs} cells x {adata.n_vars} genes")
+    print("machine:", json.dumps(machine_info()))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    times = _instrument()
+    train_once(adata, 1, None)  # warm-up: kernel build and choice, first-call costs
+    plain, with_checkpoints = [], []
+    for repeat in range(a.repeats):
+        wait_idle(a.wait_idle)
+        plain.append(train_once(adata, a.epochs, None))
+        wait_idle(a.wait_idle)
+        with tempfile.TemporaryDirectory(dir=os.environ.get("CHECKPOINT_BENCH_DIR")) as directory:
+            with_checkpoints.append(train_once(adata, a.epochs, directory))
+            size = max(p.stat().st_size for p in Path(directory).glob("*.ckpt"))
+        print(f"repeat {repeat}: {plain[-1]:.3f} s/epoch plain, {with_checkpoints[-1]:.3f} with checkpoints")
+    epoch = statistics.median(plain)
+    overhead = statistics.median(with_checkpoints) / epoch - 1
+    save_ms = 1e3 * statistics.median(times["save"])
+    write_ms = 1e3 * statistics.median(times["write"])
+    print(f"\ncheckpoint every epoch, {adata.n_vars} genes: epoch {epoch:.3f} s plain; overhead "
+          f"{100 * overhead:+.1f} % of the epoch (median of {a.repeats}); training thread blocked "
+          f"{save_ms:.1f} ms per checkpoint ({100 * save_ms / 1e3 / epoch:.1f} % of the epoch); background "
+          f"write {write_ms:.0f} ms; file {size / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
