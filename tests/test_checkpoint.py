@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -297,3 +298,36 @@ def test_cli_checkpoint_dir_and_resume(tmp_path, capsys):
     assert capsys.readouterr().err == ""
     assert main(["train", str(tmp_path / "cells.h5ad"), "--resume", "--out", str(tmp_path / "x")]) == 1
     assert "--resume needs --checkpoint-dir" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- data-parallel
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun(out: Path, epochs: int, *options: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master_port={_free_port()}", str(WORKER), str(out), str(epochs), "--devices", "2",
+               *options]
+    return subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_data_parallel_run_killed_and_resumed_matches_on_every_rank(tmp_path):
+    """Two gloo ranks kill themselves (SIGKILL) before step 7 of 3 per epoch; torchrun ends the run.
+    Rank 0 wrote the checkpoints (with both ranks' random states); both ranks resume from them."""
+    reference = _torchrun(tmp_path / "reference-RANK.pt", 3)
+    killed = _torchrun(tmp_path / "never-RANK.pt", 3, "--checkpoint-dir", str(tmp_path / "ckpt"),
+                       "--kill-at-step", "7")
+    _, stderr = killed.communicate(timeout=TIMEOUT)
+    assert killed.returncode != 0, stderr[-3000:]
+    assert list_checkpoints(tmp_path / "ckpt"), stderr[-3000:]
+    resumed = _torchrun(tmp_path / "resumed-RANK.pt", 3, "--checkpoint-dir", str(tmp_path / "ckpt"),
+                        "--resume")
+    for process in (reference, resumed):
+        _, stderr = process.communicate(timeout=TIMEOUT)
+        assert process.returncode == 0, stderr[-4000:]
+    for rank in (0, 1):
+        _assert_same_run(torch.load(tmp_path / f"resumed-{rank}.pt", weights_only=True),
+                         torch.load(tmp_path / f"reference-{rank}.pt", weights_only=True))
