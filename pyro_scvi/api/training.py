@@ -21,7 +21,7 @@ from ..data.loader import RegisteredData, check_training_minibatches, minibatch_
 from ..data.minibatch import Minibatch
 from ..infer.checkpoint import Checkpointer, check_same_run
 from ..infer.device import resolve_device
-from ..infer.distributed import data_parallel_for
+from ..infer.distributed import data_parallel_for, reporting_failures
 from ..infer.progress import logger
 from ..infer.training import EarlyStopping, TrainingPlan, append_history, max_epochs_heuristic, run_training
 from ..io.checkpoint_file import read_checkpoint
@@ -322,7 +322,7 @@ class TrainingMixin:
             )
         hooks.update(self._checkpoint_hooks(checkpoint, data, parallel))
         try:
-            with self.pyro_scope():
+            with self.pyro_scope(), reporting_failures(parallel):  # a failure stops every rank
                 records, _ = run_training(
                     self.module,
                     data.train,

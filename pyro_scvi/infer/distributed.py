@@ -30,14 +30,41 @@ Every process builds the same model and calls ``train``; training then works as 
 
 After training every rank holds the same weights; only rank 0 shows a progress bar. Saving is
 the caller's job: write files from rank 0 only (``is_main_process()``).
+
+When a rank fails, every rank stops (no process waits forever in a collective):
+
+* a rank whose training raises (inside ``train``) publishes the failure (its rank, step, epoch
+  and exception) in the process group's rendezvous store (the c10d ``TCPStore``), leaves the
+  process group (so the others' pending collectives fail at once) and, after the others have
+  read the failure (or a few seconds), re-raises its own exception;
+* the other ranks' collective then fails; they read the store and raise
+  :class:`DataParallelError`, e.g. ``data-parallel rank 1 failed at step 7 (epoch 0):
+  ValueError: boom``. Steps count the optimiser steps of this ``train`` call from 0, epochs are
+  the run's (also after a resume);
+* a rank that dies (killed, out of memory) closes its connections, and the others raise
+  ``DataParallelError: data-parallel rank 1 stopped responding (died or was killed)`` within a
+  few seconds; when the dead rank is rank 0, which hosts the store under a plain launch, they
+  report that they lost contact with it;
+* a rank that hangs: every collective has a timeout, ``PYRO_SCVI_DDP_TIMEOUT`` seconds (default
+  300; read when ``train`` creates the process group, so a group the caller created keeps its own
+  timeout), after which the others raise ``DataParallelError`` naming it.
+
+The process group is gone after a failure (``train`` destroys it on every rank, also one the caller
+created); start the run again. torchrun itself stops the remaining processes of a node once one
+of them exits with an error. With NCCL a dead rank does not make the others' GPU collectives fail:
+they stop when the timeout expires (NCCL's watchdog ends the process), or when torchrun stops them.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import os
+import time
 import warnings
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from itertools import count
 from typing import Callable, Iterable, Iterator
 
@@ -50,6 +77,9 @@ from .device import resolve_device, use_cuda
 
 __all__ = [
     "DataParallel",
+    "DataParallelError",
+    "reporting_failures",
+    "collective_timeout",
     "data_parallel_for",
     "launched_by_torchrun",
     "launch_instructions",
@@ -61,6 +91,29 @@ __all__ = [
 #: values of ``train(strategy=...)``
 STRATEGIES = ("auto", "ddp")
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+#: environment variable with the collectives' timeout in seconds, and its default
+TIMEOUT_ENV, DEFAULT_TIMEOUT_S = "PYRO_SCVI_DDP_TIMEOUT", 300.0
+#: seconds a rank waits for the others to report, after a failure, before it raises
+_GRACE_S = 3.0
+#: one key prefix in the rendezvous store per DataParallel, so runs in one process group never mix
+_RUN_IDS = count()
+
+
+class DataParallelError(RuntimeError):
+    """Another rank of the data-parallel run failed, died or stopped responding."""
+
+
+def collective_timeout() -> timedelta:
+    """The collectives' timeout: ``PYRO_SCVI_DDP_TIMEOUT`` seconds (default 300)."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = float("nan")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{TIMEOUT_ENV}={text!r} must be a positive number of seconds (default "
+                         f"{DEFAULT_TIMEOUT_S:g}).")
+    return timedelta(seconds=seconds)
 
 
 def launched_by_torchrun() -> bool:
@@ -186,8 +239,12 @@ class DataParallel:
         self.seed = 0
         #: epoch number of the first epoch the training loop asks for (> 0 when resuming a run)
         self.start_epoch = 0
+        #: optimiser steps (gradient averages) and training epochs completed: where a failure happened
+        self.step = self.epoch = 0
         self._parameters: list[torch.nn.Parameter] = []
         self._module: torch.nn.Module | None = None
+        #: where ranks report failures: the process group's rendezvous store (none: no reports)
+        self._store = _failure_store() if self.world_size > 1 else None
 
     @classmethod
     def from_environment(cls, accelerator: str = "auto", device_indices=None) -> "DataParallel":
@@ -212,7 +269,7 @@ class DataParallel:
         else:
             device = torch.device("cpu")
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if cuda else "gloo")
+            dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=collective_timeout())
             atexit.register(_destroy_process_group)
         return cls(dist.get_rank(), dist.get_world_size(), device)
 
@@ -231,7 +288,7 @@ class DataParallel:
         if self.world_size == 1:
             return int(value)
         tensor = torch.tensor([int(value)], dtype=torch.int64, device=self._comm_device)
-        dist.broadcast(tensor, src=0)
+        self._collective(dist.broadcast, tensor, src=0)
         return int(tensor.item())
 
     def shared_seed(self) -> int:
@@ -245,7 +302,7 @@ class DataParallel:
             return
         for group in _by_dtype(tensors).values():
             flat = torch.cat([t.detach().reshape(-1).to(self._comm_device) for t in group])
-            dist.broadcast(flat, src=0)
+            self._collective(dist.broadcast, flat, src=0)
             offset = 0
             for tensor in group:
                 tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
@@ -273,20 +330,21 @@ class DataParallel:
             flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                               for p, g in zip(group, grads)])
             flat = flat.to(self._comm_device)
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            self._collective(dist.all_reduce, flat, op=dist.ReduceOp.SUM)
             flat /= self.world_size
             offset = 0
             for parameter, grad in zip(group, grads):
                 if grad is not None:
                     grad.copy_(flat[offset : offset + parameter.numel()].view_as(grad))
                 offset += parameter.numel()
+        self.step += 1
 
     def gather_objects(self, obj) -> list:
         """Every rank's ``obj`` (picklable), in rank order."""
         if self.world_size == 1:
             return [obj]
         gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
+        self._collective(dist.all_gather_object, gathered, obj)
         return gathered
 
     def sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
@@ -294,13 +352,102 @@ class DataParallel:
         if self.world_size == 1:
             return values
         reduced = values.detach().to(self._comm_device, copy=True)
-        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        self._collective(dist.all_reduce, reduced, op=dist.ReduceOp.SUM)
         return reduced.to(values.device)
 
     def sync_buffers(self) -> None:
-        """Rank 0's buffers (BatchNorm running statistics) on every rank."""
+        """Rank 0's buffers (BatchNorm running statistics) on every rank; at each epoch's end."""
         if self._module is not None:
             self.broadcast_module(self._module, buffers_only=True)
+        self.epoch += 1
+
+    # -- failures -------------------------------------------------------------------------------
+    def _collective(self, operation: Callable, *args, **kwargs) -> None:
+        """``operation(*args, **kwargs)``; when it fails because another rank failed, died or hangs,
+        :class:`DataParallelError` naming that rank (no extra work while it succeeds)."""
+        try:
+            operation(*args, **kwargs)
+        except RuntimeError as error:  # gloo: "Connection closed (reset) by peer", "Timed out ..."
+            message = self._peer_failure(error)
+            if message is None:
+                raise
+            raise DataParallelError(message) from error
+
+    def _peer_failure(self, error: BaseException) -> str | None:
+        """Why a collective failed, from the store: the failure another rank published, or the ranks
+        that did not answer within a few seconds; ``None`` when no rank failed and all answered."""
+        if self._store is None:
+            return None
+        stops = f"rank {self.rank} stops as well (at step {self.step})"
+        try:
+            self._store.set(f"left/{self.rank}", "1")
+            deadline = time.monotonic() + _GRACE_S
+            while True:
+                if self._store.check(["failure"]):
+                    return _failure_message(json.loads(self._store.get("failure")), stops)
+                silent = [r for r in range(self.world_size) if not self._store.check([f"left/{r}"])]
+                if not silent or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+        except Exception as store_error:  # the store went too: its host (rank 0 under a plain launch)
+            return (f"data-parallel training lost contact with the other ranks and with the rendezvous "
+                    f"store ({_first_line(store_error)}): the rank that hosts it (rank 0, unless torchrun's "
+                    f"agent does) died or was killed; {stops}")
+        if not silent:
+            return None
+        who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))}"
+        if "timed out" in str(error).lower():
+            return (f"data-parallel {who} did not respond within the collectives' timeout ({TIMEOUT_ENV}; "
+                    f"{_first_line(error)}): it hangs, or died or was killed; {stops}")
+        return f"data-parallel {who} stopped responding (died or was killed); {stops}"
+
+    def _report_failure(self, error: BaseException) -> None:
+        """Publish that this rank's training raised ``error``, leave the process group (the others'
+        pending collectives then fail at once) and give the others a few seconds to read it."""
+        record = {"rank": self.rank, "step": self.step, "epoch": self.start_epoch + self.epoch,
+                  "error": _describe(error)}
+        try:
+            self._store.compare_set("failure", "", json.dumps(record))  # the first failure wins
+            self._store.set(f"left/{self.rank}", "1")
+        except Exception:  # the store's host is gone: the others learn of it from their own errors
+            pass
+        self.leave()
+        deadline = time.monotonic() + _GRACE_S
+        try:  # the store may live in this process (rank 0): stay until the others have read it
+            while time.monotonic() < deadline and not all(
+                self._store.check([f"left/{r}"]) for r in range(self.world_size)
+            ):
+                time.sleep(0.05)
+        except Exception:
+            pass
+
+    def leave(self) -> None:
+        """Leave (destroy) the process group after a failure, so that no rank waits on this one."""
+        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return
+        try:
+            if dist.get_backend() == "nccl":
+                dist.distributed_c10d._abort_process_group()  # shutting NCCL down could wait on the GPU
+            else:
+                dist.destroy_process_group()
+        except Exception:
+            pass
+
+    @contextmanager
+    def reporting_failures(self):
+        """Around training: an exception of this rank is published to the others (see the module
+        docstring) before it propagates; on any failure this rank leaves the process group."""
+        if self._store is None:
+            yield
+            return
+        try:
+            yield
+        except DataParallelError:  # another rank's failure, already read from the store
+            self.leave()
+            raise
+        except BaseException as error:
+            self._report_failure(error)
+            raise
 
     # -- training set-up ----------------------------------------------------------------------
     def prepare(self, module: torch.nn.Module) -> None:
@@ -308,6 +455,7 @@ class DataParallel:
         and independent Monte-Carlo noise per rank."""
         self._module = module
         self._parameters = [p for p in module.parameters() if p.requires_grad]
+        self.step = self.epoch = 0
         self.broadcast_module(module)
         self.seed = self.shared_seed()
         if self.rank > 0:
@@ -341,6 +489,38 @@ class DataParallel:
     def validation_shard(self, indices: np.ndarray) -> np.ndarray:
         """This rank's part of the validation cells (unpadded: only sums are reduced)."""
         return np.asarray(indices)[self.rank :: self.world_size]
+
+
+def _failure_store():
+    """A fresh key space in the default process group's store, or ``None`` without one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # a group without a store: failures are still bounded by the timeout
+        return None
+    return dist.PrefixStore(f"pyro_scvi/ddp/{next(_RUN_IDS)}/", store)
+
+
+def reporting_failures(parallel: DataParallel | None):
+    """``parallel.reporting_failures()``; a context that does nothing for one device (``None``)."""
+    return nullcontext() if parallel is None else parallel.reporting_failures()
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).split("\nTrace Shapes:")[0].strip()  # less the shapes Pyro appends
+    name = type(error).__name__
+    return (f"{name}: {text}" if text else name)[:2000]
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return _describe(error) if not lines else f"{type(error).__name__}: {lines[0][:500]}"
+
+
+def _failure_message(record: dict, stops: str) -> str:
+    return (f"data-parallel rank {record['rank']} failed at step {record['step']} (epoch {record['epoch']}): "
+            f"{record['error']}; {stops}")
 
 
 def _destroy_process_group() -> None:
