@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	# the CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test,sparse,plot]"
+	$(BIN)/pip install --quiet -e ".[test,sparse,plot,hvg]"
 	touch $@
 
 setup: $(VENV)/.installed
