@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine:
-#   make demo   set up .venv and train scVI on generated data (writes demo_output/)
+#   make demo   set up .venv and train scVI on generated data (writes demo_output/, with UMAP plots)
 #   make test   set up .venv, lint with ruff (config in pyproject.toml) and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/pyro-scvi demo
+	$(BIN)/pyro-scvi demo --plots
 
 test: setup
 	$(BIN)/ruff check .

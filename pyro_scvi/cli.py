@@ -44,7 +44,8 @@ def run_demo(out_dir: str | Path = "demo_output", max_epochs: int = 80, seed: in
              plots: bool = False) -> dict:
     """Generate 3 batches × 4 cell types, train SCVI, write ``demo.h5ad`` and the model; return a report.
 
-    With ``plots``, also ``demo_training.png`` and ``demo_latent_{labels,batch}.png`` (report key ``plots``).
+    With ``plots``, also ``demo_training.png`` and ``demo_latent_{labels,batch}.png`` (report key ``plots``;
+    ``embedding``: ``"UMAP"`` when umap-learn is installed, else ``"PCA"``).
     """
     from . import SCVI, settings
     from .data import synthetic_iid
@@ -85,8 +86,9 @@ def run_demo(out_dir: str | Path = "demo_output", max_epochs: int = 80, seed: in
 
         training = plotting.plot_training_history(model.history)
         written = [plotting.save_figure(training, out_dir / "demo_training.png")]
-        for column in ("labels", "batch"):
+        for column in ("labels", "batch"):  # UMAP when umap-learn is installed (the plot extra), else PCA
             fig = plotting.plot_latent(latent, adata.obs[column], color_name=column)
+            report["embedding"] = "UMAP" if fig.axes[0].get_xlabel().startswith("UMAP") else "PCA"
             written.append(plotting.save_figure(fig, out_dir / f"demo_latent_{column}.png"))
         report["plots"] = [str(p) for p in written]
     return report
@@ -103,7 +105,7 @@ def _print_report(report: dict) -> None:
           f"batch {report['silhouette_batch']:.3f} (near 0 = mixed)")
     print(f"  wrote {report['output']} (obsm['X_scVI'], layers['scvi_normalized']) and {report['model']}/")
     if report.get("plots"):
-        print(f"  plots: {', '.join(report['plots'])}")
+        print(f"  plots (latent space: {report['embedding']}): {', '.join(report['plots'])}")
 
 
 # ============================================================================ helpers
@@ -879,7 +881,8 @@ def _add_demo(commands) -> None:
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.add_argument("--quiet", action="store_true", help="no progress bar (the report is still printed)")
     demo.add_argument("--plots", action="store_true",
-                      help="also write training and latent PNG plots into OUT")
+                      help="also write training and latent PNG plots into OUT (the latent space as UMAP "
+                           "when umap-learn is installed: pip install pyro-scvi[plot]; else PCA)")
     demo.set_defaults(func=cmd_demo)
 
 

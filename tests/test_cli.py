@@ -400,3 +400,22 @@ def test_n_top_genes_errors(trained_hvg, tmp_path, capsys):
         code = main(["train", data, "--out", str(tmp_path / "r"), "--quiet", *extra, *TINY])
         err = capsys.readouterr().err
         assert code == 1 and err.startswith("error: ") and message in err, err
+
+
+# ============================================================================ demo --plots
+def test_demo_plots_show_the_latent_space_as_umap(tmp_path, capsys):
+    """``make demo`` runs ``demo --plots``: UMAP when umap-learn (the plot extra) is installed, else PCA."""
+    import importlib.util
+    import time
+
+    pytest.importorskip("matplotlib")
+    umap_installed = importlib.util.find_spec("umap") is not None
+    start = time.perf_counter()
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "2", "--quiet", "--plots"]) == 0
+    out = capsys.readouterr().out
+    for name in ("training", "latent_labels", "latent_batch"):
+        _png(tmp_path / f"demo_{name}.png")
+    assert f"plots (latent space: {'UMAP' if umap_installed else 'PCA'})" in out
+    with capsys.disabled():
+        print(f"\n[demo --plots] {time.perf_counter() - start:.1f} s, latent plots by "
+              f"{'UMAP' if umap_installed else 'PCA'}")
