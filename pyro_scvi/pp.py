@@ -129,17 +129,13 @@ def _check_counts(matrix, layer: str | None) -> None:
         raise ValueError(f"{where} is empty: pass the raw counts (or their layer with layer=).")
     if backed.is_backed(matrix):
         found = backed.scan(matrix)
-        bad_nan, minimum, non_integer = found.n_nan + found.n_inf, found.minimum, found.non_integer
     else:
         values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
-        if values.size and not backed.is_numeric(values.dtype):
-            raise ValueError(f"{where} is not numeric ({values.dtype}): pass the raw counts.")
-        values = values.astype(np.float64, copy=False)
-        finite = np.isfinite(values)
-        bad_nan = int(values.size - finite.sum())
-        values = values[finite] if bad_nan else values
-        minimum = float(values.min()) if values.size else 0.0
-        non_integer = bool(np.any(values != np.floor(values)))
+        found = backed.ScanResult(totals=np.zeros(0), dtype=values.dtype)
+        backed.check_values(values, found)  # NaN, infinite, smallest and non-integer values
+    if not backed.is_numeric(found.dtype):
+        raise ValueError(f"{where} is not numeric ({found.dtype}): pass the raw counts.")
+    bad_nan, minimum, non_integer = found.n_nan + found.n_inf, found.minimum, found.non_integer
     hint = ("highly_variable_genes(flavor='seurat_v3') needs raw counts: pass them in X or name their "
             "layer with layer=")
     if bad_nan:

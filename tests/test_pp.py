@@ -145,6 +145,13 @@ def test_refuses_data_that_are_not_counts(small):
     missing.X[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         pp.highly_variable_genes(missing, 10)
+    as_sparse = small.copy()
+    as_sparse.X = sp.csr_matrix(as_sparse.X * 0.5)
+    with pytest.raises(ValueError, match="non-integer"):
+        pp.highly_variable_genes(as_sparse, 10)
+    text = anndata.AnnData(np.full((4, 3), "a", dtype=object))
+    with pytest.raises(ValueError, match="not numeric"):
+        pp.highly_variable_genes(text, 2)
 
 
 def test_argument_errors(small):
@@ -160,8 +167,12 @@ def test_argument_errors(small):
         pp.highly_variable_genes(small, 10, flavor="seurat")
 
 
-def test_missing_scikit_misc_and_scanpy_says_what_to_install(small, monkeypatch):
-    for module in ("scanpy", "skmisc", "skmisc.loess"):
+def test_missing_scikit_misc_says_what_to_install(small, monkeypatch):
+    for module in ("skmisc", "skmisc.loess"):
         monkeypatch.setitem(sys.modules, module, None)
-    with pytest.raises(ImportError, match=r"pyro-scvi\[hvg\].*scikit-misc"):
+    for use_scanpy in (None, False):  # scanpy needs scikit-misc too
+        with pytest.raises(ImportError, match=r"pyro-scvi\[hvg\].*scikit-misc"):
+            pp.highly_variable_genes(small, 10, use_scanpy=use_scanpy)
+    monkeypatch.setitem(sys.modules, "scanpy", None)
+    with pytest.raises(ImportError, match=r"needs scanpy or scikit-misc.*pyro-scvi\[hvg\]"):
         pp.highly_variable_genes(small, 10)
