@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import data
+from . import data, pp
 from .api import SCANVI, SCVI
 from .models.module import SCVIModule
 from .settings import settings
@@ -12,4 +12,4 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.1.0"
 
-__all__ = ["SCVI", "SCANVI", "SCVIModule", "data", "settings", "__version__"]
+__all__ = ["SCVI", "SCANVI", "SCVIModule", "data", "pp", "settings", "__version__"]

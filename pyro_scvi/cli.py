@@ -44,7 +44,8 @@ def run_demo(out_dir: str | Path = "demo_output", max_epochs: int = 80, seed: in
              plots: bool = False) -> dict:
     """Generate 3 batches × 4 cell types, train SCVI, write ``demo.h5ad`` and the model; return a report.
 
-    With ``plots``, also ``demo_training.png`` and ``demo_latent_{labels,batch}.png`` (report key ``plots``).
+    With ``plots``, also ``demo_training.png`` and ``demo_latent_{labels,batch}.png`` (report key ``plots``;
+    ``embedding``: ``"UMAP"`` when umap-learn is installed, else ``"PCA"``).
     """
     from . import SCVI, settings
     from .data import synthetic_iid
@@ -85,8 +86,9 @@ def run_demo(out_dir: str | Path = "demo_output", max_epochs: int = 80, seed: in
 
         training = plotting.plot_training_history(model.history)
         written = [plotting.save_figure(training, out_dir / "demo_training.png")]
-        for column in ("labels", "batch"):
+        for column in ("labels", "batch"):  # UMAP when umap-learn is installed (the plot extra), else PCA
             fig = plotting.plot_latent(latent, adata.obs[column], color_name=column)
+            report["embedding"] = "UMAP" if fig.axes[0].get_xlabel().startswith("UMAP") else "PCA"
             written.append(plotting.save_figure(fig, out_dir / f"demo_latent_{column}.png"))
         report["plots"] = [str(p) for p in written]
     return report
@@ -103,7 +105,7 @@ def _print_report(report: dict) -> None:
           f"batch {report['silhouette_batch']:.3f} (near 0 = mixed)")
     print(f"  wrote {report['output']} (obsm['X_scVI'], layers['scvi_normalized']) and {report['model']}/")
     if report.get("plots"):
-        print(f"  plots: {', '.join(report['plots'])}")
+        print(f"  plots (latent space: {report['embedding']}): {', '.join(report['plots'])}")
 
 
 # ============================================================================ helpers
@@ -129,12 +131,17 @@ def _require_plotting(args) -> None:
         _pyplot()
 
 
+def _check_model_dir(model_dir: str, prefix: str | None = None) -> None:
+    directory = Path(model_dir)
+    if not (directory / f"{prefix or ''}model.pt").is_file():
+        raise FileNotFoundError(f"No model in {directory} (expected {prefix or ''}model.pt).")
+
+
 def _load_model(model_dir: str, adata, prefix: str | None = None):
     from . import SCVI
 
     directory = Path(model_dir)
-    if not (directory / f"{prefix or ''}model.pt").is_file():
-        raise FileNotFoundError(f"No model in {directory} (expected {prefix or ''}model.pt).")
+    _check_model_dir(model_dir, prefix)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*no saved anndata.*")
         return SCVI.load(directory, adata=adata, prefix=prefix)
@@ -215,6 +222,21 @@ def _train_model(args, adata):
     return model, time.perf_counter() - start
 
 
+def _select_genes(args, adata):
+    """``--n-top-genes``: keep the highly variable genes (Seurat v3 rule on the counts) before setup."""
+    if args.n_top_genes is None:
+        if args.hvg_batch_key is not None:
+            raise ValueError("--hvg-batch-key needs --n-top-genes.")
+        return adata
+    from . import pp
+
+    batch_key = args.hvg_batch_key or args.batch_key
+    pp.highly_variable_genes(adata, args.n_top_genes, batch_key=batch_key, layer=args.layer, subset=True)
+    per_batch = f" (ranked within each {batch_key!r})" if batch_key else ""
+    _log(args, f"selected {adata.n_vars} highly variable genes{per_batch}; the model is trained on them")
+    return adata
+
+
 def _write_train_plots(args, model, adata, out: Path, name: str) -> None:
     from . import plotting
 
@@ -257,6 +279,7 @@ def cmd_train(args) -> int:
     if adata.n_obs < 2 or adata.n_vars < 1:
         raise ValueError(f"{args.input} has {adata.n_obs} cells and {adata.n_vars} genes: "
                          "nothing to train on.")
+    adata = _select_genes(args, adata)
     model, seconds = _train_model(args, adata)
     if not is_main_process():  # data-parallel run: the other ranks hold the same model; rank 0 writes
         return EXIT_OK
@@ -353,11 +376,41 @@ def cmd_annotate(args) -> int:
     return EXIT_OK
 
 
-def _read_for_model(args):
+def _model_genes(adata, model_dir: str, prefix: str | None):
+    """``adata`` restricted to the genes of the saved model, in its order (unchanged if they match).
+
+    A model trained on selected genes (``train --n-top-genes``) applies to the full file it came from.
+    """
+    from . import SCVI
+
+    names = Registry.coerce(SCVI.load_registry(model_dir, prefix=prefix)).var_names
+    if names is None:
+        return adata
+    names = [str(name) for name in names]
+    if len(names) == adata.n_vars and list(map(str, adata.var_names)) == names:
+        return adata
+    present = set(map(str, adata.var_names))
+    missing = [name for name in names if name not in present]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(f"The input lacks {len(missing)} of the model's {len(names)} genes ({shown}): "
+                         "pass data with every gene the model was trained on.")
+    if not adata.var_names.is_unique:
+        raise ValueError("The input's var_names are not unique: make them unique (var_names_make_unique) "
+                         "to select the model's genes.")
+    return adata[:, names].copy()
+
+
+def _read_for_model(args, keep_all_genes: bool = False):
+    """The model and the input restricted to its genes; with ``keep_all_genes`` also the whole input."""
     adata = read_input(args.input, var_names=getattr(args, "var_names", "gene_symbols"))
     _log(args, f"read {args.input}: {adata.n_obs} cells x {adata.n_vars} genes")
-    model = _load_model(args.model, adata, prefix=args.prefix)
-    return model, adata
+    _check_model_dir(args.model, args.prefix)
+    selected = _model_genes(adata, args.model, args.prefix)
+    if selected is not adata:
+        _log(args, f"using the model's {selected.n_vars} genes of the input's {adata.n_vars}")
+    model = _load_model(args.model, selected, prefix=args.prefix)
+    return (model, selected, adata) if keep_all_genes else (model, selected)
 
 
 def cmd_latent(args) -> int:
@@ -367,9 +420,9 @@ def cmd_latent(args) -> int:
     out = Path(args.out)
     _check_output(out, args.overwrite)
     settings.progress_bar = not args.quiet
-    model, adata = _read_for_model(args)
-    latent = model.get_latent_representation(adata, give_mean=not args.sample, batch_size=args.batch_size)
-    adata.obsm[args.key] = latent
+    model, selected, adata = _read_for_model(args, keep_all_genes=True)
+    latent = model.get_latent_representation(selected, give_mean=not args.sample, batch_size=args.batch_size)
+    adata.obsm[args.key] = latent  # the input with all its genes
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".csv":
         import pandas as pd
@@ -406,7 +459,8 @@ def cmd_normalize(args) -> int:
     if genes:
         missing = [g for g in genes if g not in set(adata.var_names)]
         if missing:
-            raise KeyError(f"Genes not in the data: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+            raise KeyError(f"Genes not in the data or not among the model's genes: "
+                           f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
     transform_batch = _split_list(args.transform_batch)
     if transform_batch is not None and len(transform_batch) == 1:
         transform_batch = transform_batch[0]
@@ -535,6 +589,7 @@ Model directories written by 'pyro-scvi train' or by scvi-tools 1.x (model.save)
 
 examples:
   pyro-scvi train pbmc.h5ad --batch-key batch --labels-key cell_type --out results --plots
+  pyro-scvi train pbmc.h5ad --batch-key batch --n-top-genes 2000 --out results
   pyro-scvi latent results/model new_cells.h5ad -o new_cells_scvi.h5ad
   pyro-scvi normalize results/model pbmc.h5ad -o normalized.csv --genes CD3E,MS4A1
   pyro-scvi de results/model pbmc.h5ad --groupby cell_type --group1 B -o de_B.csv --mode change
@@ -572,8 +627,9 @@ def _add_common(parser, plots: bool = False, embedding: bool = False) -> None:
 
 def _add_model_input(parser) -> None:
     parser.add_argument("model", help="model directory (from 'pyro-scvi train' or scvi-tools' model.save)")
-    parser.add_argument("input", help="data: .h5ad, 10x .h5 or 10x matrix directory, with the genes and the "
-                                      "obs columns (batch, labels) the model was set up with")
+    parser.add_argument("input", help="data: .h5ad, 10x .h5 or 10x matrix directory, with the model's genes "
+                                      "(more genes are fine: the model's are used) and the obs columns "
+                                      "(batch, labels) the model was set up with")
     parser.add_argument("--prefix", default=None,
                         help="file name prefix of the saved model (model.save(prefix=...))")
     parser.add_argument("--var-names", choices=VAR_NAMES, default="gene_symbols",
@@ -598,6 +654,13 @@ def _train_data_options(parser) -> None:
                       help="obs column of an extra continuous covariate (repeat for several)")
     data.add_argument("--var-names", choices=VAR_NAMES, default="gene_symbols",
                       help="for 10x inputs: name genes by symbol or by id")
+    data.add_argument("--n-top-genes", type=_positive_int, default=None, metavar="N",
+                      help="train on the N most variable genes (Seurat v3 rule on the counts, as scanpy's "
+                           "flavor='seurat_v3'; needs scanpy or scikit-misc: pip install pyro-scvi[hvg]); "
+                           "the model and the output .h5ad hold those genes")
+    data.add_argument("--hvg-batch-key", default=None, metavar="COLUMN",
+                      help="obs column whose batches rank genes separately for --n-top-genes "
+                           "(default: --batch-key)")
 
 
 def _train_model_options(parser) -> None:
@@ -831,7 +894,8 @@ def _add_demo(commands) -> None:
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.add_argument("--quiet", action="store_true", help="no progress bar (the report is still printed)")
     demo.add_argument("--plots", action="store_true",
-                      help="also write training and latent PNG plots into OUT")
+                      help="also write training and latent PNG plots into OUT (the latent space as UMAP "
+                           "when umap-learn is installed: pip install pyro-scvi[plot]; else PCA)")
     demo.set_defaults(func=cmd_demo)
 
 

@@ -20,7 +20,7 @@ LAYERS = [
     {"data"},
     {"models", "guides"},
     {"infer", "io"},
-    {"diagnostics", "differential", "metrics", "plotting"},
+    {"diagnostics", "differential", "metrics", "plotting", "pp"},
     {"api"},
     {"cli", "__main__", "__init__"},
 ]

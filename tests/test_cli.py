@@ -1,5 +1,7 @@
 """The main job: `pyro-scvi demo` on its built-in default data."""
 
+import importlib.util
+
 import anndata
 import numpy as np
 
@@ -8,9 +10,17 @@ from pyro_scvi.cli import main
 
 
 def test_demo_writes_latent_and_model(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--epochs", "5", "--quiet"]) == 0
+    """``make demo`` runs ``demo --plots``: the latent space as UMAP when umap-learn (the plot extra) is
+    installed, else PCA. (The first UMAP of a process spends most of its time in numba compilation.)"""
+    plots = importlib.util.find_spec("matplotlib") is not None
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "5", "--quiet"] + ["--plots"] * plots) == 0
     out = capsys.readouterr().out
     assert "pyro-scvi demo" in out and "silhouette" in out
+    if plots:
+        umap_installed = importlib.util.find_spec("umap") is not None
+        assert f"plots (latent space: {'UMAP' if umap_installed else 'PCA'})" in out
+        for name in ("training", "latent_labels", "latent_batch"):
+            _png(tmp_path / f"demo_{name}.png")
     written = anndata.read_h5ad(tmp_path / "demo.h5ad")
     assert written.obsm["X_scVI"].shape == (1200, 10) and np.isfinite(written.obsm["X_scVI"]).all()
     np.testing.assert_allclose(written.layers["scvi_normalized"].sum(1), 1e4, rtol=1e-3)
@@ -340,3 +350,64 @@ def test_annotate_transfers_cell_types_to_a_query(tmp_path, capsys):
     assert "--labels-key" in capsys.readouterr().err
     assert main(["annotate", str(tmp_path / "ref.h5ad"), str(tmp_path / "query.h5ad"), "-o", str(out)]) == 1
     assert "--overwrite" in capsys.readouterr().err
+
+
+# ============================================================================ train --n-top-genes
+@pytest.fixture(scope="module")
+def trained_hvg(tmp_path_factory):
+    """``train --n-top-genes 15`` on 120 generated cells x 40 genes (genes ranked within each batch)."""
+    pytest.importorskip("skmisc")
+    work = tmp_path_factory.mktemp("cli_hvg")
+    adata = synthetic_iid(batch_size=60, n_genes=40, n_batches=2, n_labels=3, seed=0)
+    adata.write_h5ad(work / "data.h5ad")
+    code = main(["train", str(work / "data.h5ad"), "--layer", "counts", "--batch-key", "batch",
+                 "--labels-key", "labels", "--n-top-genes", "15", "--out", str(work / "res"), "--quiet",
+                 *TINY])
+    assert code == 0
+    return work, adata
+
+
+def test_train_on_highly_variable_genes(trained_hvg):
+    from pyro_scvi import pp
+
+    work, adata = trained_hvg
+    expected = pp.highly_variable_genes(adata, 15, batch_key="batch", layer="counts", inplace=False)
+    genes = list(expected.index[expected["highly_variable"]])
+    written = anndata.read_h5ad(work / "res" / "data_scvi.h5ad")
+    assert list(written.var_names) == genes and written.var["highly_variable"].all()
+    assert "highly_variable_nbatches" in written.var  # ranked within each batch of --batch-key
+    model = SCVI.load(work / "res" / "model", adata=written)
+    assert list(model.var_names) == genes
+
+
+def test_model_commands_use_the_models_genes_of_a_full_file(trained_hvg, capsys):
+    work, adata = trained_hvg
+    model_dir, data = str(work / "res" / "model"), str(work / "data.h5ad")
+    assert main(["latent", model_dir, data, "-o", str(work / "lat.h5ad")]) == 0
+    assert "using the model's 15 genes of the input's 40" in capsys.readouterr().out
+    lat = anndata.read_h5ad(work / "lat.h5ad")  # the input with all its genes, and the latent space
+    assert lat.n_vars == 40 and lat.obsm["X_scVI"].shape == (120, 4)
+    np.testing.assert_allclose(lat.obsm["X_scVI"], anndata.read_h5ad(work / "res" / "data_scvi.h5ad")
+                               .obsm["X_scVI"], rtol=1e-5, atol=1e-6)
+    assert main(["normalize", model_dir, data, "-o", str(work / "norm.h5ad"), "--quiet"]) == 0
+    assert anndata.read_h5ad(work / "norm.h5ad").layers["scvi_normalized"].shape == (120, 15)
+    assert main(["de", model_dir, data, "-o", str(work / "de.csv"), "--groupby", "labels",
+                 "--group1", "label_0", "--n-samples", "50", "--quiet"]) == 0
+    assert len(pd.read_csv(work / "de.csv", index_col=0)) == 15
+    written = anndata.read_h5ad(work / "res" / "data_scvi.h5ad")
+    adata[:, [g for g in adata.var_names if g != written.var_names[0]]].copy().write_h5ad(work / "short.h5ad")
+    assert main(["latent", model_dir, str(work / "short.h5ad"), "-o", str(work / "x.h5ad"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: The input lacks 1 of the model's 15 genes") and written.var_names[0] in err
+
+
+def test_n_top_genes_errors(trained_hvg, tmp_path, capsys):
+    work, _ = trained_hvg
+    data = str(work / "data.h5ad")
+    for extra, message in ((["--n-top-genes", "41"], "n_top_genes=41"),
+                           (["--hvg-batch-key", "batch"], "--hvg-batch-key needs --n-top-genes"),
+                           (["--n-top-genes", "10", "--hvg-batch-key", "plate"], "'plate' is not a column")):
+        code = main(["train", data, "--out", str(tmp_path / "r"), "--quiet", *extra, *TINY])
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith("error: ") and message in err, err
+
