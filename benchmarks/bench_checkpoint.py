@@ -78,6 +78,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--wait-idle", type=float, default=30.0,
                         help="seconds to wait for other processes to go quiet before each run")
+    parser.add_argument("--writer-niceness", type=int, default=None,
+                        help="niceness of the writer thread (default: the library's, "
+                             "pyro_scvi.infer.checkpoint.WRITER_NICENESS; 0 = same as training)")
     a = parser.parse_args(argv)
 
     import torch
@@ -94,6 +97,11 @@ def main(argv=None) -> None:
     print("machine:", json.dumps(machine_info()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     times = _instrument()
+    import pyro_scvi.infer.checkpoint as checkpoint
+
+    if a.writer_niceness is not None:
+        checkpoint.WRITER_NICENESS = a.writer_niceness
+    print(f"checkpoint writer thread niceness {checkpoint.WRITER_NICENESS}")
     train_once(adata, 1, None)  # warm-up: kernel build and choice, first-call costs
     plain, with_checkpoints = [], []
     for repeat in range(a.repeats):

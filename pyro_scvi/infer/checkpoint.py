@@ -18,12 +18,15 @@ uninterrupted run ends (same library versions, thread count and NB-kernel choice
 ``$PYRO_SCVI_NB_KERNEL`` pins the latter).
 
 :class:`Checkpointer` copies the state (into buffers it reuses) and writes it in a background
-thread, so training goes on while the file is written; at most one write is in flight.
+thread at a lower scheduling priority, so training goes on while the file is written; at most one
+write is in flight.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 import threading
 from pathlib import Path
 from typing import Callable
@@ -64,6 +67,21 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"]:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+#: niceness of the writer thread (Linux): it takes the CPU time training leaves idle rather than
+#: slowing the training threads down
+WRITER_NICENESS = 10
+
+
+def lower_thread_priority() -> None:
+    """Lower the scheduling priority of the calling thread (Linux, where threads have their own
+    niceness); elsewhere do nothing."""
+    if sys.platform.startswith("linux") and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+        except OSError:
+            pass
 
 
 def _copy_into(value, previous=None):
@@ -142,6 +160,7 @@ class Checkpointer:
 
     def _write(self, epoch: int, payload: dict) -> None:
         try:
+            lower_thread_priority()
             write_checkpoint(self.directory, epoch, payload)
             prune_checkpoints(self.directory, self.keep)
         except BaseException as error:  # re-raised in the training thread by wait()
