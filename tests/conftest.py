@@ -64,9 +64,10 @@ def cellbench():
     return generated, "generated"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained():
-    """A small model trained for 40 epochs with validation (read-only: tests must not train it further)."""
+    """A small model trained for 40 epochs with validation, shared by every module that asks for it
+    (read-only: tests must not train it further or change its weights, AnnData or setup)."""
     settings.seed = 0
     data = synthetic_iid(batch_size=250, n_genes=150, n_batches=2, n_labels=3, seed=2)
     SCVI.setup_anndata(data, batch_key="batch", labels_key="labels")

@@ -83,8 +83,10 @@ def fitted(request):
     pyro.set_rng_seed(0)
     guide = Guide(family)
     optimizer = torch.optim.Adam(guide.parameters(), lr=0.02)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[800, 1200], gamma=0.2)
-    for step in range(1500):  # the step size shrinks so the noise settles
+    # 500 steps leave wide margins (400 steps: moment errors <= 0.005 against 0.03 / 0.02, k-hat <= 0.36,
+    # |log p(x) error| <= 0.0004); a mean-field guide misses the covariance by 0.069 > 0.02
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[270, 400], gamma=0.2)
+    for step in range(500):  # the step size shrinks so the noise settles
         optimizer.zero_grad()
         _loss_backward(guide, objective)
         optimizer.step()

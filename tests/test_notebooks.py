@@ -32,18 +32,19 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 KERNEL_NAME = "pyro-scvi-tests"
 CELL_TIMEOUT = 180  # seconds per cell
-#: small settings per notebook: a few epochs, the top 300 genes, few Monte-Carlo samples
+#: small settings per notebook: a few epochs, the top 100 genes, few cells and Monte-Carlo samples (every
+#: code path still runs; the numbers mean nothing at this size)
 SMALL = {
-    "quickstart.ipynb": {"MAX_EPOCHS": 5, "N_GENES": 300, "DE_SAMPLES": 300},
-    "priors.ipynb": {"MAX_EPOCHS": 5, "N_GENES": 300, "N_COMPONENTS": 5, "N_MC_SAMPLES": 30},
-    "diagnostics.ipynb": {"MAX_EPOCHS": 5, "N_GENES": 300, "N_CHECK_CELLS": 100, "N_DRAWS": 20,
-                          "N_MC_SAMPLES": 60, "N_PPC_SAMPLES": 10},
-    "scanvi.ipynb": {"SCVI_EPOCHS": 5, "SCANVI_EPOCHS": 3, "N_GENES": 300, "N_SAMPLES_PER_LABEL": 20},
-    "posteriors.ipynb": {"MAX_EPOCHS": 5, "N_GENES": 300, "N_MC_SAMPLES": 50, "N_EVAL_CELLS": 40,
+    "quickstart.ipynb": {"MAX_EPOCHS": 3, "N_GENES": 100, "DE_SAMPLES": 100},
+    "priors.ipynb": {"MAX_EPOCHS": 3, "N_GENES": 100, "N_COMPONENTS": 3, "N_MC_SAMPLES": 10},
+    "diagnostics.ipynb": {"MAX_EPOCHS": 3, "N_GENES": 100, "N_CHECK_CELLS": 30, "N_DRAWS": 20,
+                          "N_MC_SAMPLES": 20, "N_PPC_SAMPLES": 5},
+    "scanvi.ipynb": {"SCVI_EPOCHS": 3, "SCANVI_EPOCHS": 2, "N_GENES": 100, "N_SAMPLES_PER_LABEL": 10},
+    "posteriors.ipynb": {"MAX_EPOCHS": 3, "N_GENES": 100, "N_MC_SAMPLES": 20, "N_EVAL_CELLS": 16,
                          "CONFIGS": [("normal", "elbo", 1), ("normal", "iwae", 4), ("full_rank", "elbo", 1),
                                      ("flow", "elbo", 1)],
-                         "N_DE_SEEDS": 2, "DE_SAMPLES": 300, "DE_MC_SAMPLES": 20, "REFINE_STEPS": 5,
-                         "DE_MAX_CELLS": 100},
+                         "N_DE_SEEDS": 2, "DE_SAMPLES": 100, "DE_MC_SAMPLES": 10, "REFINE_STEPS": 2,
+                         "DE_MAX_CELLS": 32},
 }
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
