@@ -4,9 +4,9 @@ Trains the same seeded model twice per repeat, alternating: without checkpoints 
 ``checkpoint_dir=...`` at the default ``checkpoint_every_n_epochs=1``, and reports
 
 * seconds per epoch of each, and the overhead of checkpointing as a fraction of the epoch;
-* the time the training thread spends in the checkpoint call (copying the state into the
-  writer's buffers, plus waiting for the previous write), per checkpoint and per epoch;
-* the time the background writer takes per checkpoint (serialise, hash, write, fsync, rename);
+* the time the training thread spends in the checkpoint call, per checkpoint and per epoch, and
+  within it the time of ``write_checkpoint`` (large tensors into the slot file, the rest through
+  ``torch.save``, manifest);
 * the size of one checkpoint file;
 * the extra CPU time of the process (all its threads) per epoch, a figure that other processes on
   the machine disturb less than wall time.
@@ -37,7 +37,7 @@ from bench_cellbench import DEFAULT_H5AD, load_data, machine_info, wait_idle, wr
 
 
 def _instrument():
-    """Wrap the checkpoint writer to time its foreground call and its background write."""
+    """Wrap the checkpoint calls to time them."""
     import pyro_scvi.infer.checkpoint as checkpoint
 
     times = {"save": [], "write": []}
@@ -78,9 +78,6 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--wait-idle", type=float, default=30.0,
                         help="seconds to wait for other processes to go quiet before each run")
-    parser.add_argument("--writer-niceness", type=int, default=None,
-                        help="niceness of the writer thread (default: the library's, "
-                             "pyro_scvi.infer.checkpoint.WRITER_NICENESS; 0 = same as training)")
     a = parser.parse_args(argv)
 
     import torch
@@ -97,11 +94,6 @@ def main(argv=None) -> None:
     print("machine:", json.dumps(machine_info()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     times = _instrument()
-    import pyro_scvi.infer.checkpoint as checkpoint
-
-    if a.writer_niceness is not None:
-        checkpoint.WRITER_NICENESS = a.writer_niceness
-    print(f"checkpoint writer thread niceness {checkpoint.WRITER_NICENESS}")
     train_once(adata, 1, None)  # warm-up: kernel build and choice, first-call costs
     plain, with_checkpoints = [], []
     for repeat in range(a.repeats):
@@ -110,7 +102,7 @@ def main(argv=None) -> None:
         wait_idle(a.wait_idle)
         with tempfile.TemporaryDirectory(dir=os.environ.get("CHECKPOINT_BENCH_DIR")) as directory:
             with_checkpoints.append(train_once(adata, a.epochs, directory))
-            size = max(p.stat().st_size for p in Path(directory).glob("*.ckpt"))
+            size = max(p.stat().st_size for p in Path(directory).glob("slot-*.bin"))
         print(f"repeat {repeat}: {plain[-1][0]:.3f} s/epoch plain, {with_checkpoints[-1][0]:.3f} with "
               f"checkpoints; CPU {plain[-1][1]:.3f} and {with_checkpoints[-1][1]:.3f} s/epoch")
     epoch = statistics.median(p[0] for p in plain)
@@ -122,8 +114,8 @@ def main(argv=None) -> None:
     print(f"\ncheckpoint every epoch, {adata.n_vars} genes: epoch {epoch:.3f} s plain; overhead "
           f"{100 * overhead:+.1f} % of the epoch, CPU time {100 * cpu_overhead:+.1f} % "
           f"(medians of {a.repeats}); training thread blocked "
-          f"{save_ms:.1f} ms per checkpoint ({100 * save_ms / 1e3 / epoch:.1f} % of the epoch); background "
-          f"write {write_ms:.0f} ms; file {size / 2**20:.1f} MiB")
+          f"{save_ms:.1f} ms per checkpoint ({100 * save_ms / 1e3 / epoch:.1f} % of the epoch), of which "
+          f"write_checkpoint {write_ms:.1f} ms; slot file {size / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -167,22 +167,29 @@ def test_backed_data_resumes_exactly(tmp_path):
     _assert_same_model(resumed, reference)
 
 
-def test_corrupt_checkpoint_is_refused_and_the_previous_one_works(small, tmp_path):
+def test_corrupt_checkpoint_is_refused_and_the_previous_one_works(small, tmp_path, monkeypatch):
+    import pyro_scvi.io.checkpoint_file as checkpoint_file
+
+    monkeypatch.setattr(checkpoint_file, "LARGE_BYTES", 512)  # this small model's weights count as large
     adata, reference = small
     _model(adata).train(max_epochs=2, checkpoint_dir=tmp_path, **TRAIN)
-    newest = tmp_path / "epoch-00001.ckpt"
-    data = bytearray(newest.read_bytes())
+    slot = tmp_path / "slot-1.bin"  # epoch 1's large tensors (epoch 0's are in slot-0.bin)
+    data = bytearray(slot.read_bytes())
+    assert len(data) > 10_000
     middle = len(data) // 2
-    data[middle : middle + 256] = bytes(b ^ 0xFF for b in data[middle : middle + 256])  # past any padding
-    newest.write_bytes(bytes(data))
-    refused = r"epoch 1 .* refused: the CRC-32 .*previous checkpoint \(epoch 0\)"
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+    slot.write_bytes(bytes(data))
+    refused = r"epoch 1 .* refused: tensor \d+ in slot-1.bin does not match .*previous checkpoint \(epoch 0\)"
     with pytest.raises(ValueError, match=refused):
         _model(adata).train(max_epochs=4, checkpoint_dir=tmp_path, resume=True, **TRAIN)
-    newest.write_bytes(bytes(data[: len(data) // 3]))  # a truncated file
+    slot.write_bytes(bytes(data[: len(data) // 3]))  # a truncated file
     with pytest.raises(ValueError, match="truncated"):
         _model(adata).train(max_epochs=4, checkpoint_dir=tmp_path, resume=True, **TRAIN)
-    newest.unlink()
-    (tmp_path / "epoch-00001.json").unlink()
+    small_part = tmp_path / "epoch-00001.pt"
+    small_part.write_bytes(small_part.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="epoch-00001.pt has .* bytes, its manifest says"):
+        _model(adata).train(max_epochs=4, checkpoint_dir=tmp_path, resume=True, **TRAIN)
+    (tmp_path / "epoch-00001.json").unlink()  # as the message says
     resumed = _model(adata)
     resumed.train(max_epochs=4, checkpoint_dir=tmp_path, resume=True, **TRAIN)
     _assert_same_model(resumed, reference)
@@ -240,36 +247,38 @@ def test_random_states_round_trip():
     assert __import__("random").random() == expected[2]
 
 
-def test_files_are_verified_and_temporaries_removed(tmp_path):
-    write_checkpoint(tmp_path, 0, {"format": "pyro-scvi-checkpoint", "x": torch.arange(5)})
+def test_files_round_trip_and_temporaries_are_removed(tmp_path):
+    large = torch.randn(300, 100)
+    write_checkpoint(tmp_path, 0, {"format": "pyro-scvi-checkpoint", "x": torch.arange(5), "w": [large]})
     epoch, payload = read_checkpoint(tmp_path)
-    assert epoch == 0 and torch.equal(payload["x"], torch.arange(5))
-    (tmp_path / ".partial-epoch-00001.ckpt.abc").write_bytes(b"half a file")
+    assert epoch == 0 and torch.equal(payload["x"], torch.arange(5)) and torch.equal(payload["w"][0], large)
+    (tmp_path / ".partial-epoch-00001.pt.abc").write_bytes(b"half a file")
     Checkpointer(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-00000.ckpt", "epoch-00000.json"]
-    (tmp_path / "epoch-00000.json").write_text("{not json")
-    with pytest.raises(ValueError, match="manifest epoch-00000.json is unreadable.*no earlier checkpoint"):
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-00000.json", "epoch-00000.pt", "slot-0.bin"]
+    for epoch in (1, 2, 3):  # the slots are used in turn; the two newest checkpoints are kept
+        write_checkpoint(tmp_path, epoch, {"format": "pyro-scvi-checkpoint", "w": large + epoch})
+    assert [epoch for epoch, _ in list_checkpoints(tmp_path)] == [2, 3]
+    assert torch.equal(read_checkpoint(tmp_path)[1]["w"], large + 3)
+    (tmp_path / "epoch-00003.json").write_text("{not json")
+    with pytest.raises(ValueError, match="manifest epoch-00003.json is unreadable.*previous checkpoint"):
         read_checkpoint(tmp_path)
 
 
 def test_a_rank_that_does_not_write_writes_nothing(tmp_path):
     writer = Checkpointer(tmp_path / "ckpt", writes=False)
     writer.save(0, {"x": torch.ones(2)})
-    writer.wait()
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_write_errors_reach_the_training_thread(tmp_path, monkeypatch):
+def test_write_errors_name_the_directory(tmp_path, monkeypatch):
     import pyro_scvi.infer.checkpoint as checkpoint
 
     def failing(*args):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(checkpoint, "write_checkpoint", failing)
-    writer = Checkpointer(tmp_path)
-    writer.save(0, {"x": torch.ones(2)})
     with pytest.raises(RuntimeError, match="Writing a checkpoint .* failed: No space left"):
-        writer.wait()
+        Checkpointer(tmp_path).save(0, {"x": torch.ones(2)})
 
 
 # ----------------------------------------------------------------------------- progress and CLI

@@ -17,30 +17,22 @@ exactly the steps the killed run took. On the CPU the resumed run ends bitwise w
 uninterrupted run ends (same library versions, thread count and NB-kernel choice:
 ``$PYRO_SCVI_NB_KERNEL`` pins the latter).
 
-:class:`Checkpointer` copies the state (into buffers it reuses) and writes it in a background
-thread at a lower scheduling priority, so training goes on while the file is written; at most one
-write is in flight.
+:class:`Checkpointer` writes in the training thread: the large tensors are copied straight into
+a preallocated file (:mod:`pyro_scvi.io.checkpoint_file`), which costs about as much as copying
+them in memory. (A background writer was tried first: on two cores its thread slowed the two
+training threads by far more than the write itself costs.)
 """
 
 from __future__ import annotations
 
-import os
 import random
-import sys
-import threading
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ..io.checkpoint_file import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
-    prune_checkpoints,
-    remove_temporaries,
-    write_checkpoint,
-)
+from ..io.checkpoint_file import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, remove_temporaries, write_checkpoint
 
 __all__ = ["Checkpointer", "rng_state", "set_rng_state", "check_same_run"]
 
@@ -69,39 +61,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-#: niceness of the writer thread (Linux): it takes the CPU time training leaves idle rather than
-#: slowing the training threads down
-WRITER_NICENESS = 10
-
-
-def lower_thread_priority() -> None:
-    """Lower the scheduling priority of the calling thread (Linux, where threads have their own
-    niceness); elsewhere do nothing."""
-    if sys.platform.startswith("linux") and hasattr(os, "setpriority"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
-        except OSError:
-            pass
-
-
-def _copy_into(value, previous=None):
-    """A copy of a nested structure of dicts, lists, tuples and tensors; tensors are copied into
-    those of ``previous`` (a copy made earlier) where shapes and dtypes match, else cloned to the CPU."""
-    if isinstance(value, torch.Tensor):
-        if (isinstance(previous, torch.Tensor) and previous.shape == value.shape
-                and previous.dtype == value.dtype):
-            return previous.copy_(value.detach())
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        previous = previous if isinstance(previous, dict) else {}
-        return {key: _copy_into(item, previous.get(key)) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        previous = previous if isinstance(previous, (list, tuple)) and len(previous) == len(value) else None
-        items = [_copy_into(item, None if previous is None else previous[i]) for i, item in enumerate(value)]
-        return items if isinstance(value, list) else tuple(items)
-    return value
-
-
 def check_same_run(saved: dict, current: dict, directory) -> None:
     """``ValueError`` when the settings a checkpoint was written with differ from this run's."""
     differing = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
@@ -119,19 +78,16 @@ class Checkpointer:
 
     ``static``: entries added to every checkpoint (the split, the run's settings). ``writes``:
     whether this process writes (rank 0 of a data-parallel run); the others only take part in
-    the collectives. ``keep``: checkpoints kept (older ones are deleted once a newer one is written).
+    the collectives. The two newest checkpoints are kept (see :mod:`pyro_scvi.io.checkpoint_file`).
     """
 
-    def __init__(self, directory, every_n_epochs: int = 1, static: dict | None = None, writes: bool = True,
-                 keep: int = 2) -> None:
+    def __init__(self, directory, every_n_epochs: int = 1, static: dict | None = None,
+                 writes: bool = True) -> None:
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, (int, np.integer)) \
                 or every_n_epochs < 1:
             raise ValueError(f"checkpoint_every_n_epochs must be a positive integer, got {every_n_epochs!r}.")
         self.directory, self.every_n_epochs = Path(directory), int(every_n_epochs)
-        self.static, self.writes, self.keep = dict(static or {}), writes, max(int(keep), 2)
-        self._buffer: dict | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self.static, self.writes = dict(static or {}), writes
         if writes:
             self.directory.mkdir(parents=True, exist_ok=True)
             remove_temporaries(self.directory)
@@ -141,7 +97,7 @@ class Checkpointer:
         return last or (epoch + 1) % self.every_n_epochs == 0
 
     def save(self, epoch: int, state: dict, gather: Callable[[dict], list] | None = None) -> None:
-        """Copy ``state`` and write it in the background (after the previous write has finished).
+        """Write ``state`` (with the random states) as the checkpoint of ``epoch``.
 
         ``gather(rng)``: the random states of every data-parallel process, from this one's (all
         processes call it); without it, this process's states are written.
@@ -150,27 +106,9 @@ class Checkpointer:
         by_rank = [rng] if gather is None else gather(rng)
         if not self.writes:
             return
-        self.wait()
         payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": int(epoch),
                    **self.static, **state, "rng_by_rank": by_rank}
-        self._buffer = _copy_into(payload, self._buffer)
-        self._thread = threading.Thread(target=self._write, args=(epoch, self._buffer),
-                                        name="pyro-scvi-checkpoint", daemon=True)
-        self._thread.start()
-
-    def _write(self, epoch: int, payload: dict) -> None:
         try:
-            lower_thread_priority()
             write_checkpoint(self.directory, epoch, payload)
-            prune_checkpoints(self.directory, self.keep)
-        except BaseException as error:  # re-raised in the training thread by wait()
-            self._error = error
-
-    def wait(self) -> None:
-        """Block until the write in flight (if any) is on disk; re-raise its error."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
+        except OSError as error:
             raise RuntimeError(f"Writing a checkpoint to {self.directory} failed: {error}") from error

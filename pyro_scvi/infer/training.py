@@ -358,13 +358,8 @@ def run_training(
                     checkpoints.save(epoch, _run_state(run, records, early_stopping, stop_reason), gather)
                 if stop_reason is not None:
                     break
-            if checkpoints is not None:
-                checkpoints.wait()
         except BaseException as error:
             error.partial_history = records
-            if checkpoints is not None:
-                with contextlib.suppress(Exception):
-                    checkpoints.wait()
             raise
         finally:
             progress.close(records, stop_reason)
