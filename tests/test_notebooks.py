@@ -108,6 +108,10 @@ def _injected(settings: dict) -> str:
     lines += [
         "import sys",
         f"assert sys.prefix == {sys.prefix!r}, f'kernel runs {{sys.executable}}, not {sys.executable}'",
+        # PCA for the latent plots: umap-learn's first call compiles with numba for ~40 s in every kernel;
+        # the UMAP path is tested once, by tests/test_cli.py's demo --plots
+        "import pyro_scvi.plotting",
+        "pyro_scvi.plotting._umap_available = lambda: False",
     ]
     return "\n".join(lines)
 
