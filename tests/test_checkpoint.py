@@ -167,10 +167,7 @@ def test_backed_data_resumes_exactly(tmp_path):
     _assert_same_model(resumed, reference)
 
 
-def test_corrupt_checkpoint_is_refused_and_the_previous_one_works(small, tmp_path, monkeypatch):
-    import pyro_scvi.io.checkpoint_file as checkpoint_file
-
-    monkeypatch.setattr(checkpoint_file, "LARGE_BYTES", 512)  # this small model's weights count as large
+def test_corrupt_checkpoint_is_refused_and_the_previous_one_works(small, tmp_path):
     adata, reference = small
     _model(adata).train(max_epochs=2, checkpoint_dir=tmp_path, **TRAIN)
     slot = tmp_path / "slot-1.bin"  # epoch 1's large tensors (epoch 0's are in slot-0.bin)
