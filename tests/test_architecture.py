@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pyro_scvi"
 
 #: layers from the bottom up: a module may import its own layer and the layers below it
 LAYERS = [
-    {"settings"},
+    {"settings", "c_kernels"},
     {"distributions"},
     {"data"},
     {"models", "guides"},

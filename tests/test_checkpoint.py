@@ -250,8 +250,10 @@ def test_files_round_trip_and_temporaries_are_removed(tmp_path):
     epoch, payload = read_checkpoint(tmp_path)
     assert epoch == 0 and torch.equal(payload["x"], torch.arange(5)) and torch.equal(payload["w"][0], large)
     (tmp_path / ".partial-epoch-00001.pt.abc").write_bytes(b"half a file")
-    Checkpointer(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-00000.json", "epoch-00000.pt", "slot-0.bin"]
+    with Checkpointer(tmp_path):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "epoch-00000.json", "epoch-00000.pt",
+                                                          "slot-0.bin"]
     for epoch in (1, 2, 3):  # the slots are used in turn; the two newest checkpoints are kept
         write_checkpoint(tmp_path, epoch, {"format": "pyro-scvi-checkpoint", "w": large + epoch})
     assert [epoch for epoch, _ in list_checkpoints(tmp_path)] == [2, 3]
@@ -259,6 +261,17 @@ def test_files_round_trip_and_temporaries_are_removed(tmp_path):
     (tmp_path / "epoch-00003.json").write_text("{not json")
     with pytest.raises(ValueError, match="manifest epoch-00003.json is unreadable.*previous checkpoint"):
         read_checkpoint(tmp_path)
+
+
+def test_one_run_at_a_time_writes_into_a_directory(small, tmp_path):
+    adata, _ = small
+    with Checkpointer(tmp_path / "ckpt"):
+        with pytest.raises(RuntimeError, match="Another run is writing checkpoints to .*own checkpoint_dir"):
+            _model(adata).train(max_epochs=1, **TRAIN, checkpoint_dir=tmp_path / "ckpt")
+    assert list_checkpoints(tmp_path / "ckpt") == []
+    _model(adata).train(max_epochs=1, **TRAIN, checkpoint_dir=tmp_path / "ckpt")  # released: both times
+    _model(adata).train(max_epochs=2, **TRAIN, checkpoint_dir=tmp_path / "ckpt", resume=True)
+    assert [epoch for epoch, _ in list_checkpoints(tmp_path / "ckpt")] == [0, 1]
 
 
 def test_a_rank_that_does_not_write_writes_nothing(tmp_path):
@@ -275,7 +288,8 @@ def test_write_errors_name_the_directory(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "write_checkpoint", failing)
     with pytest.raises(RuntimeError, match="Writing a checkpoint .* failed: No space left"):
-        Checkpointer(tmp_path).save(0, {"x": torch.ones(2)})
+        with Checkpointer(tmp_path) as writer:
+            writer.save(0, {"x": torch.ones(2)})
 
 
 # ----------------------------------------------------------------------------- progress and CLI

@@ -343,6 +343,9 @@ class TrainingMixin:
                 self.history_ = append_history(self.history_, partial)
                 self.is_trained_ = True
             raise
+        finally:
+            if "checkpoints" in hooks:
+                hooks["checkpoints"].close()  # the slot files, and the directory for the next run
         self.history_ = append_history(self.history_, records)
         self.is_trained_ = True
 

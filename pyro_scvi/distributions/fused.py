@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import warnings
@@ -40,123 +37,38 @@ from pathlib import Path
 
 import torch
 
+from ..c_kernels import CKernel, compiler, cpu_description, platform_supported
+
 __all__ = [
     "available", "expected", "unavailable_reason", "nb_log_prob", "supports", "library_path",
     "build_info", "vectorisation_report", "cpu_description",
 ]
 
 _SOURCE = Path(__file__).with_name("csrc") / "nb_log_prob.c"
-#: optimisation flags. No -ffast-math: the kernel's own log/exp vectorise without it, and it would
-#: let the compiler drop the NaN checks that make a NaN parameter give a NaN result
-_OPTIMISE = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC"]
-#: the supported platforms: (sys.platform prefix, machine names)
-_PLATFORMS = {"linux": ("x86_64", "AMD64", "aarch64", "arm64"), "darwin": ("x86_64", "arm64")}
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _reason: str | None = None
 _loaded = False
 
 
-def _cache_dir() -> Path:
-    if os.environ.get("PYRO_SCVI_CACHE"):
-        return Path(os.environ["PYRO_SCVI_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "pyro_scvi"
+def _declare(library: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    library.nb_log_prob.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    library.nb_log_prob.restype = ctypes.c_int
+    library.nb_log_prob_openmp.restype = ctypes.c_int
+    library.nb_log_prob_build_flags.restype = ctypes.c_char_p
 
 
-def cpu_description() -> dict[str, str]:
-    """The CPU's model name and the SIMD feature flags that matter here (Linux; else ``platform``)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return {"model": platform.processor() or platform.machine(), "flags": ""}
-    fields = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "asimd", "sve")
-            if f in flags]
-    model = fields.get("model name") or fields.get("CPU part") or platform.machine()
-    return {"model": model, "flags": " ".join(simd)}
-
-
-def _cpu_signature() -> str:
-    """The CPU's model and all its feature flags (``-march=native`` code is only valid on the same ones)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    keep = [line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part"))][:3]
-    return "\n".join(keep)
+_KERNEL = CKernel(_SOURCE, _declare, "the fused kernel")
 
 
 def _compiler() -> str:
-    return os.environ.get("CC", "cc")
-
-
-def _arch_flag() -> str:
-    return "-mcpu=native" if platform.machine() in ("aarch64", "arm64") else "-march=native"
-
-
-def _variants() -> list[list[str]]:
-    """Compile flags to try in order: for this CPU with OpenMP, without OpenMP (clang without
-    libomp), and without the CPU flag (a compiler that does not know it)."""
-    extra = os.environ.get("PYRO_SCVI_CFLAGS", "").split()
-    tuned = [*_OPTIMISE, _arch_flag(), *extra]
-    return [[*tuned, "-fopenmp"], tuned, [*_OPTIMISE, *extra]]
+    return compiler()
 
 
 def library_path() -> Path:
     """Where the compiled kernel for this source, compiler and CPU lives (or will live)."""
-    key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), repr(_variants()).encode(), _compiler().encode(),
-                 _cpu_signature().encode(), platform.machine().encode()):
-        key.update(part)
-        key.update(b"\0")
-    return _cache_dir() / f"nb_log_prob-{key.hexdigest()[:16]}.so"
-
-
-def _compile(flags: list[str], target: str, obj: str) -> None:
-    """Compile and link the kernel with ``flags`` into ``target``; the flags are built into the
-    library (``nb_log_prob_build_flags``)."""
-    openmp = ["-fopenmp"] if "-fopenmp" in flags else []
-    described = " ".join(flags).replace('"', "")
-    for command in ([_compiler(), *flags, f'-DPYRO_SCVI_BUILD_FLAGS="{described}"', "-c", "-o", obj,
-                     str(_SOURCE)],
-                    [_compiler(), "-shared", *openmp, "-o", target, obj, "-lm"]):
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
-
-
-def _build(target: Path) -> None:
-    """Compile the kernel into ``target`` (written to a temporary file first, then renamed) with the
-    first flag variant that builds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(handle)
-    obj = temporary[:-3] + ".o"
-    errors = []
-    try:
-        for flags in _variants():
-            try:
-                _compile(flags, temporary, obj)
-            except (RuntimeError, OSError, subprocess.SubprocessError) as error:
-                errors.append(str(error))
-                continue
-            os.replace(temporary, target)
-            return
-        raise RuntimeError(errors[0])
-    finally:
-        for path in (temporary, obj):
-            if os.path.exists(path):
-                os.remove(path)
-
-
-def _platform_supported() -> bool:
-    machines = next((m for prefix, m in _PLATFORMS.items() if sys.platform.startswith(prefix)), ())
-    return platform.machine() in machines
+    return _KERNEL.library_path()
 
 
 def _load() -> ctypes.CDLL | None:
@@ -165,39 +77,23 @@ def _load() -> ctypes.CDLL | None:
         if _loaded:
             return _library
         _loaded = True
-        if not _platform_supported():
-            _reason = (
-                "the fused kernel is built for Linux (x86-64, ARM64) and macOS only "
-                f"(this is {sys.platform}/{platform.machine()})"
-            )
-            return None
-        try:
-            target = library_path()
-            if not target.exists():
-                _build(target)
-            library = ctypes.CDLL(str(target))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            _reason = f"could not build or load the fused kernel ({error})"
-            warnings.warn(
-                f"pyro_scvi: {_reason}; the NB/ZINB log-density falls back to the slower torch "
-                "formula. Install a C compiler (e.g. gcc) or set $CC to use the fused kernel.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return None
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        library.nb_log_prob.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
-        library.nb_log_prob.restype = ctypes.c_int
-        library.nb_log_prob_openmp.restype = ctypes.c_int
-        library.nb_log_prob_build_flags.restype = ctypes.c_char_p
-        _library = library
-        return library
+        _library = _KERNEL.load()
+        if _library is None:
+            _reason = _KERNEL.reason
+            if platform_supported():
+                warnings.warn(
+                    f"pyro_scvi: {_reason}; the NB/ZINB log-density falls back to the slower torch "
+                    "formula. Install a C compiler (e.g. gcc) or set $CC to use the fused kernel.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return _library
 
 
 def expected() -> bool:
     """Whether this machine should be able to build the kernel: a supported platform (Linux on
     x86-64 or ARM64, macOS) with the C compiler (``$CC`` or ``cc``) on the PATH."""
-    return _platform_supported() and shutil.which(_compiler()) is not None
+    return platform_supported() and shutil.which(_compiler()) is not None
 
 
 def available() -> bool:

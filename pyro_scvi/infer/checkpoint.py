@@ -17,10 +17,11 @@ exactly the steps the killed run took. On the CPU the resumed run ends bitwise w
 uninterrupted run ends (same library versions, thread count and NB-kernel choice:
 ``$PYRO_SCVI_NB_KERNEL`` pins the latter).
 
-:class:`Checkpointer` writes in the training thread: the large tensors are copied straight into
-a preallocated file (:mod:`pyro_scvi.io.checkpoint_file`), which costs about as much as copying
+:class:`Checkpointer` writes in the training thread: the tensors are copied once, straight into a
+preallocated file it keeps mapped (:mod:`pyro_scvi.io.slot_file`), which costs as much as copying
 them in memory. (A background writer was tried first: on two cores its thread slowed the two
-training threads by far more than the write itself costs.)
+training threads by far more than the write itself costs.) It holds the directory's lock from
+its creation to :meth:`Checkpointer.close`, so two runs never write into one directory.
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..io.checkpoint_file import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, remove_temporaries, write_checkpoint
+from ..io.checkpoint_file import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    lock_directory,
+    remove_temporaries,
+    write_checkpoint,
+)
 
 __all__ = ["Checkpointer", "rng_state", "set_rng_state", "check_same_run"]
 
@@ -79,6 +86,7 @@ class Checkpointer:
     ``static``: entries added to every checkpoint (the split, the run's settings). ``writes``:
     whether this process writes (rank 0 of a data-parallel run); the others only take part in
     the collectives. The two newest checkpoints are kept (see :mod:`pyro_scvi.io.checkpoint_file`).
+    :meth:`close` (or ``with``) when the run ends: it releases the files and the directory.
     """
 
     def __init__(self, directory, every_n_epochs: int = 1, static: dict | None = None,
@@ -88,9 +96,27 @@ class Checkpointer:
             raise ValueError(f"checkpoint_every_n_epochs must be a positive integer, got {every_n_epochs!r}.")
         self.directory, self.every_n_epochs = Path(directory), int(every_n_epochs)
         self.static, self.writes = dict(static or {}), writes
+        self._slots: dict = {}
+        self._lock = None
         if writes:
             self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock = lock_directory(self.directory)
             remove_temporaries(self.directory)
+
+    def close(self) -> None:
+        """Close the slot files and release the directory (idempotent)."""
+        for slot_file in self._slots.values():
+            slot_file.close()
+        self._slots.clear()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def due(self, epoch: int, last: bool) -> bool:
         """Whether the run writes a checkpoint after ``epoch`` (always after its last one)."""
@@ -109,6 +135,6 @@ class Checkpointer:
         payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": int(epoch),
                    **self.static, **state, "rng_by_rank": by_rank}
         try:
-            write_checkpoint(self.directory, epoch, payload)
+            write_checkpoint(self.directory, epoch, payload, self._slots)
         except OSError as error:
             raise RuntimeError(f"Writing a checkpoint to {self.directory} failed: {error}") from error

@@ -2,23 +2,25 @@
 
 A checkpoint must cost little at every epoch, so its tensors (weights, Adam's moments, random
 states) are copied straight into one of two preallocated *slot* files, ``slot-0.bin`` and
-``slot-1.bin``, used in turn: once both exist, a checkpoint is a copy into pages the file system
-already holds, with no new file, no serialisation and no second copy. The rest goes through
-``torch.save``. The checkpoint of epoch ``k`` is then
+``slot-1.bin``, used in turn and kept mapped in memory while a run writes checkpoints
+(:mod:`pyro_scvi.io.slot_file`): a checkpoint is one copy into pages the file system already
+holds, checksummed in the same pass, with no new file and no serialisation. The rest goes
+through ``torch.save``. The checkpoint of epoch ``k`` is then
 
 * ``epoch-0000k.pt``: the rest (counters, history, settings, Python's random state), a
   ``torch.save`` file read back with ``weights_only=True`` and the allow-list of
   :mod:`pyro_scvi.io.safe_unpickle`;
 * its tensors in one slot file;
-* ``epoch-0000k.json``: the manifest, listing where each large tensor is in the slot, its dtype
-  and shape and the sum of its 32-bit words, and the size of ``epoch-0000k.pt``.
+* ``epoch-0000k.json``: the manifest, listing where each tensor is in the slot, its dtype and
+  shape and the sum of its 64-bit words, and the size of ``epoch-0000k.pt``.
 
 Order of writing: the manifest that points at the slot about to be reused is deleted first, the
 slot is written, then ``epoch-0000k.pt`` and the manifest, each to a temporary name and renamed
 into place. So a checkpoint exists exactly when its manifest does, and a process killed while
 writing leaves the newest complete checkpoint, in the other slot, untouched. Reading checks the
-small file's CRC-32s (``torch.save`` stores one per record) and each large tensor's sum, and
-refuses a checkpoint that fails, naming the previous one, which stays usable.
+small file's CRC-32s (``torch.save`` stores one per record) and each tensor's sum, and refuses a
+checkpoint that fails, naming the previous one, which stays usable. One run at a time writes to a
+directory (:func:`lock_directory`).
 
 The files are flushed to the disk by the operating system, not by ``fsync`` at each epoch: a
 killed process loses nothing, and a machine that crashes may lose the newest checkpoints, which
@@ -37,33 +39,30 @@ from pathlib import Path
 import torch
 
 from .safe_unpickle import safe_torch_load
+from .slot_file import SlotFile, word_sum
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "write_checkpoint", "list_checkpoints",
-           "read_checkpoint", "remove_temporaries"]
+           "read_checkpoint", "remove_temporaries", "lock_directory"]
 
 CHECKPOINT_FORMAT = "pyro-scvi-checkpoint"
 CHECKPOINT_VERSION = 1
 _MANIFEST = re.compile(r"^epoch-(\d+)\.json$")
 _TEMPORARY_PREFIX = ".partial-"
-#: tensors of at least this many bytes go to the slot file; the others into the ``torch.save`` part.
-#: Small tensors too: through ``torch.save`` each costs ~0.1 ms of pickling and a zip record, in
-#: the slot a few microseconds.
+_LOCK = ".lock"
+#: tensors of at least this many bytes (and a multiple of 4) go to the slot file, the others into
+#: the ``torch.save`` part: through ``torch.save`` a tensor costs ~0.1 ms of pickling and a zip
+#: record, in the slot a microsecond
 LARGE_BYTES = 4
 _PLACEHOLDER = "pyro-scvi-slot-tensor"
 
 
 def _names(epoch: int) -> tuple[str, str]:
     return f"epoch-{epoch:05d}.pt", f"epoch-{epoch:05d}.json"
-
-
-def word_sum(tensor: torch.Tensor) -> int:
-    """Sum of a tensor's bytes read as 64-bit integers (32-bit when its size is not a multiple of 8),
-    modulo 2⁶⁴: a cheap check that changes with any flipped bit, computed by torch's vectorised,
-    multi-threaded reduction (about 4 ms for 64 MB)."""
-    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    if data.numel() % 8 == 0:
-        return int(data.view(torch.int64).sum())
-    return int(data.view(torch.int32).sum(dtype=torch.int64))
 
 
 def _is_large(value) -> bool:
@@ -111,29 +110,20 @@ def _replace_atomically(directory: Path, name: str, write) -> int:
         raise
 
 
-def _write_slot(path: Path, tensors: list[torch.Tensor]) -> list[dict]:
-    """Copy ``tensors`` one after the other into the slot file ``path``; returns their entries."""
-    entries, offset = [], 0
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        for tensor in tensors:
-            data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-            written = 0
-            while written < data.nbytes:
-                written += os.pwrite(fd, data[written:], offset + written)
-            entries.append({"offset": offset, "bytes": data.nbytes, "shape": list(tensor.shape),
-                            "dtype": str(tensor.dtype).removeprefix("torch."), "word_sum": word_sum(tensor)})
-            offset += data.nbytes
-        if os.fstat(fd).st_size != offset:
-            os.ftruncate(fd, offset)
-    finally:
-        os.close(fd)
-    return entries
-
-
-def write_checkpoint(directory, epoch: int, payload: dict) -> Path:
+def write_checkpoint(directory, epoch: int, payload: dict, slots: dict[int, SlotFile] | None = None) -> Path:
     """Write ``payload`` as the checkpoint of ``epoch`` (slot, the rest, then manifest); returns the
-    manifest's path. The older of two checkpoints is replaced."""
+    manifest's path. The older of two checkpoints is replaced.
+
+    ``slots``: the open :class:`SlotFile` of each slot number, kept by the caller between
+    checkpoints (filled here as needed); without it the slot files are opened and closed here.
+    """
+    if slots is None:
+        slots = {}
+        try:
+            return write_checkpoint(directory, epoch, payload, slots)
+        finally:
+            for slot_file in slots.values():
+                slot_file.close()
     directory = Path(directory)
     found = list_checkpoints(directory)
     newest_slot = _slot_of(found[-1][1]) if found else None
@@ -142,7 +132,10 @@ def write_checkpoint(directory, epoch: int, payload: dict) -> Path:
         _delete(directory, old_epoch, manifest_path)  # nothing may point at the slot being rewritten
     large: list[torch.Tensor] = []
     small = _split_large(payload, large)
-    entries = _write_slot(directory / f"slot-{slot}.bin", large)
+    slot_file = slots.get(slot)
+    if slot_file is None:
+        slot_file = slots[slot] = SlotFile(directory / f"slot-{slot}.bin")
+    entries = slot_file.write(large)
     data_name, manifest_name = _names(epoch)
     size = _replace_atomically(directory, data_name, lambda path: torch.save(small, path))
     manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": int(epoch),
@@ -224,7 +217,7 @@ def _read_slot(path: Path, entries: list[dict]) -> list[torch.Tensor]:
             raw = bytearray(file.read(entry["bytes"]))
             dtype = getattr(torch, entry["dtype"])
             tensor = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(entry["shape"])
-            if word_sum(tensor) != entry["word_sum"]:
+            if word_sum(tensor) != int(entry["word_sum"]) % 2**64:
                 raise _CorruptCheckpoint(f"tensor {index} in {path.name} does not match its checksum (the "
                                          "file was damaged or overwritten after it was written)")
             tensors.append(tensor)
@@ -267,6 +260,23 @@ def _refusal(directory, epoch: int, manifest_path: Path, error: Exception, older
     else:
         message += " There is no earlier checkpoint; start a new run (resume=False)."
     return message
+
+
+def lock_directory(directory):
+    """Hold the directory for one writing run: returns an open file whose lock lasts until it is
+    closed (or the process ends). ``RuntimeError`` when another process holds it."""
+    handle = open(Path(directory) / _LOCK, "a+")  # noqa: SIM115 (the caller keeps it open)
+    if fcntl is None:
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise RuntimeError(
+            f"Another run is writing checkpoints to {directory} (it holds {_LOCK} there): wait for it to "
+            "end, or give this run its own checkpoint_dir."
+        ) from None
+    return handle
 
 
 def remove_temporaries(directory) -> None:
