@@ -3,10 +3,12 @@
 Trains the same seeded model twice per repeat, in alternating order: without checkpoints and with
 ``checkpoint_dir=...`` at the default ``checkpoint_every_n_epochs=1``, and reports
 
-* seconds per epoch of each, and the overhead of checkpointing as a fraction of the epoch;
+* seconds per epoch of each, and the overhead of checkpointing as a fraction of the epoch: the
+  ratio of each pair of neighbouring runs (the machine's speed drifts between pairs far more than
+  within one), their median, and their mean with a 95 % interval;
 * the time the training thread spends in the checkpoint call, per checkpoint and per epoch, and
-  within it the time of ``write_checkpoint`` (large tensors into the slot file, the rest through
-  ``torch.save``, manifest);
+  within it the time of ``write_checkpoint`` (tensors and the pickled rest into the slot file,
+  manifest), and how the tensors are copied (the C kernel, or torch);
 * the size of one checkpoint file;
 * the extra CPU time of the process (all its threads) per epoch, a figure that other processes on
   the machine disturb less than wall time.
@@ -14,7 +16,7 @@ Trains the same seeded model twice per repeat, in alternating order: without che
 The goal (issue 18) is an overhead of at most 5 % of the epoch. The figures come with the CPU
 model, SIMD flags and C compiler. Usage (repository root)::
 
-    .venv/bin/python benchmarks/bench_checkpoint.py                  # all genes, 12 epochs, 2 repeats
+    .venv/bin/python benchmarks/bench_checkpoint.py                  # all genes, 10 epochs, 8 pairs
     .venv/bin/python benchmarks/bench_checkpoint.py --n-genes 2000 --epochs 30
 
 Without /work/shared/data the data are generated (printed). Validation is off (the default of
@@ -74,8 +76,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--h5ad", default=DEFAULT_H5AD)
     parser.add_argument("--n-genes", type=int, default=0, help="top genes by variance (0: all)")
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=8, help="pairs of runs (with and without)")
     parser.add_argument("--wait-idle", type=float, default=30.0,
                         help="seconds to wait for other processes to go quiet before each run")
     a = parser.parse_args(argv)
@@ -83,6 +85,7 @@ def main(argv=None) -> None:
     import torch
 
     from pyro_scvi import SCVI
+    from pyro_scvi.io.slot_file import copy_path
 
     if not os.path.exists(a.h5ad):
         a.h5ad = str(Path(tempfile.mkdtemp()) / "generated.h5ad")
@@ -92,7 +95,7 @@ def main(argv=None) -> None:
     SCVI.setup_anndata(adata, batch_key="batch" if "batch" in adata.obs else None)
     print(f"data: {a.h5ad}: {adata.n_obs} cells x {adata.n_vars} genes")
     print("machine:", json.dumps(machine_info()))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; slot copy: {copy_path()}")
     times = _instrument()
     train_once(adata, 1, None)  # warm-up: kernel build and choice, first-call costs
     plain, with_checkpoints = [], []
@@ -109,16 +112,27 @@ def main(argv=None) -> None:
         print(f"repeat {repeat}: {plain[-1][0]:.3f} s/epoch plain, {with_checkpoints[-1][0]:.3f} with "
               f"checkpoints; CPU {plain[-1][1]:.3f} and {with_checkpoints[-1][1]:.3f} s/epoch")
     epoch = statistics.median(p[0] for p in plain)
-    overhead = statistics.median(c[0] for c in with_checkpoints) / epoch - 1
+    ratios = [c[0] / p[0] - 1 for p, c in zip(plain, with_checkpoints)]
+    overhead = statistics.median(ratios)
+    spread = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else 0.0
+    half_width = _t95(len(ratios) - 1) * spread if len(ratios) > 1 else 0.0
     cpu_plain = statistics.median(p[1] for p in plain)
     cpu_overhead = statistics.median(c[1] for c in with_checkpoints) / cpu_plain - 1
     save_ms = 1e3 * statistics.median(times["save"])
     write_ms = 1e3 * statistics.median(times["write"])
     print(f"\ncheckpoint every epoch, {adata.n_vars} genes: epoch {epoch:.3f} s plain; overhead "
-          f"{100 * overhead:+.1f} % of the epoch, CPU time {100 * cpu_overhead:+.1f} % "
-          f"(medians of {a.repeats}); training thread blocked "
+          f"{100 * overhead:+.1f} % of the epoch (median of {a.repeats} pairs; mean "
+          f"{100 * statistics.mean(ratios):+.1f} ± {100 * half_width:.1f} %), CPU time "
+          f"{100 * cpu_overhead:+.1f} %; training thread blocked "
           f"{save_ms:.1f} ms per checkpoint ({100 * save_ms / 1e3 / epoch:.1f} % of the epoch), of which "
           f"write_checkpoint {write_ms:.1f} ms; slot file {size / 2**20:.1f} MiB")
+
+
+def _t95(degrees: int) -> float:
+    """The two-sided 95 % quantile of Student's t."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, degrees))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ and the NB kernel pinned (``PYRO_SCVI_NB_KERNEL``), so that every process comput
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -170,21 +171,24 @@ def test_backed_data_resumes_exactly(tmp_path):
 def test_corrupt_checkpoint_is_refused_and_the_previous_one_works(small, tmp_path):
     adata, reference = small
     _model(adata).train(max_epochs=2, checkpoint_dir=tmp_path, **TRAIN)
-    slot = tmp_path / "slot-1.bin"  # epoch 1's large tensors (epoch 0's are in slot-0.bin)
+    slot = tmp_path / "slot-1.bin"  # epoch 1's tensors (epoch 0's are in slot-0.bin)
+    manifest = json.loads((tmp_path / "epoch-00001.json").read_text())
+    largest = max(manifest["tensors"], key=lambda entry: entry["bytes"])
     data = bytearray(slot.read_bytes())
-    assert len(data) > 10_000
-    middle = len(data) // 2
+    middle = largest["offset"] + largest["bytes"] // 2
     data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
     slot.write_bytes(bytes(data))
     refused = r"epoch 1 .* refused: tensor \d+ in slot-1.bin does not match .*previous checkpoint \(epoch 0\)"
     with pytest.raises(ValueError, match=refused):
         _model(adata).train(max_epochs=4, checkpoint_dir=tmp_path, resume=True, **TRAIN)
-    slot.write_bytes(bytes(data[: len(data) // 3]))  # a truncated file
+    slot.write_bytes(bytes(data[: middle]))  # a truncated file
     with pytest.raises(ValueError, match="truncated"):
         _model(adata).train(max_epochs=4, checkpoint_dir=tmp_path, resume=True, **TRAIN)
-    small_part = tmp_path / "epoch-00001.pt"
-    small_part.write_bytes(small_part.read_bytes()[:-10])
-    with pytest.raises(ValueError, match="epoch-00001.pt has .* bytes, its manifest says"):
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])  # undone
+    end = manifest["rest"]["offset"] + manifest["rest"]["bytes"]
+    data[end - 3] ^= 0x01  # one bit of the pickled rest (counters, history, settings)
+    slot.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="epoch 1 .* refused: the pickled rest in slot-1.bin does not match"):
         _model(adata).train(max_epochs=4, checkpoint_dir=tmp_path, resume=True, **TRAIN)
     (tmp_path / "epoch-00001.json").unlink()  # as the message says
     resumed = _model(adata)
@@ -246,18 +250,26 @@ def test_random_states_round_trip():
 
 def test_files_round_trip_and_temporaries_are_removed(tmp_path):
     large = torch.randn(300, 100)
-    write_checkpoint(tmp_path, 0, {"format": "pyro-scvi-checkpoint", "x": torch.arange(5), "w": [large]})
+    rest = {"n": 3, "f": float("nan"), "t": (1, "a", None), "inf": [float("-inf")], "b": True}
+    write_checkpoint(tmp_path, 0, {"format": "pyro-scvi-checkpoint", "x": torch.arange(5), "w": [large],
+                                   "flag": torch.tensor(True), "empty": torch.empty(0, 3), **rest})
     epoch, payload = read_checkpoint(tmp_path)
     assert epoch == 0 and torch.equal(payload["x"], torch.arange(5)) and torch.equal(payload["w"][0], large)
-    (tmp_path / ".partial-epoch-00001.pt.abc").write_bytes(b"half a file")
+    assert payload["flag"].dtype == torch.bool and payload["flag"].item() and payload["empty"].shape == (0, 3)
+    assert payload["t"] == (1, "a", None) and payload["inf"] == [float("-inf")]
+    assert payload["f"] != payload["f"]  # NaN
+    (tmp_path / ".partial-epoch-00001.json").write_bytes(b"half a file")
     with Checkpointer(tmp_path):
         pass
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "epoch-00000.json", "epoch-00000.pt",
-                                                          "slot-0.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "epoch-00000.json", "slot-0.bin"]
     for epoch in (1, 2, 3):  # the slots are used in turn; the two newest checkpoints are kept
         write_checkpoint(tmp_path, epoch, {"format": "pyro-scvi-checkpoint", "w": large + epoch})
     assert [epoch for epoch, _ in list_checkpoints(tmp_path)] == [2, 3]
     assert torch.equal(read_checkpoint(tmp_path)[1]["w"], large + 3)
+    manifest = json.loads((tmp_path / "epoch-00003.json").read_text())
+    (tmp_path / "epoch-00003.json").write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(ValueError, match="format version 1, and this pyro-scvi reads version 2"):
+        read_checkpoint(tmp_path)
     (tmp_path / "epoch-00003.json").write_text("{not json")
     with pytest.raises(ValueError, match="manifest epoch-00003.json is unreadable.*previous checkpoint"):
         read_checkpoint(tmp_path)

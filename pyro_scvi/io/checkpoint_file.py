@@ -1,26 +1,21 @@
 """Checkpoint files of a training run: never half-listed, and checked when read.
 
-A checkpoint must cost little at every epoch, so its tensors (weights, Adam's moments, random
-states) are copied straight into one of two preallocated *slot* files, ``slot-0.bin`` and
-``slot-1.bin``, used in turn and kept mapped in memory while a run writes checkpoints
-(:mod:`pyro_scvi.io.slot_file`): a checkpoint is one copy into pages the file system already
-holds, checksummed in the same pass, with no new file and no serialisation. The rest goes
-through ``torch.save``. The checkpoint of epoch ``k`` is then
-
-* ``epoch-0000k.pt``: the rest (counters, history, settings, Python's random state), a
-  ``torch.save`` file read back with ``weights_only=True`` and the allow-list of
-  :mod:`pyro_scvi.io.safe_unpickle`;
-* its tensors in one slot file;
-* ``epoch-0000k.json``: the manifest, listing where each tensor is in the slot, its dtype and
-  shape and the sum of its 64-bit words, and the size of ``epoch-0000k.pt``.
+A checkpoint must cost little at every epoch, so it is written into one of two preallocated
+*slot* files, ``slot-0.bin`` and ``slot-1.bin``, used in turn and kept mapped in memory while a
+run writes checkpoints (:mod:`pyro_scvi.io.slot_file`): every tensor (weights, Adam's moments,
+random states) is copied once into pages the file system already holds and checksummed in the
+same pass, with no new file and no serialisation. What is left (counters, history, settings,
+Python's random state: plain Python values) is pickled into the same slot, after the tensors.
+The checkpoint of epoch ``k`` is then its slot and the manifest ``epoch-0000k.json``, which
+lists where each tensor and the pickled rest are in the slot, with dtype, shape and checksum.
 
 Order of writing: the manifest that points at the slot about to be reused is deleted first, the
-slot is written, then ``epoch-0000k.pt`` and the manifest, each to a temporary name and renamed
-into place. So a checkpoint exists exactly when its manifest does, and a process killed while
-writing leaves the newest complete checkpoint, in the other slot, untouched. Reading checks the
-small file's CRC-32s (``torch.save`` stores one per record) and each tensor's sum, and refuses a
-checkpoint that fails, naming the previous one, which stays usable. One run at a time writes to a
-directory (:func:`lock_directory`).
+slot is written, then the manifest, to a temporary name renamed into place. So a checkpoint
+exists exactly when its manifest does, and a process killed while writing leaves the newest
+complete checkpoint, in the other slot, untouched. Reading checks every checksum and refuses a
+checkpoint that fails, naming the previous one, which stays usable. The rest is read with the
+restricted unpickler of :mod:`pyro_scvi.io.safe_unpickle`, which builds plain values only. One run
+at a time writes to a directory (:func:`lock_directory`).
 
 The files are flushed to the disk by the operating system, not by ``fsync`` at each epoch: a
 killed process loses nothing, and a machine that crashes may lose the newest checkpoints, which
@@ -31,15 +26,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
-import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
 
-from .safe_unpickle import safe_torch_load
-from .slot_file import SlotFile, word_sum
+from .safe_unpickle import safe_unpickle
+from .slot_file import SlotFile, padded_size, word_sum
 
 try:
     import fcntl
@@ -50,69 +44,67 @@ __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "write_checkpoint", "list_
            "read_checkpoint", "remove_temporaries", "lock_directory"]
 
 CHECKPOINT_FORMAT = "pyro-scvi-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 _MANIFEST = re.compile(r"^epoch-(\d+)\.json$")
 _TEMPORARY_PREFIX = ".partial-"
 _LOCK = ".lock"
-#: tensors of at least this many bytes (and a multiple of 4) go to the slot file, the others into
-#: the ``torch.save`` part: through ``torch.save`` a tensor costs ~0.1 ms of pickling and a zip
-#: record, in the slot a microsecond
-LARGE_BYTES = 4
 _PLACEHOLDER = "pyro-scvi-slot-tensor"
+#: values that hold no tensor: returned as they are by :func:`_split_tensors`
+_ATOMS = (int, float, str, bool, type(None), bytes)
 
 
 def _names(epoch: int) -> tuple[str, str]:
+    """The names of ``epoch``'s rest file (written by format 1 only) and manifest."""
     return f"epoch-{epoch:05d}.pt", f"epoch-{epoch:05d}.json"
 
 
-def _is_large(value) -> bool:
-    return (isinstance(value, torch.Tensor) and value.layout == torch.strided
-            and value.numel() * value.element_size() >= LARGE_BYTES
-            and (value.numel() * value.element_size()) % 4 == 0)
-
-
-def _split_large(value, large: list):
-    """``value`` with its large CPU tensors replaced by placeholders (appended to ``large``)."""
-    if _is_large(value):
-        large.append(value.detach().to("cpu").contiguous())
-        return {_PLACEHOLDER: len(large) - 1}
+def _split_tensors(value, tensors: list):
+    """``value`` with its tensors replaced by placeholders (the tensors, on the CPU and contiguous,
+    are appended to ``tensors``)."""
+    if type(value) in _ATOMS:
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise TypeError(f"checkpoints hold strided tensors only, not {value.layout}")
+        tensors.append(value.detach().to("cpu").contiguous())
+        return {_PLACEHOLDER: len(tensors) - 1}
     if isinstance(value, dict):
-        return {key: _split_large(item, large) for key, item in value.items()}
+        return {key: _split_tensors(item, tensors) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        items = [_split_large(item, large) for item in value]
+        items = [_split_tensors(item, tensors) for item in value]
         return items if isinstance(value, list) else tuple(items)
     return value
 
 
-def _join_large(value, large: list):
+def _join_tensors(value, tensors: list):
+    """Inverse of :func:`_split_tensors`."""
+    if type(value) in _ATOMS:
+        return value
     if isinstance(value, dict):
         if set(value) == {_PLACEHOLDER}:
-            return large[value[_PLACEHOLDER]]
-        return {key: _join_large(item, large) for key, item in value.items()}
+            return tensors[value[_PLACEHOLDER]]
+        return {key: _join_tensors(item, tensors) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        items = [_join_large(item, large) for item in value]
+        items = [_join_tensors(item, tensors) for item in value]
         return items if isinstance(value, list) else tuple(items)
     return value
 
 
-def _replace_atomically(directory: Path, name: str, write) -> int:
-    """``write(path)`` a temporary file of ``directory``, rename it to ``name``; returns its size."""
-    handle, staging = tempfile.mkstemp(prefix=f"{_TEMPORARY_PREFIX}{name}.", dir=directory)
-    os.close(handle)
+def _write_manifest(directory: Path, name: str, manifest: dict) -> None:
+    """Write the manifest under a temporary name and rename it into place (the run holds the
+    directory's lock, so the temporary name is its own)."""
+    staging = directory / f"{_TEMPORARY_PREFIX}{name}"
     try:
-        write(staging)
-        size = os.path.getsize(staging)
+        staging.write_text(json.dumps(manifest))
         os.replace(staging, directory / name)
-        return size
     except BaseException:
-        if os.path.exists(staging):
-            os.remove(staging)
+        staging.unlink(missing_ok=True)
         raise
 
 
 def write_checkpoint(directory, epoch: int, payload: dict, slots: dict[int, SlotFile] | None = None) -> Path:
-    """Write ``payload`` as the checkpoint of ``epoch`` (slot, the rest, then manifest); returns the
-    manifest's path. The older of two checkpoints is replaced.
+    """Write ``payload`` (tensors and plain Python values) as the checkpoint of ``epoch`` (slot, then
+    manifest); returns the manifest's path. The older of two checkpoints is replaced.
 
     ``slots``: the open :class:`SlotFile` of each slot number, kept by the caller between
     checkpoints (filled here as needed); without it the slot files are opened and closed here.
@@ -130,17 +122,16 @@ def write_checkpoint(directory, epoch: int, payload: dict, slots: dict[int, Slot
     slot = 0 if newest_slot is None else 1 - newest_slot
     for old_epoch, manifest_path in found[:-1] if newest_slot is not None else found:
         _delete(directory, old_epoch, manifest_path)  # nothing may point at the slot being rewritten
-    large: list[torch.Tensor] = []
-    small = _split_large(payload, large)
+    tensors: list[torch.Tensor] = []
+    rest = pickle.dumps(_split_tensors(payload, tensors), protocol=pickle.HIGHEST_PROTOCOL)
     slot_file = slots.get(slot)
     if slot_file is None:
         slot_file = slots[slot] = SlotFile(directory / f"slot-{slot}.bin")
-    entries = slot_file.write(large)
-    data_name, manifest_name = _names(epoch)
-    size = _replace_atomically(directory, data_name, lambda path: torch.save(small, path))
-    manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": int(epoch),
-                "file": data_name, "bytes": size, "slot": slot, "tensors": entries}
-    _replace_atomically(directory, manifest_name, lambda path: Path(path).write_text(json.dumps(manifest)))
+    *entries, rest_entry = slot_file.write([*tensors, torch.frombuffer(bytearray(rest), dtype=torch.uint8)])
+    manifest_name = _names(epoch)[1]
+    _write_manifest(directory, manifest_name, {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": int(epoch), "slot": slot,
+        "tensors": entries, "rest": rest_entry})
     return directory / manifest_name
 
 
@@ -153,7 +144,7 @@ def _slot_of(manifest_path: Path) -> int | None:
 
 def _delete(directory: Path, epoch: int, manifest_path: Path) -> None:
     manifest_path.unlink(missing_ok=True)  # first: a checkpoint is listed only while whole
-    (directory / _names(epoch)[0]).unlink(missing_ok=True)
+    (directory / _names(epoch)[0]).unlink(missing_ok=True)  # the rest, in format 1
 
 
 def list_checkpoints(directory) -> list[tuple[int, Path]]:
@@ -175,52 +166,35 @@ def _read_manifest(manifest_path: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"format {manifest.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
-        if int(manifest.get("version", 0)) > CHECKPOINT_VERSION:
-            raise ValueError(f"version {manifest['version']} is newer than this pyro-scvi reads "
-                             f"({CHECKPOINT_VERSION}); upgrade pyro-scvi")
-        for key in ("file", "bytes", "slot", "tensors"):
+        if int(manifest.get("version", 0)) != CHECKPOINT_VERSION:
+            raise ValueError(f"it has format version {manifest.get('version')}, and this pyro-scvi reads "
+                             f"version {CHECKPOINT_VERSION}: use the pyro-scvi that wrote it, or a new run")
+        for key in ("slot", "tensors", "rest"):
             manifest[key]  # noqa: B018 (a KeyError names the missing entry)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise _CorruptCheckpoint(f"its manifest {manifest_path.name} is unreadable ({error})") from None
     return manifest
 
 
-def _read_small(data_path: Path, expected_size: int, map_location) -> dict:
-    if not data_path.is_file():
-        raise _CorruptCheckpoint(f"its file {data_path.name} is missing")
-    size = data_path.stat().st_size
-    if size != expected_size:
-        raise _CorruptCheckpoint(f"{data_path.name} has {size} bytes, its manifest says {expected_size} "
-                                 "(truncated or overwritten)")
-    try:
-        with zipfile.ZipFile(data_path) as archive:
-            damaged = archive.testzip()  # reads every record and checks its CRC-32
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise _CorruptCheckpoint(f"{data_path.name} is not a readable archive ({error})") from None
-    if damaged is not None:
-        raise _CorruptCheckpoint(f"the CRC-32 of record {damaged!r} in {data_path.name} does not match "
-                                 "(the file was damaged after it was written)")
-    return safe_torch_load(data_path, map_location=map_location)
-
-
-def _read_slot(path: Path, entries: list[dict]) -> list[torch.Tensor]:
+def _read_slot(path: Path, entries: list[dict], labels: list[str]) -> list[torch.Tensor]:
+    """The tensors ``entries`` lists, each checked against its checksum (``labels`` name them)."""
     if not path.is_file():
         raise _CorruptCheckpoint(f"its tensor file {path.name} is missing")
-    end = max((e["offset"] + e["bytes"] for e in entries), default=0)
+    end = max((e["offset"] + padded_size(e["bytes"]) for e in entries), default=0)
     if path.stat().st_size < end:
         raise _CorruptCheckpoint(f"{path.name} has {path.stat().st_size} bytes, the manifest needs {end} "
                                  "(truncated)")
     tensors = []
     with open(path, "rb") as file:
-        for index, entry in enumerate(entries):
+        for entry, label in zip(entries, labels):
             file.seek(entry["offset"])
-            raw = bytearray(file.read(entry["bytes"]))
+            raw = bytearray(file.read(padded_size(entry["bytes"])))
+            data = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+            if word_sum(data) != int(entry["word_sum"]) % 2**64:
+                raise _CorruptCheckpoint(f"{label} in {path.name} does not match its checksum (the file was "
+                                         "damaged or overwritten after it was written)")
             dtype = getattr(torch, entry["dtype"])
-            tensor = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(entry["shape"])
-            if word_sum(tensor) != int(entry["word_sum"]) % 2**64:
-                raise _CorruptCheckpoint(f"tensor {index} in {path.name} does not match its checksum (the "
-                                         "file was damaged or overwritten after it was written)")
-            tensors.append(tensor)
+            tensors.append(data[: entry["bytes"]].view(dtype).reshape(entry["shape"]))
     return tensors
 
 
@@ -240,11 +214,13 @@ def read_checkpoint(directory, map_location="cpu") -> tuple[int, dict]:
     epoch, manifest_path = found[-1]
     try:
         manifest = _read_manifest(manifest_path)
-        small = _read_small(directory / manifest["file"], int(manifest["bytes"]), map_location)
-        large = _read_slot(directory / f"slot-{int(manifest['slot'])}.bin", manifest["tensors"])
-        payload = _join_large(small, [t.to(map_location) for t in large])
+        slot_path = directory / f"slot-{int(manifest['slot'])}.bin"
+        labels = [f"tensor {i}" for i in range(len(manifest["tensors"]))] + ["the pickled rest"]
+        *tensors, rest = _read_slot(slot_path, [*manifest["tensors"], manifest["rest"]], labels)
+        rest = safe_unpickle(rest.numpy().tobytes())
+        payload = _join_tensors(rest, [t.to(map_location) for t in tensors])
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise _CorruptCheckpoint(f"{manifest['file']} is not a pyro-scvi checkpoint")
+            raise _CorruptCheckpoint(f"{manifest_path.name} does not describe a pyro-scvi checkpoint")
     except ValueError as error:
         raise ValueError(_refusal(directory, epoch, manifest_path, error, found[:-1])) from None
     return epoch, payload

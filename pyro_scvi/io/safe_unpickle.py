@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import codecs
+import io
 import pickle
 import re
 from pathlib import Path
@@ -396,10 +397,14 @@ class _RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.BUILD[0]] = load_build
 
 
-def safe_unpickle(path: Path):
-    """Read a plain pickle file (legacy ``attr.pkl``) with :class:`_RestrictedUnpickler`."""
+def safe_unpickle(path: Path | bytes):
+    """Read a plain pickle file (legacy ``attr.pkl``), or pickled ``bytes``, with
+    :class:`_RestrictedUnpickler`."""
+    data = bytes(path) if isinstance(path, (bytes, bytearray)) else None
+    if data is not None:
+        path = "the pickled data"
     try:
-        with open(path, "rb") as handle:
+        with io.BytesIO(data) if data is not None else open(path, "rb") as handle:
             obj = _RestrictedUnpickler(handle, encoding="latin1").load()
     except pickle.UnpicklingError as error:
         name = _refused_name(str(error))

@@ -5,9 +5,12 @@ tensors of an scVI model on all genes are tens of megabytes. So a slot file stay
 mapped while a run writes checkpoints, and a checkpoint copies each tensor once, straight into
 the file's pages in the page cache (no ``write`` call per page, no serialisation), computing its
 checksum (:func:`word_sum`) in the same pass. The copy is a small C kernel (``csrc/slot_copy.c``,
-built on first use, see :mod:`pyro_scvi.c_kernels`) that splits large tensors between threads;
-without a C compiler it is ``Tensor.copy_`` followed by the sum, and where the file system cannot
-map files, ``os.pwrite``. All paths give the same bytes and checksums.
+built on first use, see :mod:`pyro_scvi.c_kernels`) that splits large tensors between threads
+and, on x86-64, writes them with streaming stores that leave the caches to the training; without
+a C compiler it is ``Tensor.copy_`` followed by the sum, and where the file system cannot map
+files, ``os.pwrite``. All paths give the same bytes and checksums. A file that grows (the
+pickled history at its end grows each epoch) gets room to spare, so that it is rarely mapped
+anew: a new mapping's pages fault in again, which costs more than the copy.
 
 The file's blocks are reserved when it grows (``posix_fallocate``), so a full disk is an
 ``OSError`` then, not a fault while copying. Another process must not truncate a mapped file;
@@ -25,10 +28,13 @@ import torch
 
 from ..c_kernels import CKernel
 
-__all__ = ["SlotFile", "word_sum", "copy_path"]
+__all__ = ["SlotFile", "word_sum", "padded_size", "copy_path"]
 
 #: offsets of tensors in the file are multiples of this (a cache line: aligned vector stores)
 ALIGNMENT = 64
+#: room a growing file gets beyond what it needs (the pickled history at its end grows each epoch,
+#: and each growth maps the file anew, whose pages then fault in again): 1 MiB, or 1/32 of the file
+HEADROOM_BYTES, HEADROOM_FRACTION = 1 << 20, 32
 
 
 def word_sum(tensor: torch.Tensor) -> int:
@@ -40,11 +46,26 @@ def word_sum(tensor: torch.Tensor) -> int:
     return int(data.view(torch.int32).sum(dtype=torch.int64)) % 2**64
 
 
+def padded_size(n_bytes: int) -> int:
+    """The bytes a tensor of ``n_bytes`` takes in a slot: zeros pad it to whole 32-bit words, which
+    its checksum covers."""
+    return -(-int(n_bytes) // 4) * 4
+
+
+def _words(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of the contiguous CPU ``tensor``, padded with zeros to whole 32-bit words."""
+    data = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
+    if data.numel() % 4:
+        data = torch.cat([data, data.new_zeros(padded_size(data.numel()) - data.numel())])
+    return data
+
+
 def _declare(library: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.slot_copy.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     library.slot_copy.restype = None
     library.slot_copy_build_flags.restype = ctypes.c_char_p
+    library.slot_copy_streams.restype = ctypes.c_int
 
 
 _KERNEL = CKernel(Path(__file__).with_name("csrc") / "slot_copy.c", _declare, "the slot-copy kernel")
@@ -55,15 +76,16 @@ def copy_path() -> str:
     library = _KERNEL.load()
     if library is None or os.environ.get("PYRO_SCVI_SLOT_COPY") == "torch":
         return f"torch ({_KERNEL.reason or '$PYRO_SCVI_SLOT_COPY=torch'})"
-    return f"kernel ({library.slot_copy_build_flags().decode()})"
+    stores = "streaming stores" if library.slot_copy_streams() else "cached stores"
+    return f"kernel ({stores}; {library.slot_copy_build_flags().decode()})"
 
 
-def _layout(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
-    """Offsets of ``tensors`` one after the other, each aligned, and the end of the last."""
+def _layout(words: list[torch.Tensor]) -> tuple[list[int], int]:
+    """Offsets of the byte tensors ``words`` one after the other, each aligned, and the end of the last."""
     offsets, end = [], 0
-    for tensor in tensors:
+    for data in words:
         offsets.append(end)
-        end += -(-tensor.numel() * tensor.element_size() // ALIGNMENT) * ALIGNMENT
+        end += -(-data.numel() // ALIGNMENT) * ALIGNMENT
     return offsets, end
 
 
@@ -87,14 +109,15 @@ class SlotFile:
         self._size = 0
 
     def write(self, tensors: list[torch.Tensor]) -> list[dict]:
-        """Copy the contiguous CPU ``tensors`` (sizes multiples of 4 bytes) into the file; returns
-        each one's manifest entry: ``offset``, ``bytes``, ``shape``, ``dtype`` and ``word_sum``."""
-        offsets, end = _layout(tensors)
+        """Copy the contiguous CPU ``tensors`` into the file; returns each one's manifest entry:
+        ``offset``, ``bytes`` (unpadded), ``shape``, ``dtype`` and ``word_sum`` (of the padded bytes)."""
+        words = [_words(tensor) for tensor in tensors]
+        offsets, end = _layout(words)
         self._open(end)
         if self._map is None:
-            sums = self._write_unmapped(tensors, offsets)
+            sums = self._write_unmapped(words, offsets)
         else:
-            sums = self._copy_mapped(tensors, offsets)
+            sums = self._copy_mapped(words, offsets)
         return [{"offset": offset, "bytes": t.numel() * t.element_size(), "shape": list(t.shape),
                  "dtype": str(t.dtype).removeprefix("torch."), "word_sum": total}
                 for t, offset, total in zip(tensors, offsets, sums)]
@@ -114,8 +137,10 @@ class SlotFile:
         try:
             current = os.fstat(fd).st_size
             if current < size:
-                _reserve(fd, current, size)
-            self._size = max(current, size)
+                grown = size + max(HEADROOM_BYTES, size // HEADROOM_FRACTION)
+                _reserve(fd, current, grown)
+                current = grown
+            self._size = current
             try:
                 self._map = mmap.mmap(fd, self._size) if self._size else None
             except (OSError, ValueError):
@@ -125,19 +150,16 @@ class SlotFile:
             raise
         self._fd = fd
 
-    def _copy_mapped(self, tensors: list[torch.Tensor], offsets: list[int]) -> list[int]:
+    def _copy_mapped(self, words: list[torch.Tensor], offsets: list[int]) -> list[int]:
         library = _KERNEL.load()
         if library is None or os.environ.get("PYRO_SCVI_SLOT_COPY") == "torch":
             pages = torch.frombuffer(self._map, dtype=torch.uint8)
-            sums = []
-            for tensor, offset in zip(tensors, offsets):
-                data = tensor.reshape(-1).view(torch.uint8)
+            for data, offset in zip(words, offsets):
                 pages[offset: offset + data.numel()].copy_(data)
-                sums.append(word_sum(data))
-            return sums
-        count = len(tensors)
-        sources = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
-        sizes = torch.tensor([t.numel() * t.element_size() for t in tensors], dtype=torch.int64)
+            return [word_sum(data) for data in words]
+        count = len(words)
+        sources = torch.tensor([data.data_ptr() for data in words], dtype=torch.int64)
+        sizes = torch.tensor([data.numel() for data in words], dtype=torch.int64)
         where = torch.tensor(offsets, dtype=torch.int64)
         sums = torch.empty(count, dtype=torch.int64)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
@@ -145,13 +167,12 @@ class SlotFile:
                           sums.data_ptr(), torch.get_num_threads())
         return [int(value) % 2**64 for value in sums.tolist()]
 
-    def _write_unmapped(self, tensors: list[torch.Tensor], offsets: list[int]) -> list[int]:
-        for tensor, offset in zip(tensors, offsets):
-            data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-            written = 0
-            while written < data.nbytes:
-                written += os.pwrite(self._fd, data[written:], offset + written)
-        return [word_sum(tensor) for tensor in tensors]
+    def _write_unmapped(self, words: list[torch.Tensor], offsets: list[int]) -> list[int]:
+        for data, offset in zip(words, offsets):
+            view, written = memoryview(data.numpy()), 0
+            while written < view.nbytes:
+                written += os.pwrite(self._fd, view[written:], offset + written)
+        return [word_sum(data) for data in words]
 
     def close(self) -> None:
         """Unmap and close the file (its pages reach the disk as the operating system flushes them)."""
