@@ -524,8 +524,10 @@ def cmd_info(args) -> int:
 
     if args.kernel:
         from .distributions import kernel_choice, negative_binomial
+        from .io.slot_file import copy_path
 
         print(kernel_choice.report(negative_binomial.torch_formula_log_prob))
+        print(f"Checkpoints copy tensors with: {copy_path()}")
         if args.model is None:
             return EXIT_OK
     if args.model is None:

@@ -4,11 +4,13 @@ checksum is the sum of the tensor's words (checked against numpy)."""
 from __future__ import annotations
 
 import mmap
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from pyro_scvi.c_kernels import CKernel
 from pyro_scvi.io import slot_file
 from pyro_scvi.io.slot_file import ALIGNMENT, HEADROOM_BYTES, SlotFile, padded_size, word_sum
 
@@ -92,3 +94,21 @@ def test_a_replaced_or_grown_file_is_opened_again(tmp_path):
                            torch.ones(16))
     finally:
         target.close()
+
+
+@pytest.mark.parametrize("compiler", ["gcc-11", "gcc-12", "gcc-13", "clang-14", "clang-16", "clang"])
+def test_other_compilers_build_a_kernel_that_writes_the_same(compiler, tmp_path, monkeypatch):
+    """The copy kernel built by every other compiler installed here (in its own cache folder) writes
+    the bytes and checksums of the torch path."""
+    if shutil.which(compiler) is None:
+        pytest.skip(f"{compiler} is not installed")
+    monkeypatch.setenv("CC", compiler)
+    monkeypatch.setenv("PYRO_SCVI_CACHE", str(tmp_path / "cache"))
+    built = CKernel(slot_file._KERNEL.source, slot_file._declare, "the slot-copy kernel")
+    assert built.load() is not None, built.reason
+    monkeypatch.setattr(slot_file, "_KERNEL", built)
+    assert "kernel (streaming stores" in slot_file.copy_path() or not built.library.slot_copy_streams()
+    entries, data = _written(tmp_path, "built.bin")
+    monkeypatch.setenv("PYRO_SCVI_SLOT_COPY", "torch")
+    assert _written(tmp_path, "torch.bin") == (entries, data)
+

@@ -212,7 +212,7 @@ def test_info_kernel_prints_the_self_check(fresh_choice, kernel, capsys):
     assert main(["info", "--kernel"]) == 0
     out = capsys.readouterr().out
     for text in ("CPU:", "Compiler:", "built with:", "OpenMP:", "ns/entry", "torch formula", "log_prob uses:",
-                 "loops vectorised by the compiler: dense: yes"):
+                 "loops vectorised by the compiler: dense: yes", "Checkpoints copy tensors with: kernel ("):
         assert text in out, (text, out)
 
 

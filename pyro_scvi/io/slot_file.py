@@ -177,7 +177,7 @@ class SlotFile:
     def close(self) -> None:
         """Unmap and close the file (its pages reach the disk as the operating system flushes them)."""
         if self._map is not None:
-            self._map.close()
+            self._map.close()  # no tensor views it any more: the copies hold it only while they run
             self._map = None
         if self._fd is not None:
             os.close(self._fd)
