@@ -9,6 +9,11 @@ Trains the same seeded model twice per repeat, in alternating order: without che
 * the time the training thread spends in the checkpoint call, per checkpoint and per epoch, and
   within it the time of ``write_checkpoint`` (tensors and the pickled rest into the slot file,
   manifest), and how the tensors are copied (the C kernel, or torch);
+* within one run (``--within-run N`` epochs, a checkpoint every third epoch): for each three
+  neighbouring epochs, the extra time of the epoch that ends with a checkpoint and of the one after
+  it (which would pay for any cache or page-table disturbance the checkpoint leaves) over the clean
+  epoch before them, as a fraction of that epoch; these triples are seconds apart, so the
+  machine's drift cancels far better than between whole runs;
 * the size of one checkpoint file;
 * the extra CPU time of the process (all its threads) per epoch, a figure that other processes on
   the machine disturb less than wall time.
@@ -72,12 +77,40 @@ def train_once(adata, epochs: int, directory: str | None) -> tuple[float, float]
     return (time.perf_counter() - start) / epochs, (time.process_time() - cpu) / epochs
 
 
+def within_run(adata, epochs: int) -> list[float]:
+    """Per triple of epochs (clean, ends with a checkpoint, the one after): the extra time of the
+    last two over twice the clean one, as a fraction of the clean one."""
+    import pyro_scvi.infer.training as training
+    from pyro_scvi import SCVI, settings
+
+    starts = []
+    train_epoch = training._SVIRun.train_epoch
+
+    def timed(self, *args, **kwargs):
+        starts.append(time.perf_counter())
+        return train_epoch(self, *args, **kwargs)
+
+    training._SVIRun.train_epoch = timed
+    try:
+        settings.seed = 0
+        with tempfile.TemporaryDirectory(dir=os.environ.get("CHECKPOINT_BENCH_DIR")) as directory:
+            SCVI(adata).train(max_epochs=epochs + 1, enable_progress_bar=False, checkpoint_dir=directory,
+                              checkpoint_every_n_epochs=3)
+    finally:
+        training._SVIRun.train_epoch = train_epoch
+    loop = [b - a for a, b in zip(starts, starts[1:])]  # epoch e: train, checks, checkpoint if due
+    # checkpoints end epochs 2, 5, 8, ...; epochs 0-2 carry first-run costs (slot files created)
+    return [(loop[k + 1] + loop[k + 2] - 2 * loop[k]) / loop[k] for k in range(4, len(loop) - 2, 3)]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--h5ad", default=DEFAULT_H5AD)
     parser.add_argument("--n-genes", type=int, default=0, help="top genes by variance (0: all)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=8, help="pairs of runs (with and without)")
+    parser.add_argument("--within-run", type=int, default=90,
+                        help="epochs of the run with a checkpoint every third epoch (0: skip)")
     parser.add_argument("--wait-idle", type=float, default=30.0,
                         help="seconds to wait for other processes to go quiet before each run")
     a = parser.parse_args(argv)
@@ -128,6 +161,13 @@ def main(argv=None) -> None:
           f"{100 * cpu_overhead:+.1f} %; training thread blocked "
           f"{save_ms:.1f} ms per checkpoint ({100 * save_ms / 1e3 / epoch:.1f} % of the epoch), of which "
           f"write_checkpoint {write_ms:.1f} ms; slot file {size / 2**20:.1f} MiB")
+    if a.within_run:
+        wait_idle(a.wait_idle)
+        costs = within_run(adata, a.within_run)
+        spread = _t95(len(costs) - 1) * statistics.stdev(costs) / len(costs) ** 0.5
+        print(f"within one run ({a.within_run} epochs, {len(costs)} triples): a checkpoint and the epoch "
+              f"after it cost {100 * statistics.mean(costs):+.1f} ± {100 * spread:.1f} % of an epoch "
+              f"(mean, 95 % interval; median {100 * statistics.median(costs):+.1f} %)")
 
 
 def _t95(degrees: int) -> float:
