@@ -10,8 +10,9 @@ with any gcc or clang on any SIMD width). Backward is then one multiplication pe
 The C file is compiled on first use with the system C compiler (``$CC`` or ``cc``) for this CPU
 (``-march=native``, ``-mcpu=native`` on ARM64) with OpenMP when the compiler has it, into a
 cache folder (``$PYRO_SCVI_CACHE``, else ``$XDG_CACHE_HOME/pyro_scvi`` or ``~/.cache/pyro_scvi``)
-keyed by the source, the compiler and the CPU, and loaded with :mod:`ctypes`; nothing is compiled
-at install time. Without a compiler, on other platforms or on CUDA the torch formula is used
+keyed by the source, the compiler and the CPU, and loaded with :mod:`ctypes`
+(:mod:`pyro_scvi.c_kernels`, shared with the checkpoint copy); nothing is compiled at install time.
+Without a compiler, on other platforms or on CUDA the torch formula is used
 (:func:`available` says which and :func:`unavailable_reason` why). Values and gradients agree with
 the torch formula to float32 precision (``tests/test_fused.py``);
 :func:`pyro_scvi.distributions.dense_log_prob` turns this path off along with the other fast paths.
